@@ -1,0 +1,81 @@
+"""Engine configuration: one dataclass per concern, validated on construction.
+
+The CLI (`adadepth.cli`) builds its flags from these fields, so defaults live here only.
+Each field's `metadata["help"]` is its flag's help text.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+def _default_cache_dir() -> str:
+    return os.environ.get("ADADEPTH_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "adadepth"))
+
+
+@dataclass
+class ModelConfig:
+    model: str = field(default="default", metadata={"help": (
+        "'default' (SmolLM2-135M-Instruct with the shipped stochastic-depth artifact), 'default-base' "
+        "(the untrained base), a local Hugging Face Llama-family checkpoint folder, or an adadepth artifact folder")})
+    cache_dir: str = field(default_factory=_default_cache_dir, metadata={"help": "where converted models are cached"})
+    dtype: str = field(default="float32", metadata={"help": "compute dtype: float32, bfloat16, float16"})
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda[:N]"})
+    served_model_name: str | None = field(default=None, metadata={"help": "model name reported by the API"})
+    num_threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 keeps torch's default"})
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16", "float64"):
+            raise ValueError(f"dtype must be float32, bfloat16, float16 or float64, got {self.dtype!r}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.num_threads < 0:
+            raise ValueError("num_threads must be >= 0")
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = field(default=16, metadata={"help": "tokens per KV-cache block"})
+    num_kv_tokens: int = field(default=65536, metadata={
+        "help": "KV-cache capacity in tokens, preallocated at start (all layers)"})
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError("block_size must be >= 1")
+        if self.num_kv_tokens < self.block_size:
+            raise ValueError("num_kv_tokens must hold at least one block")
+
+    @property
+    def num_blocks(self) -> int:
+        # Block 0 is a scratch block that padding tokens write into; it is never handed out.
+        return self.num_kv_tokens // self.block_size + 1
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = field(default=64, metadata={"help": "most sequences decoded together in one step"})
+    max_num_batched_tokens: int = field(default=4096, metadata={"help": "most prompt tokens in one prefill step"})
+    max_model_len: int = field(default=2048, metadata={"help": "longest prompt + output, in tokens"})
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be >= 1")
+        if self.max_model_len < 2:
+            raise ValueError("max_model_len must be >= 2")
+        if self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_model_len "
+                f"({self.max_model_len}) so that any accepted prompt fits one prefill step")
+
+
+@dataclass
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        if self.cache.num_kv_tokens < self.scheduler.max_model_len:
+            raise ValueError(
+                f"num_kv_tokens ({self.cache.num_kv_tokens}) must hold at least one request of "
+                f"max_model_len ({self.scheduler.max_model_len}) tokens")

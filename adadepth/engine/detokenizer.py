@@ -1,0 +1,48 @@
+"""Incremental detokenization and stop-string checks, O(new tokens) per step."""
+from __future__ import annotations
+
+from adadepth.engine.sequence import Sequence
+
+
+class Detokenizer:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def update(self, seq: Sequence) -> None:
+        """Append the text of seq's newest token(s) to seq.output_text.
+
+        Decoding a window that starts a few tokens back keeps multi-token characters and
+        leading-space rules right; text that ends in U+FFFD is an unfinished character, kept back.
+        """
+        ids = seq.output_token_ids
+        prefix_offset, read_offset = seq.detok_offsets
+        skip = seq.params.skip_special_tokens
+        prefix_text = self.tokenizer.decode(ids[prefix_offset:read_offset], skip_special_tokens=skip)
+        new_text = self.tokenizer.decode(ids[prefix_offset:], skip_special_tokens=skip)
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            seq.output_text += new_text[len(prefix_text):]
+            prefix_offset, read_offset = read_offset, len(ids)
+        seq.detok_offsets = (prefix_offset, read_offset)
+
+    @staticmethod
+    def check_stop_strings(seq: Sequence, new_chars: int) -> str | None:
+        """If a stop string appeared in the newest text, cut the text before it and return it."""
+        stops = seq.params.stop
+        if not stops or new_chars == 0:
+            return None
+        longest = max(len(s) for s in stops)
+        start = max(0, len(seq.output_text) - new_chars - longest + 1)
+        for stop in stops:
+            idx = seq.output_text.find(stop, start)
+            if idx != -1:
+                seq.output_text = seq.output_text[:idx]
+                return stop
+        return None
+
+    @staticmethod
+    def visible_text(seq: Sequence) -> str:
+        """Text safe to show while running: hold back a tail that could still grow into a stop string."""
+        if seq.is_finished or not seq.params.stop:
+            return seq.output_text
+        hold = max(len(s) for s in seq.params.stop) - 1
+        return seq.output_text[: len(seq.output_text) - hold] if hold > 0 else seq.output_text

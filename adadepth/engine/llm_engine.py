@@ -1,0 +1,228 @@
+"""The engine: add requests, call `step()` until done, read `RequestOutput`s.
+
+One step = schedule -> (prefill: pick depths) -> model runner -> sample -> detokenize/stop checks.
+`LLM` (offline) and the HTTP server both drive this object; it is not thread-safe, so the server
+owns it from a single engine thread.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from adadepth.config import EngineConfig
+from adadepth.engine.block_manager import BlockManager
+from adadepth.engine.detokenizer import Detokenizer
+from adadepth.engine.model_runner import ModelRunner
+from adadepth.engine.sampler import Sampler
+from adadepth.engine.scheduler import Scheduler
+from adadepth.engine.sequence import Sequence, SequenceStatus
+from adadepth.model.adaptive_llama import AdaptiveLlama
+from adadepth.model.depth_plan import DepthPlan
+from adadepth.model.loader import apply_artifact, load_config, load_plan, load_state_dict, resolve_model
+from adadepth.outputs import CompletionOutput, DepthDecision, RequestMetrics, RequestOutput
+from adadepth.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+
+
+@dataclass
+class StepInfo:
+    """What the last step did, for metrics."""
+    is_prefill: bool
+    num_seqs: int
+    num_tokens: int
+    layers_executed: int  # sum over processed tokens of layers run
+    layers_skipped: int
+    duration_s: float
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, depth_router=None):
+        self.config = config
+        mc = config.model
+        if mc.num_threads:
+            torch.set_num_threads(mc.num_threads)
+        t0 = time.perf_counter()
+        resolved = resolve_model(mc.model, mc.cache_dir)
+        self.model_name = mc.served_model_name or resolved.name
+        hf_config = load_config(resolved.checkpoint_dir)
+        state = load_state_dict(resolved.checkpoint_dir)
+        if resolved.artifact_dir:
+            state = apply_artifact(state, resolved.artifact_dir)
+        plan = load_plan(resolved.plan_dir, hf_config.num_hidden_layers)
+        self.dtype = DTYPES[mc.dtype]
+        self.device = torch.device(mc.device)
+        model = AdaptiveLlama(hf_config, plan)
+        model.load_hf_state_dict(state)
+        del state
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        if not DepthPlan.exists(resolved.plan_dir):
+            self._store_heuristic_plan(resolved.plan_dir)
+
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(resolved.checkpoint_dir)
+        eos = {hf_config.eos_token_id} if isinstance(hf_config.eos_token_id, int) else set(hf_config.eos_token_id or [])
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = eos
+        self.max_model_len = min(config.scheduler.max_model_len, getattr(hf_config, "max_position_embeddings", 1 << 30))
+        self.block_manager = BlockManager(config.cache.num_blocks, config.cache.block_size)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.runner = ModelRunner(self.model, self.block_manager, Sampler(eos), self.dtype, self.device)
+        self.detokenizer = Detokenizer(self.tokenizer)
+        self.depth_router = depth_router
+        self.seqs: dict[str, Sequence] = {}
+        self.last_step: StepInfo | None = None
+        self.load_time_s = time.perf_counter() - t0
+        logger.info("loaded %s (%d layers) in %.1fs", self.model_name, self.num_layers, self.load_time_s)
+
+    # ---- properties -------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return self.model.num_layers
+
+    @property
+    def plan(self) -> DepthPlan:
+        return self.model.plan
+
+    def stats(self) -> EngineStats:
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.block_manager.usage)
+
+    # ---- requests ---------------------------------------------------------------------
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> DepthDecision | None:
+        """Raise ValueError for a request that cannot run; return its depth if already decided."""
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty: send at least one token")
+        total = len(prompt_token_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
+                f"exceeds the context length {self.max_model_len}; shorten the prompt or lower max_tokens")
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        depth = params.resolve_depth(self.num_layers)
+        if depth is not None:
+            return DepthDecision(depth, self.num_layers, "request", params.quality)
+        if self.depth_router is None:
+            return DepthDecision(self.num_layers, self.num_layers, "default", params.quality)
+        return None
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    arrival_time: float | None = None) -> None:
+        if request_id in self.seqs:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if isinstance(prompt, str):
+            prompt_text, prompt_ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            prompt_text, prompt_ids = None, list(prompt)
+        decision = self.validate(prompt_ids, params)
+        seq = Sequence(request_id, prompt_text, prompt_ids, params,
+                       arrival_time=arrival_time if arrival_time is not None else time.monotonic())
+        if decision is not None:
+            seq.depth, seq.depth_decision = decision.depth, decision
+        if params.seed is not None:
+            seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        self.seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> None:
+        seq = self.seqs.pop(request_id, None)
+        if seq is not None and not seq.is_finished:
+            seq.finish_reason = "abort"
+            self.scheduler.finish(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step ---------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        if scheduled is None:
+            return []
+        t0 = time.perf_counter()
+        seqs = scheduled.seqs
+        if scheduled.is_prefill and self.depth_router is not None:
+            undecided = [s for s in seqs if s.depth is None]
+            if undecided:
+                for s, decision in zip(undecided, self.depth_router.decide(self, undecided)):
+                    s.depth, s.depth_decision = decision.depth, decision
+        result = self.runner.run(seqs, scheduled.is_prefill)
+        now = time.monotonic()
+        outputs = []
+        for seq, token, logprobs in zip(seqs, result.sampled.token_ids, result.sampled.logprobs):
+            self._append_token(seq, token, logprobs, now)
+            outputs.append(self._make_output(seq))
+            if seq.is_finished:
+                self.seqs.pop(seq.request_id, None)
+        tokens = sum(s.num_tokens for s in seqs) if scheduled.is_prefill else len(seqs)
+        executed = sum((s.num_tokens if scheduled.is_prefill else 1) * s.depth for s in seqs)
+        self.last_step = StepInfo(scheduled.is_prefill, len(seqs), tokens, executed,
+                                  tokens * self.num_layers - executed, time.perf_counter() - t0)
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int, logprobs, now: float) -> None:
+        seq.output_token_ids.append(token)
+        if logprobs is not None:
+            seq.output_logprobs.append(logprobs)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        seq.last_token_time = now
+        before = len(seq.output_text)
+        self.detokenizer.update(seq)
+        p = seq.params
+        n_out = len(seq.output_token_ids)
+        reason = None
+        if not p.ignore_eos and token in self.eos_token_ids and n_out >= p.min_tokens:
+            reason, seq.stop_reason = "stop", None
+        elif token in p.stop_token_ids and n_out >= p.min_tokens:
+            reason, seq.stop_reason = "stop", token
+        else:
+            stop = self.detokenizer.check_stop_strings(seq, len(seq.output_text) - before) if n_out >= p.min_tokens else None
+            if stop is not None:
+                reason, seq.stop_reason = "stop", stop
+            elif n_out >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+                reason = "length"
+        if reason is not None:
+            if reason == "stop" and seq.stop_reason is None and not p.skip_special_tokens:
+                pass  # EOS text stays when special tokens are shown, as in vLLM
+            seq.finish_reason = reason
+            self.scheduler.finish(seq)
+
+    def _make_output(self, seq: Sequence) -> RequestOutput:
+        completion = CompletionOutput(
+            index=0, text=self.detokenizer.visible_text(seq), token_ids=list(seq.output_token_ids),
+            finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+            logprobs=list(seq.output_logprobs) if seq.params.logprobs is not None else None)
+        metrics = RequestMetrics(seq.arrival_time, seq.first_scheduled_time, seq.first_token_time,
+                                 seq.last_token_time, time.monotonic() if seq.is_finished else None)
+        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [completion],
+                             seq.is_finished, seq.depth_decision, metrics)
+
+    # ---- depth plan before calibration ------------------------------------------------
+    def _store_heuristic_plan(self, plan_dir: str) -> None:
+        """No calibrated order yet: rank layers by how much they change their input (1 - cos)
+        on a short built-in text, keep the most influential, and store the order beside the model."""
+        from adadepth.model.heuristic_order import influence_order
+
+        plan = influence_order(self.model, self.device)
+        self.model.plan = plan
+        self.model.rank = plan.rank
+        try:
+            plan.save(plan_dir)
+        except OSError as exc:  # a read-only checkpoint folder: keep the order in memory only
+            logger.warning("could not store layer order in %s: %s", plan_dir, exc)

@@ -1,0 +1,210 @@
+"""A Llama-family decoder whose rows may each run a different subset of layers.
+
+This is the plain model with one feature applied (gpt-fast style): every layer runs only on
+the rows (requests) whose depth includes it. Rows arrive sorted by depth, deepest first, so a
+layer's active rows are always a contiguous prefix `h[:n]` - no gather, no Python loop over
+requests. Rows that skip a layer get its bypass op (identity unless calibration stored one).
+
+Weights are read from a Hugging Face state dict (Llama, Qwen2's q/k/v biases, Mistral), with
+q/k/v and gate/up fused into single matmuls.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adadepth.model.depth_plan import DepthPlan
+
+
+@dataclass
+class ForwardBatch:
+    """Everything one forward step needs; built by the model runner.
+
+    Rows are sequences, sorted by depth (deepest first). T is the number of new tokens per
+    row (1 in decode, padded prompt length in prefill); S is the longest context in the batch.
+    """
+    input_ids: torch.Tensor        # (B, T) long
+    positions: torch.Tensor        # (B, T) long; position of each new token in its sequence
+    slot_mapping: torch.Tensor     # (B*T,) long; KV-cache slot each new token writes (padding -> scratch slot 0)
+    context_slots: torch.Tensor | None  # (B, S) long; slots of each row's whole context, or None when
+                                        # every row starts at position 0 (plain prefill: attend to fresh k/v)
+    attn_mask: torch.Tensor        # (B, 1, T, S) bool; True where query may attend to key
+    active_rows: list[int]         # per layer: rows [0, n) run it (host ints, from sorted depths)
+    last_index: torch.Tensor       # (B,) long; index in T of each row's last real token
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        d = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or d // self.num_heads
+        qkv_bias = bool(getattr(config, "attention_bias", False)) or config.model_type == "qwen2"
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.input_layernorm = RMSNorm(d, config.rms_norm_eps)
+        self.qkv_proj = nn.Linear(d, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, d, bias=bool(getattr(config, "attention_bias", False)))
+        self.post_attention_layernorm = RMSNorm(d, config.rms_norm_eps)
+        self.gate_up_proj = nn.Linear(d, 2 * config.intermediate_size, bias=bool(getattr(config, "mlp_bias", False)))
+        self.down_proj = nn.Linear(config.intermediate_size, d, bias=bool(getattr(config, "mlp_bias", False)))
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
+                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """h: (n, T, D) active rows; returns the layer output for them. k/v_cache: (num_slots, Hkv, Dh)."""
+        n, t, _ = h.shape
+        x = self.input_layernorm(h)
+        qkv = self.qkv_proj(x)                                                  # (n, T, q + 2kv)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(n, t, self.num_heads, self.head_dim)                         # (n, T, H, Dh)
+        k = k.view(n, t, self.num_kv_heads, self.head_dim)                      # (n, T, Hkv, Dh)
+        v = v.view(n, t, self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        # Write this step's keys/values into the cache (padding tokens land in scratch slot 0).
+        slots = batch.slot_mapping[: n * t]
+        k_cache.index_copy_(0, slots, k.reshape(n * t, self.num_kv_heads, self.head_dim))
+        v_cache.index_copy_(0, slots, v.reshape(n * t, self.num_kv_heads, self.head_dim))
+        if batch.context_slots is None:
+            keys, values = k, v                                                 # (n, S=T, Hkv, Dh)
+        else:
+            ctx = batch.context_slots[:n]                                       # (n, S)
+            keys, values = k_cache[ctx], v_cache[ctx]                           # (n, S, Hkv, Dh)
+        attn = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),    # (n, H|Hkv, T|S, Dh)
+            attn_mask=batch.attn_mask[:n], scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads)                     # (n, H, T, Dh)
+        attn = attn.transpose(1, 2).reshape(n, t, self.q_size)                  # (n, T, H*Dh)
+        h = h + self.o_proj(attn)
+
+        gate, up = self.gate_up_proj(self.post_attention_layernorm(h)).chunk(2, dim=-1)  # (n, T, I) each
+        return h + self.down_proj(F.silu(gate) * up)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (n, T, H, Dh); cos/sin: (n, T, 1, Dh). Llama's rotate-half convention."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class AdaptiveLlama(nn.Module):
+    def __init__(self, config, plan: DepthPlan):
+        super().__init__()
+        self.config = config
+        self.num_layers = config.num_hidden_layers
+        if plan.num_layers != self.num_layers:
+            raise ValueError(f"depth plan is for {plan.num_layers} layers, model has {self.num_layers}")
+        self.plan = plan
+        self.rank = plan.rank
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(self.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.bypass = nn.ModuleDict()
+        for layer, (weight, bias) in plan.bypass.items():
+            op = nn.Linear(config.hidden_size, config.hidden_size, bias=bias is not None)
+            op.weight.data.copy_(weight)
+            if bias is not None:
+                op.bias.data.copy_(bias)
+            self.bypass[str(layer)] = op
+        self.bypass_ops: list[nn.Linear | None] = [
+            self.bypass[str(i)] if str(i) in self.bypass else None for i in range(self.num_layers)]
+        self._init_rope(config)
+
+    def _init_rope(self, config) -> None:
+        # transformers' rotary module knows every rope variant (llama3 scaling, yarn, ...).
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        rope = LlamaRotaryEmbedding(config=config)
+        self.register_buffer("inv_freq", rope.inv_freq.float().clone(), persistent=False)
+        self.attention_scaling = float(rope.attention_scaling)
+
+    # ---- weights -----------------------------------------------------------------------
+    def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy a transformers Llama/Qwen2/Mistral state dict in, fusing q/k/v and gate/up."""
+        def take(name: str) -> torch.Tensor:
+            for prefix in ("model.", ""):
+                if prefix + name in state:
+                    return state[prefix + name]
+            raise KeyError(f"weight {name!r} missing from checkpoint")
+
+        with torch.no_grad():
+            self.embed_tokens.weight.copy_(take("embed_tokens.weight"))
+            self.norm.weight.copy_(take("norm.weight"))
+            head = state.get("lm_head.weight")
+            self.lm_head.weight.copy_(head if head is not None else self.embed_tokens.weight)
+            for i, layer in enumerate(self.layers):
+                p = f"layers.{i}."
+                layer.input_layernorm.weight.copy_(take(p + "input_layernorm.weight"))
+                layer.post_attention_layernorm.weight.copy_(take(p + "post_attention_layernorm.weight"))
+                layer.qkv_proj.weight.copy_(torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]))
+                if layer.qkv_proj.bias is not None:
+                    layer.qkv_proj.bias.copy_(torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"]))
+                layer.o_proj.weight.copy_(take(p + "self_attn.o_proj.weight"))
+                if layer.o_proj.bias is not None:
+                    layer.o_proj.bias.copy_(take(p + "self_attn.o_proj.bias"))
+                layer.gate_up_proj.weight.copy_(torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]))
+                layer.down_proj.weight.copy_(take(p + "mlp.down_proj.weight"))
+                if layer.gate_up_proj.bias is not None:
+                    layer.gate_up_proj.bias.copy_(torch.cat([take(p + "mlp.gate_proj.bias"), take(p + "mlp.up_proj.bias")]))
+                    layer.down_proj.bias.copy_(take(p + "mlp.down_proj.bias"))
+
+    # ---- forward -----------------------------------------------------------------------
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[..., None] * self.inv_freq                   # (B, T, Dh/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]                  # (B, T, 1, Dh)
+        return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
+
+    def active_rows(self, row_depths: list[int]) -> list[int]:
+        """Per layer, how many leading rows run it. row_depths must be sorted descending."""
+        if any(a < b for a, b in zip(row_depths, row_depths[1:])):
+            raise ValueError("rows must be sorted by depth, deepest first")
+        return [sum(1 for d in row_depths if d > self.rank[layer]) for layer in range(self.num_layers)]
+
+    def forward(self, batch: ForwardBatch, kv_cache: torch.Tensor,
+                capture: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Returns the final hidden state of each row's last real token: (B, D).
+
+        kv_cache: (L, 2, num_slots, Hkv, Dh). If `capture` is a list, the residual stream
+        entering each layer, then the one leaving the last, are appended to it: L + 1 (B, T, D).
+        """
+        h = self.embed_tokens(batch.input_ids)                                  # (B, T, D)
+        cos, sin = self.rope(batch.positions, h.dtype)                          # (B, T, 1, Dh)
+        for i, layer in enumerate(self.layers):
+            if capture is not None:
+                capture.append(h.clone())
+            n = batch.active_rows[i]
+            bypass = self.bypass_ops[i]
+            if bypass is not None and n < h.shape[0]:
+                h[n:] = bypass(h[n:])
+            if n == 0:
+                continue
+            out = layer(h[:n], cos[:n], sin[:n], batch, kv_cache[i, 0], kv_cache[i, 1])
+            if n == h.shape[0]:
+                h = out
+            else:
+                h[:n] = out  # rows n: keep their residual stream untouched
+        if capture is not None:
+            capture.append(h.clone())
+        last = h[torch.arange(h.shape[0], device=h.device), batch.last_index]   # (B, D)
+        return self.norm(last)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()                                     # (B, V)
