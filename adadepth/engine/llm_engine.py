@@ -65,10 +65,11 @@ class LLMEngine:
         plan = load_plan(resolved.plan_dir, hf_config.num_hidden_layers)
         self.dtype = DTYPES[mc.dtype]
         self.device = torch.device(mc.device)
-        model = AdaptiveLlama(hf_config, plan)
-        model.load_hf_state_dict(state)
+        model = AdaptiveLlama.from_state_dict(hf_config, plan, state)
         del state
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.model.inv_freq = self.model.inv_freq.float()  # rope angles stay fp32 whatever the dtype
+        self.model.use_batched_skip_kernels = self.device.type == "cuda"
         if not DepthPlan.exists(resolved.plan_dir):
             self._store_heuristic_plan(resolved.plan_dir)
 

@@ -77,6 +77,7 @@ class ModelRunner:
             input_ids=ids.to(self.device), positions=pos.expand(b, t).contiguous().to(self.device),
             slot_mapping=slots.reshape(-1).to(self.device), context_slots=None,
             attn_mask=mask[:, None].to(self.device), active_rows=self.model.active_rows([s.depth for s in seqs]),
+            row_depths=[s.depth for s in seqs],
             last_index=(lens - 1).to(self.device))
 
     def prepare_decode(self, seqs: list[Sequence]) -> ForwardBatch:
@@ -91,5 +92,5 @@ class ModelRunner:
             input_ids=ids.to(self.device), positions=positions[:, None].to(self.device),
             slot_mapping=new_slots.to(self.device), context_slots=ctx.to(self.device),
             attn_mask=mask[:, None, None, :].to(self.device),
-            active_rows=self.model.active_rows([s.depth for s in seqs]),
+            active_rows=self.model.active_rows([s.depth for s in seqs]), row_depths=[s.depth for s in seqs],
             last_index=torch.zeros(len(seqs), dtype=torch.long, device=self.device))

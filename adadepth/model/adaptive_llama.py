@@ -34,6 +34,7 @@ class ForwardBatch:
                                         # every row starts at position 0 (plain prefill: attend to fresh k/v)
     attn_mask: torch.Tensor        # (B, 1, T, S) bool; True where query may attend to key
     active_rows: list[int]         # per layer: rows [0, n) run it (host ints, from sorted depths)
+    row_depths: list[int]          # (B,) depth of each row, descending
     last_index: torch.Tensor       # (B,) long; index in T of each row's last real token
 
 
@@ -69,8 +70,13 @@ class DecoderLayer(nn.Module):
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         """h: (n, T, D) active rows; returns the layer output for them. k/v_cache: (num_slots, Hkv, Dh)."""
-        n, t, _ = h.shape
-        x = self.input_layernorm(h)
+        h = h + self.attention(self.input_layernorm(h), cos, sin, batch, k_cache, v_cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+    def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """x: (n, T, D) normed input of the active rows -> (n, T, D) attention output (after o_proj)."""
+        n, t, _ = x.shape
         qkv = self.qkv_proj(x)                                                  # (n, T, q + 2kv)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(n, t, self.num_heads, self.head_dim)                         # (n, T, H, Dh)
@@ -92,10 +98,11 @@ class DecoderLayer(nn.Module):
             attn_mask=batch.attn_mask[:n], scale=self.scale,
             enable_gqa=self.num_heads != self.num_kv_heads)                     # (n, H, T, Dh)
         attn = attn.transpose(1, 2).reshape(n, t, self.q_size)                  # (n, T, H*Dh)
-        h = h + self.o_proj(attn)
+        return self.o_proj(attn)
 
-        gate, up = self.gate_up_proj(self.post_attention_layernorm(h)).chunk(2, dim=-1)  # (n, T, I) each
-        return h + self.down_proj(F.silu(gate) * up)
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)                        # (..., I) each
+        return self.down_proj(F.silu(gate) * up)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -117,23 +124,38 @@ class AdaptiveLlama(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(self.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.bypass = nn.ModuleDict()
-        for layer, (weight, bias) in plan.bypass.items():
-            op = nn.Linear(config.hidden_size, config.hidden_size, bias=bias is not None)
-            op.weight.data.copy_(weight)
-            if bias is not None:
-                op.bias.data.copy_(bias)
-            self.bypass[str(layer)] = op
+        self.bypass = nn.ModuleDict({
+            str(layer): nn.Linear(config.hidden_size, config.hidden_size, bias=bias is not None)
+            for layer, (_, bias) in plan.bypass.items()})
         self.bypass_ops: list[nn.Linear | None] = [
             self.bypass[str(i)] if str(i) in self.bypass else None for i in range(self.num_layers)]
-        self._init_rope(config)
+        self.register_buffer("inv_freq", torch.empty(0), persistent=False)
+        self.attention_scaling = 1.0
+        # The fused gather+RMSNorm / scatter+residual kernels (adadepth.kernels). On by default on
+        # CUDA; on CPU their PyTorch reference runs, which tests use to check this path.
+        self.use_batched_skip_kernels = False
 
-    def _init_rope(self, config) -> None:
+    @classmethod
+    def from_state_dict(cls, config, plan: DepthPlan, state: dict[str, torch.Tensor]) -> "AdaptiveLlama":
+        """Build on the meta device (no random init: that alone took seconds), then load weights."""
+        with torch.device("meta"):
+            model = cls(config, plan)
+        model.to_empty(device="cpu")
+        model.load_hf_state_dict(state)
+        with torch.no_grad():
+            for layer, (weight, bias) in plan.bypass.items():
+                model.bypass[str(layer)].weight.copy_(weight)
+                if bias is not None:
+                    model.bypass[str(layer)].bias.copy_(bias)
+        model.init_rope()
+        return model
+
+    def init_rope(self) -> None:
         # transformers' rotary module knows every rope variant (llama3 scaling, yarn, ...).
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-        rope = LlamaRotaryEmbedding(config=config)
-        self.register_buffer("inv_freq", rope.inv_freq.float().clone(), persistent=False)
+        rope = LlamaRotaryEmbedding(config=self.config)
+        self.inv_freq = rope.inv_freq.float().clone().to(self.embed_tokens.weight.device)
         self.attention_scaling = float(rope.attention_scaling)
 
     # ---- weights -----------------------------------------------------------------------
@@ -187,6 +209,8 @@ class AdaptiveLlama(nn.Module):
         """
         h = self.embed_tokens(batch.input_ids)                                  # (B, T, D)
         cos, sin = self.rope(batch.positions, h.dtype)                          # (B, T, 1, Dh)
+        if self.use_batched_skip_kernels:
+            return self._forward_batched_skip(h, cos, sin, batch, kv_cache, capture)
         for i, layer in enumerate(self.layers):
             if capture is not None:
                 capture.append(h.clone())
@@ -204,6 +228,44 @@ class AdaptiveLlama(nn.Module):
         if capture is not None:
             capture.append(h.clone())
         last = h[torch.arange(h.shape[0], device=h.device), batch.last_index]   # (B, D)
+        return self.norm(last)
+
+    def _forward_batched_skip(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
+                              kv_cache: torch.Tensor, capture: list[torch.Tensor] | None) -> torch.Tensor:
+        """Same result as the slicing path, with each layer's norm fused into the gather of its
+        active rows and each residual add fused into the scatter (plus the post-attention norm).
+
+        The active-row lists come from the device (`active_rows`), so the kernels need no host
+        sync; the host still knows each layer's row count from the sorted depths, which sizes
+        the matmuls.
+        """
+        from adadepth.kernels.batched_skip import active_rows, gather_rmsnorm, scatter_residual_add
+
+        b, t, d = h.shape
+        h_flat = h.reshape(b * t, d).contiguous()                               # (N, D) token rows
+        row_depth = torch.tensor(batch.row_depths, dtype=torch.int32, device=h.device)
+        token_depth = row_depth.repeat_interleave(t)                            # (N,)
+        for i, layer in enumerate(self.layers):
+            if capture is not None:
+                capture.append(h_flat.view(b, t, d).clone())
+            n = batch.active_rows[i]
+            bypass = self.bypass_ops[i]
+            if bypass is not None and n < b:
+                h_flat[n * t:] = bypass(h_flat[n * t:])
+            if n == 0:
+                continue
+            idx, count = active_rows(token_depth, self.rank[i])
+            idx = idx[: n * t]  # host-known count: the first n*t tokens are the active ones
+            eps = layer.input_layernorm.eps
+            x = gather_rmsnorm(h_flat, idx, count, layer.input_layernorm.weight, eps)       # (n*T, D)
+            attn = layer.attention(x.view(n, t, d), cos[:n], sin[:n], batch, kv_cache[i, 0], kv_cache[i, 1])
+            x = scatter_residual_add(h_flat, attn.reshape(n * t, d), idx, count,
+                                     next_weight=layer.post_attention_layernorm.weight, eps=eps)  # (n*T, D)
+            scatter_residual_add(h_flat, layer.mlp(x), idx, count)
+        h = h_flat.view(b, t, d)                                                # (B, T, D)
+        if capture is not None:
+            capture.append(h.clone())
+        last = h[torch.arange(b, device=h.device), batch.last_index]            # (B, D)
         return self.norm(last)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

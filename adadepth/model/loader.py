@@ -83,6 +83,10 @@ def convert_gguf(gguf_path: str, cache_dir: str) -> str:
     # The weights are now plain fp32: the saved config must not claim GGUF quantization.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    # transformers >= 5 keeps the GGUF quantizer on the model and refuses to save it; the tensors
+    # are already dequantized, so drop the quantizer too.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
     tmp = out + f".tmp{os.getpid()}"
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
@@ -162,7 +166,11 @@ def apply_artifact(state: dict[str, torch.Tensor], artifact_dir: str) -> dict[st
         with open(os.path.join(lora_dir, "adapter_config.json")) as f:
             lora_cfg = json.load(f)
         tensors = load_file(os.path.join(lora_dir, "adapter_model.safetensors"))
-        scale = lora_cfg["lora_alpha"] / lora_cfg["r"]
+        if lora_cfg.get("use_dora") or lora_cfg.get("rank_pattern") or lora_cfg.get("alpha_pattern"):
+            raise ValueError(f"{lora_dir}: DoRA and per-module rank/alpha patterns are not supported; "
+                             "save a plain LoRA adapter")
+        # rsLoRA scales by alpha / sqrt(r) instead of alpha / r.
+        scale = lora_cfg["lora_alpha"] / (lora_cfg["r"] ** 0.5 if lora_cfg.get("use_rslora") else lora_cfg["r"])
         for key, a in tensors.items():
             if ".lora_A." not in key:
                 continue

@@ -1,0 +1,210 @@
+"""`adadepth eval`: quality versus depth, measured against the same model at full depth.
+
+For each prompt the full-depth model greedily generates up to `max_new_tokens` tokens (engine,
+`LLM.generate`). The engine's own model is then run teacher-forced on prompt + continuation at
+every depth (`SequenceForward`, i.e. `AdaptiveLlama.forward` with the model's layer order and
+bypass maps), and at each continuation position:
+
+  * agreement: depth-d argmax == full-depth argmax (pooled over all positions of all prompts);
+  * kl: KL(full || depth d) of the next-token distributions (pooled mean);
+  * perplexity: exp(mean NLL) of the reference answer, when the prompt file has one;
+  * exact_match_32: share of prompts whose depth-d greedy continuation (engine, 32 tokens)
+    equals the full-depth one over those tokens.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from adadepth.config import _default_cache_dir
+from adadepth.training.chat_batches import encode_chat, encode_prompt
+from adadepth.training.data import HELDOUT_PROMPTS_FILE, PromptRecord, read_prompts_jsonl
+from adadepth.training.depth_scorer import DepthScore, DepthScorer
+
+
+@dataclass
+class EvalConfig:
+    prompts: str = field(default=HELDOUT_PROMPTS_FILE, metadata={
+        "help": "JSONL with 'prompt' or 'messages', optional 'completion'/'answer' (default: the held-out split)"})
+    depths: str = field(default="15,18,21,24,27,30", metadata={"help": "comma-separated depths to evaluate"})
+    max_prompts: int = field(default=0, metadata={"help": "evaluate only the first N prompts (0: all)"})
+    max_new_tokens: int = field(default=64, metadata={"help": "full-depth greedy continuation length"})
+    exact_match_tokens: int = field(default=32, metadata={"help": "tokens compared for exact_match"})
+    max_reference_tokens: int = field(default=128, metadata={"help": "reference answer tokens scored for perplexity"})
+    perplexity: bool = field(default=True, metadata={"help": "score reference answers when present"})
+    compare: bool = field(default=False, metadata={"help": "also evaluate each artifact's base model"})
+    batch_size: int = field(default=16, metadata={"help": "sequences per teacher-forced pass"})
+    max_num_seqs: int = field(default=32, metadata={"help": "sequences generated together by the engine"})
+    max_model_len: int = field(default=2048, metadata={"help": "longest prompt + continuation"})
+    json: str | None = field(default=None, metadata={"help": "write results as JSON here"})
+    plot: str | None = field(default=None, metadata={"help": "write an agreement/KL-vs-depth plot (PNG) here"})
+    cache_dir: str = field(default_factory=_default_cache_dir, metadata={"help": "where converted models are cached"})
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda[:N]"})
+    dtype: str = field(default="float32", metadata={"help": "float32 or bfloat16"})
+    num_threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 keeps torch's default"})
+
+    def __post_init__(self) -> None:
+        self.depth_list  # validates
+        for name in ("max_new_tokens", "exact_match_tokens", "batch_size", "max_num_seqs", "max_reference_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.max_prompts < 0:
+            raise ValueError("max_prompts must be >= 0")
+
+    @property
+    def depth_list(self) -> list[int]:
+        try:
+            depths = sorted({int(d) for d in self.depths.split(",") if d.strip()})
+        except ValueError:
+            raise ValueError(f"depths must be comma-separated integers, got {self.depths!r}") from None
+        if not depths or depths[0] < 1:
+            raise ValueError(f"depths must be >= 1, got {self.depths!r}")
+        return depths
+
+
+def _messages(prompt) -> list[dict]:
+    if isinstance(prompt, PromptRecord):
+        return prompt.messages
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def score_prompts(llm, prompts: list, depths: list[int], *, max_new_tokens: int = 64, exact_match_tokens: int = 32,
+                  references: list[str | None] | None = None, max_reference_tokens: int = 128,
+                  batch_size: int = 16, exact_match: bool = True) -> list[dict[int, DepthScore] | None]:
+    """Per prompt, per depth: the raw counts behind every metric. None for prompts too long to run.
+
+    prompts: user-message strings, message lists, or `PromptRecord`s.
+    """
+    from adadepth.sampling_params import SamplingParams
+
+    tokenizer, n_layers = llm.tokenizer, llm.num_layers
+    messages = [_messages(p) for p in prompts]
+    prompt_ids = [encode_prompt(tokenizer, m) for m in messages]
+    fits = [len(ids) + max_new_tokens <= llm.engine.max_model_len for ids in prompt_ids]
+    run = [i for i, ok in enumerate(fits) if ok]
+    scores: list[dict[int, DepthScore] | None] = [
+        {d: DepthScore() for d in depths} if ok else None for ok in fits]
+    if not run:
+        return scores
+    full_params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0, depth=n_layers)
+    outs = llm.generate([prompt_ids[i] for i in run], full_params)
+    continuation = {i: list(o.token_ids) for i, o in zip(run, outs)}
+    scorer = DepthScorer(llm, depths, batch_size)
+    scorer.agreement_and_kl(scores, [(i, prompt_ids[i] + continuation[i], len(prompt_ids[i])) for i in run])
+    if references is not None:
+        items = []
+        for i in run:
+            if references[i]:
+                chat = encode_chat(tokenizer, messages[i], references[i])
+                end = min(len(chat.input_ids), chat.num_prompt_tokens + max_reference_tokens, llm.engine.max_model_len)
+                if end > chat.num_prompt_tokens:
+                    items.append((i, chat.input_ids[:end], chat.num_prompt_tokens))
+        scorer.reference_nll(scores, items)
+    if exact_match:
+        for depth in depths:
+            if depth == n_layers:  # the same greedy run: identical by construction
+                for i in run:
+                    scores[i][depth].exact_match = True
+                continue
+            params = SamplingParams(max_tokens=exact_match_tokens, temperature=0.0, depth=depth)
+            for i, o in zip(run, llm.generate([prompt_ids[i] for i in run], params)):
+                ref = continuation[i][:exact_match_tokens]
+                scores[i][depth].exact_match = list(o.token_ids)[: len(ref)] == ref
+    return scores
+
+
+def per_prompt_agreement(llm, prompts: list, depths: list[int], max_new_tokens: int = 64,
+                         batch_size: int = 16) -> list[dict[int, float] | None]:
+    """For each prompt: {depth: share of its full-depth continuation's positions where the
+    depth-d argmax equals the full-depth argmax}. None for a prompt too long for the model.
+
+    prompts: user-message strings (wrapped in the chat template) or chat message lists.
+    """
+    scores = score_prompts(llm, prompts, depths, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           exact_match=False)
+    return [None if s is None else {d: s[d].agreement for d in depths} for s in scores]
+
+
+def aggregate(scores: list[dict[int, DepthScore] | None], depths: list[int]) -> list[dict]:
+    results = []
+    for depth in depths:
+        rows = [s[depth] for s in scores if s is not None]
+        positions = sum(r.positions for r in rows)
+        ref_tokens = sum(r.ref_tokens for r in rows)
+        ems = [r.exact_match for r in rows if r.exact_match is not None]
+        results.append({
+            "depth": depth,
+            "agreement": round(sum(r.matches for r in rows) / positions, 5) if positions else None,
+            "kl": round(sum(r.kl_sum for r in rows) / positions, 5) if positions else None,
+            "exact_match_32": round(sum(ems) / len(ems), 5) if ems else None,
+            "perplexity": round(math.exp(sum(r.nll_sum for r in rows) / ref_tokens), 4) if ref_tokens else None,
+            "num_prompts": len(rows),
+            "num_positions": positions,
+        })
+    return results
+
+
+def base_of(model: str) -> str | None:
+    """The base model an artifact folder names, or None for a plain model."""
+    from adadepth.model.loader import ARTIFACT_FILE
+
+    meta = os.path.join(model, ARTIFACT_FILE)
+    if not os.path.exists(meta):
+        return None
+    with open(meta) as f:
+        base = json.load(f)["base_model"]
+    return base if os.path.isabs(base) or base.startswith("default") else os.path.join(model, base)
+
+
+def evaluate_model(model: str, records: list[PromptRecord], config: EvalConfig) -> dict:
+    from adadepth.llm import LLM
+
+    llm = LLM(model, device=config.device, dtype=config.dtype, max_model_len=config.max_model_len,
+              max_num_seqs=config.max_num_seqs, max_num_batched_tokens=max(4096, config.max_model_len),
+              num_kv_tokens=max(config.max_model_len, config.max_num_seqs * 768))
+    depths = config.depth_list
+    references = [r.reference for r in records] if config.perplexity else None
+    scores = score_prompts(llm, records, depths, max_new_tokens=config.max_new_tokens,
+                           exact_match_tokens=config.exact_match_tokens, references=references,
+                           max_reference_tokens=config.max_reference_tokens, batch_size=config.batch_size)
+    plan = llm.engine.plan
+    return {
+        "model": model, "num_layers": llm.num_layers, "layer_order": plan.layer_order, "plan_source": plan.source,
+        "has_bypass": bool(plan.bypass), "prompts": config.prompts,
+        "num_skipped_prompts": sum(s is None for s in scores),
+        "metric_notes": {"exact_match_32": f"first {config.exact_match_tokens} tokens",
+                         "continuation_tokens": config.max_new_tokens},
+        "results": aggregate(scores, depths),
+    }
+
+
+def run_eval(models: list[str], config: EvalConfig) -> dict:
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    records = read_prompts_jsonl(config.prompts)
+    if config.max_prompts:
+        records = records[: config.max_prompts]
+    names = list(models)
+    if config.compare:
+        for m in models:
+            base = base_of(m)
+            if base is not None and base not in names:
+                names.append(base)
+    reports = [evaluate_model(m, records, config) for m in names]
+    # One model: the plain report. Several: the first one's fields stay at the top level (tools
+    # reading a single report still work) and "models" lists all of them.
+    out = dict(reports[0]) if len(reports) == 1 else {**reports[0], "models": reports}
+    if config.json:
+        os.makedirs(os.path.dirname(os.path.abspath(config.json)), exist_ok=True)
+        with open(config.json, "w") as f:
+            json.dump(out, f, indent=1)
+    if config.plot:
+        from adadepth.training.eval_plot import plot_reports
+
+        plot_reports(reports, config.plot)
+    return out
