@@ -1,0 +1,23 @@
+"""Custom CUDA kernels (compiled at run time with NVRTC) and their PyTorch references."""
+
+from adadepth.kernels.batched_skip import (
+    BatchedSkipKernels,
+    active_rows,
+    active_rows_ref,
+    gather_rmsnorm,
+    gather_rmsnorm_ref,
+    get_kernels,
+    scatter_residual_add,
+    scatter_residual_add_ref,
+)
+
+__all__ = [
+    "BatchedSkipKernels",
+    "active_rows",
+    "active_rows_ref",
+    "gather_rmsnorm",
+    "gather_rmsnorm_ref",
+    "get_kernels",
+    "scatter_residual_add",
+    "scatter_residual_add_ref",
+]
