@@ -1,0 +1,23 @@
+"""`adadepth bench <kind>`: benchmarks, one module per kind, each with `add_parser(subparsers)`."""
+from __future__ import annotations
+
+import importlib
+
+# Benchmarks that may be absent from a checkout (written separately); skipped quietly if so.
+OPTIONAL_BENCHMARKS = ("adadepth.benchmarks.depth_bench",)
+
+
+def add_parser(subparsers) -> None:
+    from adadepth.benchmarks import serve_bench
+
+    bench = subparsers.add_parser("bench", help="benchmarks (serve: HTTP latency/throughput)")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    serve_bench.add_parser(bench_sub)
+    for name in OPTIONAL_BENCHMARKS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue
+            raise
+        module.add_parser(bench_sub)

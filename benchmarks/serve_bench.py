@@ -1,0 +1,266 @@
+"""`adadepth bench serve`: latency and throughput of a running OpenAI-compatible server.
+
+Sends the same chat requests (GSM8K questions, the LAST ones of the file: the first ones are
+training data elsewhere) at each concurrency level, streaming, with a fixed output length
+(ignore_eos), and reports what vLLM's serving benchmark reports: TTFT, TPOT, ITL and end-to-end
+latency percentiles, and output tokens per second. Works against vLLM as well as adadepth
+(the depth fields are simply ignored there).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PERCENTILES = (50, 90, 99)
+
+
+@dataclass
+class ServeBenchConfig:
+    base_url: str = field(default="http://127.0.0.1:8000", metadata={"help": "server address (without /v1)"})
+    model: str = field(default="default", metadata={"help": "model name sent in requests"})
+    concurrency: str = field(default="1,4,16", metadata={"help": "comma-separated concurrency levels"})
+    num_requests: int = field(default=32, metadata={"help": "requests per concurrency level"})
+    max_tokens: int = field(default=128, metadata={"help": "output tokens per request (EOS ignored)"})
+    depth: str | None = field(default=None, metadata={
+        "help": "adadepth depth: layers (int) or fraction of layers (float in (0, 1]); none: server default"})
+    quality: float | None = field(default=None, metadata={"help": "adadepth quality target instead of a depth"})
+    temperature: float = field(default=0.0, metadata={"help": "sampling temperature"})
+    label: str = field(default="default", metadata={"help": "name of this run, used in the output file name"})
+    out: str | None = field(default=None, metadata={"help": "JSON output (default: benchmarks/results/serve_<label>.json)"})
+    data: str = field(default="../shared/data/gsm8k_train.jsonl", metadata={
+        "help": "GSM8K jsonl; a relative path is taken from the repository root"})
+    warmup: int = field(default=1, metadata={"help": "requests sent (and not measured) before the first level"})
+    api_key: str | None = field(default=None, metadata={"help": "bearer token (default: $ADADEPTH_API_KEY)"})
+    timeout_s: float = field(default=600.0, metadata={"help": "per-request timeout in seconds"})
+
+    def __post_init__(self) -> None:
+        self.levels = [int(c) for c in self.concurrency.split(",") if c.strip()]
+        if not self.levels or any(c < 1 for c in self.levels):
+            raise ValueError(f"concurrency must be comma-separated integers >= 1, got {self.concurrency!r}")
+        if self.num_requests < 1 or self.max_tokens < 1 or self.warmup < 0:
+            raise ValueError("num_requests and max_tokens must be >= 1, warmup >= 0")
+        self.depth_value = None if self.depth is None else (float(self.depth) if "." in self.depth else int(self.depth))
+        if self.out is None:
+            self.out = str(REPO_ROOT / "benchmarks" / "results" / f"serve_{self.label}.json")
+        if self.api_key is None:
+            self.api_key = os.environ.get("ADADEPTH_API_KEY") or None
+
+    def data_path(self) -> Path:
+        path = Path(self.data)
+        return path if path.is_absolute() else REPO_ROOT / path
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    error: str | None = None
+    ttft: float = 0.0           # seconds to the first content chunk
+    latency: float = 0.0        # seconds to the end of the stream
+    itl: list[float] = field(default_factory=list)  # gaps between content chunks
+    output_tokens: int = 0
+    prompt_tokens: int = 0
+    depth: int | None = None
+    layers_per_token: float | None = None
+
+    @property
+    def tpot(self) -> float | None:
+        if self.output_tokens < 2:
+            return None
+        return (self.latency - self.ttft) / (self.output_tokens - 1)
+
+
+def load_questions(path: Path, count: int) -> list[str]:
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if len(rows) < count:
+        raise ValueError(f"{path} has {len(rows)} questions, {count} requested")
+    return [row["question"] for row in rows[-count:]]
+
+
+def _payload(cfg: ServeBenchConfig, question: str) -> dict:
+    payload = {"model": cfg.model, "messages": [{"role": "user", "content": question}],
+               "max_tokens": cfg.max_tokens, "temperature": cfg.temperature, "ignore_eos": True,
+               "stream": True, "stream_options": {"include_usage": True}}
+    if cfg.depth_value is not None:
+        payload["depth"] = cfg.depth_value
+    if cfg.quality is not None:
+        payload["quality"] = cfg.quality
+    return payload
+
+
+async def _one_request(client, cfg: ServeBenchConfig, question: str) -> RequestResult:
+    result = RequestResult(ok=False)
+    start = time.perf_counter()
+    last = None
+    try:
+        async with client.stream("POST", "/v1/chat/completions", json=_payload(cfg, question)) as response:
+            if response.status_code != 200:
+                body = (await response.aread()).decode(errors="replace")
+                result.error = f"HTTP {response.status_code}: {body[:300]}"
+                return result
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[len("data: "):]
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                now = time.perf_counter()
+                if "error" in chunk:
+                    result.error = chunk["error"].get("message", str(chunk["error"]))
+                    return result
+                if chunk.get("usage"):
+                    result.output_tokens = chunk["usage"]["completion_tokens"]
+                    result.prompt_tokens = chunk["usage"]["prompt_tokens"]
+                    result.layers_per_token = chunk["usage"].get("layers_per_token")
+                if chunk.get("adadepth"):
+                    result.depth = chunk["adadepth"].get("depth")
+                for choice in chunk.get("choices", []):
+                    if choice.get("delta", {}).get("content"):
+                        if last is None:
+                            result.ttft = now - start
+                        else:
+                            result.itl.append(now - last)
+                        last = now
+        result.latency = time.perf_counter() - start
+        result.ok = last is not None
+        if not result.ok:
+            result.error = "the stream carried no content"
+    except Exception as exc:  # noqa: BLE001 - a failed request is a result, not a crash of the run
+        result.error = f"{type(exc).__name__}: {exc}"
+    return result
+
+
+def _stats(values: list[float]) -> dict:
+    import numpy as np
+
+    if not values:
+        return {"mean": None, **{f"p{p}": None for p in PERCENTILES}}
+    arr = np.asarray(values) * 1000.0
+    return {"mean": float(arr.mean()), **{f"p{p}": float(np.percentile(arr, p)) for p in PERCENTILES}}
+
+
+async def _run_level(client, cfg: ServeBenchConfig, questions: list[str], concurrency: int) -> dict:
+    gate = asyncio.Semaphore(concurrency)
+
+    async def limited(question: str) -> RequestResult:
+        async with gate:
+            return await _one_request(client, cfg, question)
+
+    start = time.perf_counter()
+    results = await asyncio.gather(*(limited(q) for q in questions))
+    duration = time.perf_counter() - start
+    ok = [r for r in results if r.ok]
+    output_tokens = sum(r.output_tokens for r in ok)
+    depths = sorted({r.depth for r in ok if r.depth is not None})
+    lpt = [r.layers_per_token for r in ok if r.layers_per_token is not None]
+    return {
+        "concurrency": concurrency, "num_requests": len(results), "completed": len(ok),
+        "failed": len(results) - len(ok), "errors": sorted({r.error for r in results if r.error})[:5],
+        "duration_s": duration, "total_output_tokens": output_tokens,
+        "total_prompt_tokens": sum(r.prompt_tokens for r in ok),
+        "output_throughput_tok_s": output_tokens / duration if duration > 0 else 0.0,
+        "request_throughput_req_s": len(ok) / duration if duration > 0 else 0.0,
+        "ttft_ms": _stats([r.ttft for r in ok]),
+        "tpot_ms": _stats([r.tpot for r in ok if r.tpot is not None]),
+        "itl_ms": _stats([gap for r in ok for gap in r.itl]),
+        "e2e_latency_ms": _stats([r.latency for r in ok]),
+        "depths": depths,
+        "mean_layers_per_token": sum(lpt) / len(lpt) if lpt else None,
+    }
+
+
+def machine_info() -> dict:
+    """Where the client ran (usually the server's machine too); the load says how shared it was."""
+    info = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "machine": platform.machine(),
+            "python": platform.python_version(), "hostname": socket.gethostname(), "cpu": platform.processor()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        info["cpu"] = names[0] if names else info["cpu"]
+    except OSError:
+        pass
+    try:
+        info["loadavg_at_start"] = os.getloadavg()
+    except OSError:
+        pass
+    return info
+
+
+async def run_benchmark(cfg: ServeBenchConfig) -> dict:
+    import httpx
+
+    questions = load_questions(cfg.data_path(), cfg.num_requests)
+    machine = machine_info()
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+    limits = httpx.Limits(max_connections=max(cfg.levels), max_keepalive_connections=max(cfg.levels))
+    async with httpx.AsyncClient(base_url=cfg.base_url.rstrip("/"), headers=headers, limits=limits,
+                                 timeout=httpx.Timeout(cfg.timeout_s)) as client:
+        models = (await client.get("/v1/models")).json()
+        for question in questions[:cfg.warmup]:
+            warm = await _one_request(client, cfg, question)
+            if not warm.ok:
+                raise RuntimeError(f"warm-up request failed: {warm.error}")
+        levels = [await _run_level(client, cfg, questions, c) for c in cfg.levels]
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "api_key"}
+    config["depth"] = cfg.depth_value
+    return {
+        "label": cfg.label,
+        "started_at": started,
+        "config": config,
+        "machine": machine,
+        "server": models,
+        "results": levels,
+    }
+
+
+def format_table(report: dict) -> str:
+    def cell(stats: dict) -> str:
+        values = [stats[f"p{p}"] for p in PERCENTILES]
+        return "/".join("-" if v is None else f"{v:.0f}" for v in values)
+
+    header = (f"{'conc':>4} {'ok':>5} {'req/s':>7} {'out tok/s':>9}  {'TTFT ms p50/90/99':>19}  "
+              f"{'TPOT ms p50/90/99':>19}  {'ITL ms p50/90/99':>19}  {'E2E ms p50/90/99':>21}")
+    lines = [f"serve benchmark '{report['label']}' ({report['config']['model']}, "
+             f"{report['config']['max_tokens']} output tokens, depth {report['config']['depth']})", header]
+    for r in report["results"]:
+        lines.append(f"{r['concurrency']:>4} {r['completed']:>2}/{r['num_requests']:<2} "
+                     f"{r['request_throughput_req_s']:>7.2f} {r['output_throughput_tok_s']:>9.1f}  "
+                     f"{cell(r['ttft_ms']):>19}  {cell(r['tpot_ms']):>19}  {cell(r['itl_ms']):>19}  "
+                     f"{cell(r['e2e_latency_ms']):>21}")
+    return "\n".join(lines)
+
+
+def main(cfg: ServeBenchConfig) -> dict:
+    report = asyncio.run(run_benchmark(cfg))
+    print(format_table(report))
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+    return report
+
+
+def _run(args: argparse.Namespace) -> None:
+    from adadepth.cli_args import dataclass_from_args
+
+    main(dataclass_from_args(ServeBenchConfig, args))
+
+
+def add_parser(bench_subparsers) -> None:
+    from adadepth.cli_args import add_dataclass_args
+
+    parser = bench_subparsers.add_parser("serve", help="latency/throughput of a running server (chat, streaming)")
+    add_dataclass_args(parser, ServeBenchConfig)
+    parser.set_defaults(func=_run)

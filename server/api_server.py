@@ -1,0 +1,116 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes over an `AsyncEngine`.
+
+`build_app` wires one engine into one app (its own metrics registry, its own engine thread,
+started and stopped with the app's lifespan); `run_server` loads the engine and runs uvicorn.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from contextlib import asynccontextmanager
+from http import HTTPStatus
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from adadepth.config import EngineConfig
+from adadepth.engine.llm_engine import LLMEngine
+from adadepth.server.async_engine import AsyncEngine
+from adadepth.server.chat_serving import ChatServing
+from adadepth.server.completion_serving import CompletionServing
+from adadepth.server.config import ServerConfig
+from adadepth.server.errors import APIError, install_error_handlers
+from adadepth.server.metrics import ServerMetrics
+from adadepth.server.tokenize_serving import TokenizeServing
+
+logger = logging.getLogger(__name__)
+
+
+def _api_key_check(api_key: str | None):
+    """A dependency that refuses requests without `Authorization: Bearer <api_key>`."""
+
+    async def check(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(HTTPStatus.UNAUTHORIZED, "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                           "invalid_request_error", None, "invalid_api_key")
+
+    return check
+
+
+def build_app(engine: LLMEngine, config: ServerConfig, model_aliases: tuple[str, ...] = ()) -> FastAPI:
+    """An app serving `engine`; `model_aliases` are extra names accepted in a request's `model`."""
+    metrics = ServerMetrics(engine.model_name, engine.num_layers, engine.max_model_len)
+    async_engine = AsyncEngine(engine, config.max_waiting, metrics)
+    completions = CompletionServing(async_engine, config, model_aliases)
+    chat = ChatServing(async_engine, config, model_aliases)
+    tokenization = TokenizeServing(async_engine, config, model_aliases)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        async_engine.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(async_engine.shutdown)
+
+    app = FastAPI(title="adadepth", lifespan=lifespan)
+    app.state.async_engine = async_engine
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    protected = [Depends(_api_key_check(config.api_key))]
+
+    @app.get("/health")
+    async def health() -> Response:
+        if async_engine.is_healthy:
+            return Response(status_code=HTTPStatus.OK)
+        return APIError(HTTPStatus.SERVICE_UNAVAILABLE, f"the engine is not running: {async_engine.error!r}",
+                        "service_unavailable", None, "engine_dead").response()
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", dependencies=protected)
+    async def models() -> dict:
+        return {"object": "list", "data": [{
+            "id": engine.model_name, "object": "model", "created": created, "owned_by": "adadepth",
+            "root": engine.model_name, "parent": None, "max_model_len": engine.max_model_len,
+            "num_layers": engine.num_layers}]}
+
+    @app.post("/v1/completions", dependencies=protected)
+    async def create_completion(raw_request: Request) -> Response:
+        return await completions.create(raw_request)
+
+    @app.post("/v1/chat/completions", dependencies=protected)
+    async def create_chat_completion(raw_request: Request) -> Response:
+        return await chat.create(raw_request)
+
+    @app.post("/tokenize", dependencies=protected)
+    async def tokenize(raw_request: Request) -> JSONResponse:
+        return JSONResponse(await tokenization.tokenize(raw_request))
+
+    @app.post("/detokenize", dependencies=protected)
+    async def detokenize(raw_request: Request) -> JSONResponse:
+        return JSONResponse(await tokenization.detokenize(raw_request))
+
+    return app
+
+
+def run_server(engine_config: EngineConfig, config: ServerConfig, depth_router=None) -> None:
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = LLMEngine(engine_config, depth_router=depth_router)
+    app = build_app(engine, config, model_aliases=(engine_config.model.model,))
+    logger.info("serving %s (%d layers, context %d) on http://%s:%d", engine.model_name, engine.num_layers,
+                engine.max_model_len, config.host, config.port)
+    uvicorn.run(app, host=config.host, port=config.port, log_level=config.uvicorn_log_level,
+                access_log=config.access_log)

@@ -1,0 +1,27 @@
+"""`adadepth serve`: the OpenAI-compatible HTTP server."""
+from __future__ import annotations
+
+import argparse
+
+from adadepth.cli_args import add_dataclass_args, dataclass_from_args
+from adadepth.server.config import ServerConfig
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from adadepth.cli import engine_config_from_args
+    from adadepth.server.api_server import run_server
+
+    run_server(engine_config_from_args(args), dataclass_from_args(ServerConfig, args))
+
+
+def add_parser(subparsers) -> None:
+    from adadepth.cli import add_engine_args
+
+    parser = subparsers.add_parser(
+        "serve", help="serve the model over an OpenAI-compatible HTTP API",
+        description="OpenAI-compatible server: /v1/completions, /v1/chat/completions, /v1/models, /health, "
+                    "/metrics, /tokenize, /detokenize. Requests may set 'depth' (layers, or a fraction in "
+                    "(0, 1]) or 'quality'.")
+    add_engine_args(parser)
+    add_dataclass_args(parser, ServerConfig)
+    parser.set_defaults(func=_serve)

@@ -1,0 +1,133 @@
+"""Errors as OpenAI sends them: `{"error": {"message", "type", "param", "code"}}` with a status.
+
+Handlers raise `APIError`; `install_error_handlers` turns it, pydantic's validation errors,
+routing errors and unexpected exceptions into that body, so clients never see FastAPI's 422
+shape or an HTML 500 page.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from http import HTTPStatus
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | int | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == HTTPStatus.UNAUTHORIZED else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(HTTPStatus.BAD_REQUEST, message, "invalid_request_error", param, code)
+
+
+# Field names that may open a ValueError message from SamplingParams or the engine
+# ("max_tokens must be ..."): reported as the error's `param`.
+_PARAM_NAMES = {"max_tokens", "temperature", "top_p", "top_k", "min_tokens", "logprobs", "n", "depth",
+                "quality", "seed", "stop", "prompt"}
+# Pydantic names union members in an error's location ("depth" -> "int"); they are not fields.
+_UNION_TAG = re.compile(r"^(int|float|str|bool|dict|list\[.*\]|[A-Z]\w*)$")
+
+
+def from_value_error(exc: ValueError) -> APIError:
+    message = str(exc)
+    first = message.split(" ", 1)[0]
+    return bad_request(message, param=first if first in _PARAM_NAMES else None)
+
+
+def from_validation_error(exc: ValidationError | RequestValidationError) -> APIError:
+    errors = exc.errors()
+    if not errors:
+        return bad_request("invalid request")
+    first = errors[0]
+    if first["type"] == "json_invalid":
+        return bad_request(f"the request body is not valid JSON: {first['msg']}", code="invalid_json")
+    path = [str(p) for p in first["loc"] if not (isinstance(p, str) and _UNION_TAG.match(p))]
+    if path and path[0] == "body":  # FastAPI prefixes body fields with "body"
+        path = path[1:]
+    param = ".".join(path) or None
+    if first["type"] == "missing":
+        return bad_request(f"missing required field '{param}'", param=param, code="missing_field")
+    if first["type"] == "model_type" or first["type"] == "dict_type":
+        message = "the request body must be a JSON object" if not path else f"'{param}' must be an object"
+        return bad_request(message, param=param, code="invalid_type")
+    # Several errors on one field are the members of a union failing one by one: merge them.
+    same = [e for e in errors if [str(p) for p in e["loc"] if not (isinstance(p, str) and _UNION_TAG.match(p))] == path]
+    msgs = sorted({e["msg"] for e in same})
+    return bad_request(f"invalid value for '{param}': {'; or '.join(msgs)}", param=param, code="invalid_type")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return from_validation_error(exc).response()
+
+    @app.exception_handler(ValidationError)
+    async def _pydantic_error(request: Request, exc: ValidationError) -> JSONResponse:
+        return from_validation_error(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        status = HTTPStatus(exc.status_code)
+        code = "not_found" if status == HTTPStatus.NOT_FOUND else None
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return APIError(exc.status_code, message, "invalid_request_error", None, code).response()
+
+    app.add_middleware(CatchAllMiddleware)
+
+
+class CatchAllMiddleware:
+    """Turn an unexpected exception into a JSON 500 and stop it there.
+
+    Starlette's own catch-all answers too, but then re-raises, and uvicorn drops the
+    connection, which breaks the client's next request on that keep-alive connection.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:  # noqa: BLE001 - a bug, not bad input: log it, answer, keep serving
+            logger.exception("internal error while serving %s %s", scope.get("method"), scope.get("path"))
+            if started:  # the response is under way (a stream broke): nothing more can be said on it
+                return
+            response = APIError(HTTPStatus.INTERNAL_SERVER_ERROR, f"internal server error: {type(exc).__name__}: {exc}",
+                                "internal_server_error", None, "internal_error").response()
+            await response(scope, receive, send)

@@ -1,0 +1,185 @@
+"""What the completions, chat and tokenize endpoints share: parsing, model checks, submission,
+waiting with disconnect detection, usage and the depth report."""
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+from typing import TypeVar
+
+from fastapi import Request
+from jinja2 import TemplateError
+from pydantic import BaseModel, ValidationError
+
+from adadepth.outputs import RequestOutput
+from adadepth.sampling_params import SamplingParams
+from adadepth.server.async_engine import AsyncEngine, EngineDeadError, EngineRequest, QueueFullError
+from adadepth.server.config import ServerConfig
+from adadepth.server.errors import APIError, bad_request, from_validation_error, from_value_error
+from adadepth.server.output_stream import OutputStream
+from adadepth.server.protocol import ChatMessage
+
+M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
+
+# JSON has no -inf; vLLM reports impossible tokens with this floor instead.
+MIN_LOGPROB = -9999.0
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its response was ready."""
+
+
+def engine_dead(exc: EngineDeadError) -> APIError:
+    return APIError(HTTPStatus.SERVICE_UNAVAILABLE, str(exc), "service_unavailable", None, "engine_dead")
+
+
+def stream_error(exc: EngineDeadError | ValueError) -> APIError:
+    """The error for a request that failed after it was accepted."""
+    return engine_dead(exc) if isinstance(exc, EngineDeadError) else from_value_error(exc)
+
+
+def sse(payload: dict | str) -> str:
+    """One server-sent event as OpenAI streams them."""
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+def clamp_logprob(value: float) -> float:
+    return max(value, MIN_LOGPROB)
+
+
+async def _wait_for_disconnect(raw_request: Request) -> None:
+    # The body has been read, so the next ASGI message is the disconnect (uvicorn sends it when
+    # the socket closes, or once the response is complete).
+    while True:
+        message = await raw_request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncEngine, config: ServerConfig, model_aliases: tuple[str, ...] = ()):
+        self.engine = engine
+        self.config = config
+        self.tokenizer = engine.tokenizer
+        self.model_name = engine.model_name
+        self.model_names = {engine.model_name, *model_aliases}
+
+    # ---- request parsing ---------------------------------------------------------------
+    @staticmethod
+    async def parse(raw_request: Request, model: type[M]) -> M:
+        body = await raw_request.body()
+        try:
+            return model.model_validate_json(body)
+        except ValidationError as exc:
+            raise from_validation_error(exc) from None
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name not in self.model_names:
+            raise bad_request(f"the model '{name}' does not exist; this server serves '{self.model_name}'",
+                              param="model", code="model_not_found")
+
+    @staticmethod
+    def build_params(build: Callable[[], SamplingParams]) -> SamplingParams:
+        try:
+            return build()
+        except ValueError as exc:
+            raise from_value_error(exc) from None
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        try:
+            self.engine.validate(prompt_token_ids, params)
+        except ValueError as exc:
+            raise from_value_error(exc) from None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def apply_chat_template(self, messages: list[ChatMessage], add_generation_prompt: bool,
+                            continue_final_message: bool = False, kwargs: dict | None = None) -> str:
+        conversation = []
+        for m in messages:
+            entry = {"role": m.role, "content": m.text()}
+            if m.name is not None:
+                entry["name"] = m.name
+            conversation.append(entry)
+        try:
+            return self.tokenizer.apply_chat_template(
+                conversation, tokenize=False, add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message, **(kwargs or {}))
+        except (TemplateError, ValueError, TypeError) as exc:
+            # The template's own checks ("roles must alternate", no template at all) are bad input.
+            raise bad_request(f"the chat template cannot render these messages: {exc}", param="messages") from None
+
+    # ---- running -----------------------------------------------------------------------
+    def submit(self, requests: list[EngineRequest]) -> OutputStream:
+        try:
+            return self.engine.submit(requests)
+        except QueueFullError as exc:
+            raise APIError(HTTPStatus.TOO_MANY_REQUESTS, str(exc), "rate_limit_error", None, "queue_full") from None
+        except EngineDeadError as exc:
+            raise engine_dead(exc) from None
+
+    @staticmethod
+    async def collect(stream: OutputStream) -> dict[int, RequestOutput]:
+        """Every request's final output, by index; the stream is closed (aborted) on any exit."""
+        finals: dict[int, RequestOutput] = {}
+        async with stream:
+            try:
+                async for index, output in stream:
+                    if output.finished:
+                        finals[index] = output
+            except (EngineDeadError, ValueError) as exc:
+                raise stream_error(exc) from None
+        return finals
+
+    @staticmethod
+    async def unless_disconnected(raw_request: Request, work: Awaitable[T]) -> T:
+        """Await `work`, cancelling it (which aborts its requests) if the client disconnects first."""
+        task = asyncio.ensure_future(work)
+        watcher = asyncio.ensure_future(_wait_for_disconnect(raw_request))
+        try:
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not task.done():
+                task.cancel()
+        if task.cancelled():
+            raise ClientDisconnected()
+        return task.result()
+
+    # ---- reporting ---------------------------------------------------------------------
+    def depth_report(self, outputs: list[RequestOutput]) -> dict:
+        """The top-level `adadepth` object: what ran (the first choice; all choices when they differ)."""
+        d = outputs[0].depth_decision
+        report = {"depth": d.depth, "num_layers": d.num_layers, "source": d.source, "quality": d.quality,
+                  "predicted_agreement": d.predicted_agreement}
+        depths = [o.depth_decision.depth for o in outputs]
+        if len(set(depths)) > 1:
+            report["choice_depths"] = depths
+        return report
+
+    @staticmethod
+    def usage(prompt_lens: list[int], outputs: list[RequestOutput]) -> dict:
+        prompt_tokens = sum(prompt_lens)
+        completion_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+                "layers_per_token": layers_per_token(outputs)}
+
+    def token_str(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+
+def layers_per_token(outputs: list[RequestOutput]) -> float:
+    """Depth averaged over the choices, weighted by the tokens each generated (every generated
+    token ran its request's depth); a plain mean while no choice has tokens."""
+    if not outputs:
+        return 0.0
+    weights = [len(o.outputs[0].token_ids) for o in outputs]
+    depths = [o.depth_decision.depth for o in outputs]
+    if sum(weights) == 0:
+        return float(sum(depths)) / len(depths)
+    return float(sum(w * d for w, d in zip(weights, depths))) / sum(weights)

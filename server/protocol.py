@@ -1,0 +1,189 @@
+"""Request bodies of the OpenAI API (and vLLM's extras), validated by pydantic.
+
+Models are strict, as OpenAI is: "5" is not an integer and true is not a number. Unknown
+fields are ignored (OpenAI clients send `user`, `metadata`, ... that change nothing here).
+`to_sampling_params` turns a request into the engine's SamplingParams; anything the engine
+cannot honour is refused with a 400 rather than silently ignored.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from adadepth.sampling_params import SamplingParams
+from adadepth.server.errors import bad_request
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(StrictModel):
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False  # vLLM: usage on every chunk
+
+
+class SamplingFields(StrictModel):
+    """Fields shared by completions and chat completions."""
+    model: str | None = None
+    n: int | None = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # vLLM's extras.
+    top_k: int | None = None
+    min_tokens: int | None = 0
+    ignore_eos: bool | None = False
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool | None = True
+    repetition_penalty: float | None = None
+    min_p: float | None = None
+    # adadepth: layers to run (int) or fraction of the layers (float in (0, 1]), or a target quality.
+    depth: int | float | None = None
+    quality: float | None = None
+
+    def check_supported(self) -> None:
+        """Refuse knobs the engine does not implement, unless they are at their no-op value."""
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0.0):
+                raise bad_request(f"{name} is not supported by this server; send 0 or leave it out", param=name)
+        if self.repetition_penalty not in (None, 1.0):
+            raise bad_request("repetition_penalty is not supported by this server; send 1 or leave it out",
+                              param="repetition_penalty")
+        if self.min_p not in (None, 0.0):
+            raise bad_request("min_p is not supported by this server; send 0 or leave it out", param="min_p")
+        if self.logit_bias:
+            raise bad_request("logit_bias is not supported by this server", param="logit_bias")
+        if self.stream_options is not None and not self.stream:
+            raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        if any(s == "" for s in stops):
+            raise bad_request("stop strings must not be empty", param="stop")
+        if self.n is not None and self.n < 1:
+            raise bad_request(f"n must be >= 1, got {self.n}", param="n")
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None, default_quality: float | None) -> SamplingParams:
+        """One engine request's params (n is expanded by the caller); ValueError on bad values."""
+        quality = self.quality
+        if self.depth is None and quality is None:
+            quality = default_quality
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=-1 if self.top_k is None else self.top_k,
+            seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids,
+            ignore_eos=bool(self.ignore_eos), min_tokens=self.min_tokens or 0, logprobs=logprobs,
+            n=self.n or 1, depth=self.depth, quality=quality,
+            skip_special_tokens=True if self.skip_special_tokens is None else self.skip_special_tokens)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and (self.stream_options.include_usage
+                                             or self.stream_options.continuous_usage_stats))
+
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool | None = False
+    best_of: int | None = None
+    suffix: str | None = None
+    add_special_tokens: bool | None = True
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            raise bad_request("best_of is not supported by this server; leave it out or set it to n", param="best_of")
+        if self.suffix:
+            raise bad_request("suffix is not supported by this server", param="suffix")
+        if self.echo and self.logprobs is not None:
+            raise bad_request("echo with logprobs is not supported: prompt logprobs are not computed", param="echo")
+
+
+class TextPart(StrictModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(StrictModel):
+    # Roles the chat template understands; anything else (e.g. "tool" without tools) is a 400.
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text for part in self.content)
+
+
+class ResponseFormat(StrictModel):
+    type: Literal["text"]
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    # vLLM's extras for templates.
+    add_generation_prompt: bool | None = True
+    continue_final_message: bool | None = False
+    chat_template_kwargs: dict | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.tools:
+            raise bad_request("tools are not supported by this server", param="tools")
+        if self.tool_choice not in (None, "none"):
+            raise bad_request("tool_choice is not supported by this server", param="tool_choice")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise bad_request("continue_final_message and add_generation_prompt cannot both be true",
+                              param="continue_final_message")
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def num_logprobs(self) -> int | None:
+        if not self.logprobs:
+            return None
+        return self.top_logprobs or 0
+
+
+class TokenizeRequest(StrictModel):
+    """vLLM's /tokenize: either a prompt or chat messages."""
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool | None = True
+    return_token_strs: bool | None = False
+
+
+class DetokenizeRequest(StrictModel):
+    model: str | None = None
+    tokens: list[int]
