@@ -24,6 +24,12 @@ class Detokenizer:
             prefix_offset, read_offset = read_offset, len(ids)
         seq.detok_offsets = (prefix_offset, read_offset)
 
+    def flush(self, seq: Sequence) -> None:
+        """At finish: emit any text held back waiting for the rest of a multi-byte character."""
+        full = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=seq.params.skip_special_tokens)
+        if len(full) > len(seq.output_text) and full.startswith(seq.output_text):
+            seq.output_text = full
+
     @staticmethod
     def check_stop_strings(seq: Sequence, new_chars: int) -> str | None:
         """If a stop string appeared in the newest text, cut the text before it and return it."""
@@ -45,4 +51,4 @@ class Detokenizer:
         if seq.is_finished or not seq.params.stop:
             return seq.output_text
         hold = max(len(s) for s in seq.params.stop) - 1
-        return seq.output_text[: len(seq.output_text) - hold] if hold > 0 else seq.output_text
+        return seq.output_text[: max(0, len(seq.output_text) - hold)] if hold > 0 else seq.output_text

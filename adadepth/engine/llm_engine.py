@@ -162,6 +162,9 @@ class LLMEngine:
             if undecided:
                 for s, decision in zip(undecided, self.depth_router.decide(self, undecided)):
                     s.depth, s.depth_decision = decision.depth, decision
+        # Count work before the sampled tokens are appended (num_tokens grows by one below).
+        tokens = sum(s.num_tokens for s in seqs) if scheduled.is_prefill else len(seqs)
+        executed = sum((s.num_tokens if scheduled.is_prefill else 1) * s.depth for s in seqs)
         result = self.runner.run(seqs, scheduled.is_prefill)
         now = time.monotonic()
         outputs = []
@@ -170,8 +173,6 @@ class LLMEngine:
             outputs.append(self._make_output(seq))
             if seq.is_finished:
                 self.seqs.pop(seq.request_id, None)
-        tokens = sum(s.num_tokens for s in seqs) if scheduled.is_prefill else len(seqs)
-        executed = sum((s.num_tokens if scheduled.is_prefill else 1) * s.depth for s in seqs)
         self.last_step = StepInfo(scheduled.is_prefill, len(seqs), tokens, executed,
                                   tokens * self.num_layers - executed, time.perf_counter() - t0)
         return outputs
@@ -199,8 +200,8 @@ class LLMEngine:
             elif n_out >= p.max_tokens or seq.num_tokens >= self.max_model_len:
                 reason = "length"
         if reason is not None:
-            if reason == "stop" and seq.stop_reason is None and not p.skip_special_tokens:
-                pass  # EOS text stays when special tokens are shown, as in vLLM
+            if not isinstance(seq.stop_reason, str):  # a stop string already cut the text
+                self.detokenizer.flush(seq)
             seq.finish_reason = reason
             self.scheduler.finish(seq)
 
