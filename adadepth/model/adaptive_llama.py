@@ -207,31 +207,47 @@ class AdaptiveLlama(nn.Module):
         kv_cache: (L, 2, num_slots, Hkv, Dh). If `capture` is a list, the residual stream
         entering each layer, then the one leaving the last, are appended to it: L + 1 (B, T, D).
         """
-        h = self.embed_tokens(batch.input_ids)                                  # (B, T, D)
+        h = self.embed(batch)
+        h = self.run_layers(h, batch, kv_cache, 0, self.num_layers, capture)
+        return self.final_hidden(h, batch)
+
+    # The forward pass in three parts, so that a caller (the router's prefill) can stop after the
+    # first layers, read features, choose depths, re-sort the rows and continue.
+    def embed(self, batch: ForwardBatch) -> torch.Tensor:
+        return self.embed_tokens(batch.input_ids)                               # (B, T, D)
+
+    def run_layers(self, h: torch.Tensor, batch: ForwardBatch, kv_cache: torch.Tensor, start: int, stop: int,
+                   capture: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Run layers [start, stop) on h (B, T, D), each over its active rows; returns h."""
         cos, sin = self.rope(batch.positions, h.dtype)                          # (B, T, 1, Dh)
         if self.use_batched_skip_kernels:
-            return self._forward_batched_skip(h, cos, sin, batch, kv_cache, capture)
-        for i, layer in enumerate(self.layers):
-            if capture is not None:
-                capture.append(h.clone())
-            n = batch.active_rows[i]
-            bypass = self.bypass_ops[i]
-            if bypass is not None and n < h.shape[0]:
-                h[n:] = bypass(h[n:])
-            if n == 0:
-                continue
-            out = layer(h[:n], cos[:n], sin[:n], batch, kv_cache[i, 0], kv_cache[i, 1])
-            if n == h.shape[0]:
-                h = out
-            else:
-                h[:n] = out  # rows n: keep their residual stream untouched
-        if capture is not None:
+            h = self._run_layers_batched_skip(h, cos, sin, batch, kv_cache, start, stop, capture)
+        else:
+            for i in range(start, stop):
+                if capture is not None:
+                    capture.append(h.clone())
+                n = batch.active_rows[i]
+                bypass = self.bypass_ops[i]
+                if bypass is not None and n < h.shape[0]:
+                    h[n:] = bypass(h[n:])
+                if n == 0:
+                    continue
+                out = self.layers[i](h[:n], cos[:n], sin[:n], batch, kv_cache[i, 0], kv_cache[i, 1])
+                if n == h.shape[0]:
+                    h = out
+                else:
+                    h[:n] = out  # rows n: keep their residual stream untouched
+        if capture is not None and stop == self.num_layers:
             capture.append(h.clone())
+        return h
+
+    def final_hidden(self, h: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         last = h[torch.arange(h.shape[0], device=h.device), batch.last_index]   # (B, D)
         return self.norm(last)
 
-    def _forward_batched_skip(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
-                              kv_cache: torch.Tensor, capture: list[torch.Tensor] | None) -> torch.Tensor:
+    def _run_layers_batched_skip(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                                 batch: ForwardBatch, kv_cache: torch.Tensor, start: int, stop: int,
+                                 capture: list[torch.Tensor] | None) -> torch.Tensor:
         """Same result as the slicing path, with each layer's norm fused into the gather of its
         active rows and each residual add fused into the scatter (plus the post-attention norm).
 
@@ -245,7 +261,8 @@ class AdaptiveLlama(nn.Module):
         h_flat = h.reshape(b * t, d).contiguous()                               # (N, D) token rows
         row_depth = torch.tensor(batch.row_depths, dtype=torch.int32, device=h.device)
         token_depth = row_depth.repeat_interleave(t)                            # (N,)
-        for i, layer in enumerate(self.layers):
+        for i in range(start, stop):
+            layer = self.layers[i]
             if capture is not None:
                 capture.append(h_flat.view(b, t, d).clone())
             n = batch.active_rows[i]
@@ -262,11 +279,7 @@ class AdaptiveLlama(nn.Module):
             x = scatter_residual_add(h_flat, attn.reshape(n * t, d), idx, count,
                                      next_weight=layer.post_attention_layernorm.weight, eps=eps)  # (n*T, D)
             scatter_residual_add(h_flat, layer.mlp(x), idx, count)
-        h = h_flat.view(b, t, d)                                                # (B, T, D)
-        if capture is not None:
-            capture.append(h.clone())
-        last = h[torch.arange(b, device=h.device), batch.last_index]            # (B, D)
-        return self.norm(last)
+        return h_flat.view(b, t, d)                                             # (B, T, D)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()                                     # (B, V)
