@@ -20,6 +20,7 @@ SUBCOMMAND_MODULES = (
     "adadepth.benchmarks.cli",
     "adadepth.training.cli",
     "adadepth.router.cli",
+    "adadepth.export_cli",
 )
 
 
