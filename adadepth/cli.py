@@ -70,9 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
-            if exc.name and name.startswith(exc.name):
-                continue  # that subcommand is not part of this install
-            raise
+            # A subcommand whose dependencies this install lacks (e.g. a GPU box without fastapi)
+            # is left out; the others still work.
+            print(f"adadepth: {name.rsplit('.', 1)[0]} commands unavailable: {exc}", file=sys.stderr)
+            continue
         module.add_parser(sub)
     return parser
 
