@@ -9,9 +9,16 @@ from adadepth.server.config import ServerConfig
 
 def _serve(args: argparse.Namespace) -> None:
     from adadepth.cli import engine_config_from_args
+
+    config = dataclass_from_args(ServerConfig, args)
+    if config.backend_map is not None:  # a gateway: config, tokenizer and layer order only, no weights
+        from adadepth.server.gateway import run_gateway
+
+        run_gateway(engine_config_from_args(args), config)
+        return
     from adadepth.server.api_server import run_server
 
-    run_server(engine_config_from_args(args), dataclass_from_args(ServerConfig, args))
+    run_server(engine_config_from_args(args), config)
 
 
 def add_parser(subparsers) -> None:
@@ -21,7 +28,8 @@ def add_parser(subparsers) -> None:
         "serve", help="serve the model over an OpenAI-compatible HTTP API",
         description="OpenAI-compatible server: /v1/completions, /v1/chat/completions, /v1/models, /health, "
                     "/metrics, /tokenize, /detokenize. Requests may set 'depth' (layers, or a fraction in "
-                    "(0, 1]) or 'quality'.")
+                    "(0, 1]) or 'quality'. With --backend-map it is a gateway instead: each request is proxied to the "
+                    "vLLM (or other OpenAI) server of the shallowest depth tier at or above its depth.")
     add_engine_args(parser)
     add_dataclass_args(parser, ServerConfig)
     parser.set_defaults(func=_serve)

@@ -25,6 +25,11 @@ class ServerConfig:
         "help": "quality in (0, 1] for requests that set neither depth nor quality (none: full depth)"})
     uvicorn_log_level: str = field(default="info", metadata={"help": "uvicorn log level: " + ", ".join(LOG_LEVELS)})
     access_log: bool = field(default=True, metadata={"help": "log every HTTP request"})
+    backend_map: str | None = field(default=None, metadata={"help": (
+        "serve as a gateway in front of depth tiers instead of loading the weights: a JSON object, or a file "
+        "holding one, from depth to the base URL of an OpenAI server of the model cut to that depth "
+        "(`adadepth export`), e.g. '{\"21\": \"http://tier-21:8000\"}' or '{\"21\": {\"url\": ..., \"model\": ...}}'; "
+        "each request goes to the shallowest tier at or above its depth")})
 
     def __post_init__(self) -> None:
         # Read the environment here, not as the field default, so `--help` never prints the key.
@@ -36,5 +41,7 @@ class ServerConfig:
             raise ValueError(f"max_waiting must be >= 0 (0: no bound), got {self.max_waiting}")
         if self.default_quality is not None and not 0 < self.default_quality <= 1:
             raise ValueError(f"default_quality must be in (0, 1], got {self.default_quality}")
+        if self.backend_map is not None and not self.backend_map.strip():
+            raise ValueError("backend_map must be a JSON object or a file path, got an empty string")
         if self.uvicorn_log_level not in LOG_LEVELS:
             raise ValueError(f"uvicorn_log_level must be one of {', '.join(LOG_LEVELS)}, got {self.uvicorn_log_level!r}")

@@ -201,3 +201,22 @@ def test_export_config_validation():
     with pytest.raises(ValueError, match="dtype"):
         ExportConfig(depth=2, dtype="int8")
     assert ExportConfig(depth=2, dtype="bfloat16").depth == 2
+
+
+@pytest.mark.slow
+def test_vllm_serves_the_export_like_the_engine(ordered_model, cache_dir, tmp_path):
+    """Optional: only where vLLM is installed (it is not part of adadepth's environment)."""
+    try:
+        import vllm
+    except Exception as exc:  # noqa: BLE001 - missing, or present but unusable on this machine
+        pytest.skip(f"vLLM is not importable here ({type(exc).__name__}: {exc}); the export is checked against "
+                    "transformers above, and the depth tiers run it in the vllm/vllm-openai image")
+    out = str(tmp_path / "depth-4")
+    export_depth(ExportConfig(model=ordered_model, depth=4, cache_dir=cache_dir), out)
+    engine = LLM(ordered_model, cache_dir=cache_dir, **{**LLM_OPTIONS, "dtype": "float32"})
+    ids = engine.tokenizer.encode(PROMPT)
+    expected = engine.generate([ids], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, depth=4))[0]
+    served = vllm.LLM(out, dtype="float32", enforce_eager=True, max_model_len=128)
+    got = served.generate([{"prompt_token_ids": ids}],
+                          vllm.SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[0].outputs[0]
+    assert list(got.token_ids) == expected.token_ids

@@ -1,0 +1,528 @@
+"""`adadepth serve --backend-map ...`: the gateway in front of depth tiers.
+
+Each tier is a stock OpenAI server (vLLM) serving the model cut to one depth (`adadepth export`).
+For every completions or chat request the gateway picks the depth the engine would (an explicit
+`depth`; else `quality` / `--default-quality` through a `DepthPolicy`, full depth without a
+router), sends the request to the shallowest tier at or above that depth (the deepest tier when
+none is deep enough), and relays the answer:
+
+  * `depth` and `quality` are removed (stock vLLM rejects unknown fields) and `model` becomes the
+    name the tier serves (from the map, or its GET /v1/models);
+  * streams pass through event by event, unchanged, except that the chunks carrying a
+    finish_reason, and the usage chunk, gain the `adadepth` object that non-streaming responses
+    get too: {"depth": tier, "requested_depth": d, "num_layers": L, "source", "quality",
+    "predicted_agreement", "backend": url};
+  * a streaming request that did not ask for usage is sent with `include_usage` so that the
+    token metrics stay exact; the extra usage chunk is consumed here, not forwarded;
+  * upstream errors keep their status and OpenAI error body; an unreachable tier is a 502, one
+    that does not answer in time a 504.
+
+The gateway loads the model's config, tokenizer and layer order, never its weights. /health is
+200 while at least one tier answered its /health within the last HEALTH_FRESH_S seconds (probed
+every HEALTH_INTERVAL_S, and refreshed by every successful proxied request), 503 otherwise: a
+gateway with no live tier is taken out of its Service instead of answering 502s.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from http import HTTPStatus
+
+import anyio
+import httpx
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import ValidationError
+from starlette.background import BackgroundTask
+
+from adadepth.config import EngineConfig
+from adadepth.model.depth_plan import LAYER_ORDER_FILE, DepthPlan
+from adadepth.model.loader import load_config, resolve_model
+from adadepth.outputs import DepthDecision
+from adadepth.sampling_params import SamplingParams
+from adadepth.server.api_server import _api_key_check
+from adadepth.server.backend_map import Backend, BackendMap
+from adadepth.server.config import ServerConfig
+from adadepth.server.depth_policy import DepthPolicy, FullDepthPolicy
+from adadepth.server.errors import APIError, bad_request, from_validation_error, from_value_error, install_error_handlers
+from adadepth.server.gateway_metrics import GatewayMetrics, ProxyTrace
+from adadepth.server.openai_serving import ClientDisconnected, OpenAIServing, sse
+from adadepth.server.protocol import StreamOptions, StrictModel
+
+logger = logging.getLogger(__name__)
+
+HEALTH_INTERVAL_S = 5.0
+HEALTH_FRESH_S = 30.0
+PROBE_TIMEOUT_S = 5.0
+# Generation may take minutes; the connection must open quickly.
+UPSTREAM_TIMEOUT = httpx.Timeout(connect=10.0, read=600.0, write=60.0, pool=60.0)
+# Fields only adadepth understands: stock vLLM refuses a request that carries them.
+ADADEPTH_FIELDS = ("depth", "quality")
+
+
+# ---- the model, without its weights ----------------------------------------------------
+@dataclass
+class GatewayModel:
+    name: str
+    aliases: tuple[str, ...]
+    num_layers: int
+    max_model_len: int
+    tokenizer: object
+    plan: DepthPlan | None  # the layer order (no bypass tensors); None before any is stored
+
+    @classmethod
+    def load(cls, engine_config: EngineConfig) -> "GatewayModel":
+        """config.json, tokenizer and layer_order.json of `--model`; a GGUF is converted (once, cached)."""
+        from transformers import AutoTokenizer
+
+        mc = engine_config.model
+        resolved = resolve_model(mc.model, mc.cache_dir)
+        hf_config = load_config(resolved.checkpoint_dir)
+        num_layers = hf_config.num_hidden_layers
+        plan = None
+        if DepthPlan.exists(resolved.plan_dir):
+            # Read the order alone: bypass maps (D x D per layer) are the engine's business.
+            with open(os.path.join(resolved.plan_dir, LAYER_ORDER_FILE)) as f:
+                meta = json.load(f)
+            plan = DepthPlan(meta["num_layers"], list(meta["layer_order"]), meta.get("source", "unknown"))
+            if plan.num_layers != num_layers:
+                raise ValueError(f"{resolved.plan_dir}/{LAYER_ORDER_FILE} is for {plan.num_layers} layers, "
+                                 f"model has {num_layers}")
+        max_len = min(engine_config.scheduler.max_model_len, getattr(hf_config, "max_position_embeddings", 1 << 30))
+        return cls(mc.served_model_name or resolved.name, (mc.model,), num_layers, max_len,
+                   AutoTokenizer.from_pretrained(resolved.checkpoint_dir), plan)
+
+
+# ---- endpoints -------------------------------------------------------------------------
+def _completion_prompts(model: GatewayModel, body: dict) -> list[str | list[int]]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
+        return [prompt]
+    if isinstance(prompt, list) and prompt:
+        return list(prompt)
+    raise bad_request("prompt must be a string, a list of strings or token ids", param="prompt")
+
+
+def _message_text(content) -> str:
+    if isinstance(content, list):
+        return "\n".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return content if isinstance(content, str) else ""
+
+
+def _chat_prompts(model: GatewayModel, body: dict) -> list[str | list[int]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise bad_request("messages must be a non-empty list of message objects", param="messages")
+    conversation = [{"role": m.get("role"), "content": _message_text(m.get("content"))} for m in messages]
+    try:
+        return [model.tokenizer.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=body.get("add_generation_prompt", True) is not False)]
+    except Exception as exc:  # noqa: BLE001 - any template failure is bad input here
+        raise bad_request(f"the chat template cannot render these messages: {exc}", param="messages") from None
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    path: str
+    prompts: Callable[[GatewayModel, dict], list[str | list[int]]]  # what a DepthPolicy reads
+
+
+COMPLETIONS = Endpoint("/v1/completions", _completion_prompts)
+CHAT = Endpoint("/v1/chat/completions", _chat_prompts)
+
+
+class RoutingFields(StrictModel):
+    """The fields the gateway reads; everything else goes to the tier as sent."""
+    model: str | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    depth: int | float | None = None
+    quality: float | None = None
+
+
+# ---- upstream answers ------------------------------------------------------------------
+def upstream_error(status: int, content: bytes) -> JSONResponse:
+    """A tier's error, with its status, in OpenAI's body (vLLM's older flat body is wrapped)."""
+    try:
+        body = json.loads(content)
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        return JSONResponse(body, status_code=status)
+    if isinstance(body, dict) and "message" in body:
+        return JSONResponse({"error": {k: body.get(k) for k in ("message", "type", "param", "code")}},
+                            status_code=status)
+    text = content.decode("utf-8", errors="replace").strip()[:2000]
+    kind = "invalid_request_error" if status < 500 else "upstream_error"
+    return APIError(status, f"the backend answered {status}: {text or HTTPStatus(status).phrase}", kind).response()
+
+
+def unreachable(backend: Backend, exc: httpx.HTTPError) -> APIError:
+    if isinstance(exc, httpx.TimeoutException):
+        return APIError(HTTPStatus.GATEWAY_TIMEOUT, f"the depth-{backend.depth} backend {backend.url} did not answer "
+                        f"in time: {type(exc).__name__}", "upstream_error", None, "backend_timeout")
+    return APIError(HTTPStatus.BAD_GATEWAY, f"the depth-{backend.depth} backend {backend.url} is unreachable: "
+                    f"{type(exc).__name__}: {exc}", "upstream_error", None, "backend_unavailable")
+
+
+async def sse_events(response: httpx.Response) -> AsyncIterator[list[str]]:
+    """The lines of each server-sent event (events end with a blank line)."""
+    lines: list[str] = []
+    async for line in response.aiter_lines():
+        if line:
+            lines.append(line)
+        elif lines:
+            yield lines
+            lines = []
+    if lines:
+        yield lines
+
+
+def _event_data(lines: list[str]) -> str | None:
+    data = [line[5:].removeprefix(" ") for line in lines if line.startswith("data:")]
+    return "\n".join(data) if data else None
+
+
+@dataclass
+class _BackendState:
+    model: str | None   # the name it serves, once known
+    last_ok: float | None = None  # monotonic time it last answered
+    last_error: str | None = None
+
+
+class Gateway:
+    def __init__(self, model: GatewayModel, backends: BackendMap, config: ServerConfig,
+                 policy: DepthPolicy | None = None):
+        if backends.num_layers != model.num_layers:
+            raise ValueError(f"the backend map is for {backends.num_layers} layers, the model has {model.num_layers}")
+        self.model = model
+        self.backends = backends
+        self.config = config
+        self.policy = policy or FullDepthPolicy(model.num_layers)
+        self.metrics = GatewayMetrics(model.name, model.num_layers, model.max_model_len)
+        self.model_names = {model.name, *model.aliases}
+        self.state = {b.depth: _BackendState(b.model) for b in backends.backends}
+        self.client: httpx.AsyncClient | None = None
+        self._health_task: asyncio.Task | None = None
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    async def start(self) -> None:
+        # No connection cap: the tiers queue and refuse (429) by themselves.
+        self.client = httpx.AsyncClient(timeout=UPSTREAM_TIMEOUT,
+                                        limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+        self._health_task = asyncio.create_task(self._probe_forever())
+
+    async def close(self) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+        if self.client is not None:
+            await self.client.aclose()
+
+    # ---- backend health and model discovery --------------------------------------------
+    @property
+    def is_healthy(self) -> bool:
+        now = time.monotonic()
+        return any(s.last_ok is not None and now - s.last_ok <= HEALTH_FRESH_S for s in self.state.values())
+
+    def backend_status(self) -> dict[str, dict]:
+        now = time.monotonic()
+        return {str(b.depth): {"url": b.url, "model": self.state[b.depth].model,
+                               "seconds_since_ok": None if self.state[b.depth].last_ok is None
+                               else round(now - self.state[b.depth].last_ok, 1),
+                               "last_error": self.state[b.depth].last_error} for b in self.backends.backends}
+
+    async def _probe_forever(self) -> None:
+        while True:
+            await asyncio.gather(*(self.probe(b) for b in self.backends.backends))
+            await asyncio.sleep(HEALTH_INTERVAL_S)
+
+    async def probe(self, backend: Backend) -> None:
+        state = self.state[backend.depth]
+        try:
+            response = await self.client.get(backend.url + "/health", timeout=PROBE_TIMEOUT_S)
+            if response.status_code != HTTPStatus.OK:
+                state.last_error = f"GET /health: {response.status_code}"
+                return
+            if state.model is None:
+                await self.served_model(backend)
+            state.last_ok, state.last_error = time.monotonic(), None
+        except (httpx.HTTPError, APIError) as exc:
+            state.last_error = f"{type(exc).__name__}: {exc}"
+
+    async def served_model(self, backend: Backend) -> str:
+        """The model name the backend serves: from the map, else its GET /v1/models (remembered)."""
+        state = self.state[backend.depth]
+        if state.model is not None:
+            return state.model
+        try:
+            response = await self.client.get(backend.url + "/v1/models", timeout=PROBE_TIMEOUT_S)
+            response.raise_for_status()
+            state.model = response.json()["data"][0]["id"]
+        except httpx.HTTPError as exc:
+            raise unreachable(backend, exc) from None
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise APIError(HTTPStatus.BAD_GATEWAY, f"the depth-{backend.depth} backend {backend.url} lists no model "
+                           "on GET /v1/models; name it in the backend map: {\"<depth>\": {\"url\": ..., "
+                           "\"model\": ...}}", "upstream_error", None, "backend_unavailable") from None
+        return state.model
+
+    # ---- depth -------------------------------------------------------------------------
+    def decide(self, body: dict, fields: RoutingFields, endpoint: Endpoint) -> DepthDecision:
+        """The depth the engine would run this request at."""
+        quality = fields.quality
+        if fields.depth is None and quality is None:
+            quality = self.config.default_quality
+        num_layers = self.model.num_layers
+        try:
+            params = SamplingParams(depth=fields.depth, quality=quality)
+            depth = params.resolve_depth(num_layers)
+        except ValueError as exc:
+            raise from_value_error(exc) from None
+        if depth is not None:
+            return DepthDecision(depth, num_layers, "request", params.quality)
+        prompts = endpoint.prompts(self.model, body) if self.policy.needs_prompt else [None]
+        # One request goes to one tier: the deepest any of its prompts needs.
+        return max((self.policy.choose(p, params) for p in prompts), key=lambda d: d.depth)
+
+    def report(self, decision: DepthDecision, backend: Backend) -> dict:
+        return {"depth": backend.depth, "requested_depth": decision.depth, "num_layers": self.model.num_layers,
+                "source": decision.source, "quality": decision.quality,
+                "predicted_agreement": decision.predicted_agreement, "backend": backend.url}
+
+    # ---- proxying ----------------------------------------------------------------------
+    async def proxy(self, raw_request: Request, endpoint: Endpoint) -> Response:
+        arrival = time.monotonic()
+        raw = await raw_request.body()
+        try:
+            body = json.loads(raw)
+        except ValueError as exc:
+            raise bad_request(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise bad_request("the request body must be a JSON object", code="invalid_type")
+        try:
+            fields = RoutingFields.model_validate(body)
+        except ValidationError as exc:
+            raise from_validation_error(exc) from None
+        if fields.model is not None and fields.model not in self.model_names:
+            raise bad_request(f"the model '{fields.model}' does not exist; this server serves '{self.model.name}'",
+                              param="model", code="model_not_found")
+        decision = self.decide(body, fields, endpoint)
+        backend = self.backends.tier_for(decision.depth)
+        upstream = {k: v for k, v in body.items() if k not in ADADEPTH_FIELDS}
+        upstream["model"] = await self.served_model(backend)
+        stream = bool(fields.stream)
+        wants_usage = bool(fields.stream_options and (fields.stream_options.include_usage
+                                                      or fields.stream_options.continuous_usage_stats))
+        if stream and not wants_usage:
+            upstream["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        trace = ProxyTrace(arrival, decision, backend.depth)
+        report = self.report(decision, backend)
+        url = backend.url + endpoint.path
+        if stream:
+            return await self._stream(backend, url, upstream, trace, report, forward_usage=wants_usage)
+        self.metrics.request_started()
+        try:
+            response = await OpenAIServing.unless_disconnected(raw_request, self.client.post(url, json=upstream))
+        except ClientDisconnected:
+            self.metrics.record_abort()
+            return Response(status_code=499)
+        except httpx.HTTPError as exc:
+            self.note_failure(backend, exc)
+            raise unreachable(backend, exc) from None
+        finally:
+            self.metrics.request_ended()
+        self.metrics.record_tier(backend.depth, response.status_code)
+        if response.status_code != HTTPStatus.OK:
+            return upstream_error(response.status_code, response.content)
+        try:
+            payload = response.json()
+        except ValueError:
+            raise APIError(HTTPStatus.BAD_GATEWAY, f"the depth-{backend.depth} backend answered with a body that is "
+                           "not JSON", "upstream_error", None, "bad_backend_response") from None
+        self.note_answer(backend)
+        if isinstance(payload, dict):
+            trace.take_usage(payload.get("usage"))
+            trace.take_finish_reasons(payload.get("choices"))
+            payload["adadepth"] = report
+        self.metrics.record_finished(trace, time.monotonic())
+        return JSONResponse(payload)
+
+    async def _stream(self, backend: Backend, url: str, upstream: dict, trace: ProxyTrace, report: dict,
+                      forward_usage: bool) -> Response:
+        self.metrics.request_started()
+        try:
+            response = await self.client.send(self.client.build_request("POST", url, json=upstream), stream=True)
+        except httpx.HTTPError as exc:
+            self.metrics.request_ended()
+            self.note_failure(backend, exc)
+            raise unreachable(backend, exc) from None
+        self.metrics.record_tier(backend.depth, response.status_code)
+        if response.status_code != HTTPStatus.OK:
+            try:
+                content = await response.aread()
+            finally:
+                await response.aclose()
+                self.metrics.request_ended()
+            return upstream_error(response.status_code, content)
+        self.note_answer(backend)
+        relay = _Relay(self, backend, response, trace, report, forward_usage)
+        # The background close also covers a client gone before the first event was relayed.
+        return StreamingResponse(relay.events(), media_type="text/event-stream", background=BackgroundTask(relay.close))
+
+    def note_answer(self, backend: Backend) -> None:
+        state = self.state[backend.depth]
+        state.last_ok, state.last_error = time.monotonic(), None
+
+    def note_failure(self, backend: Backend, exc: Exception) -> None:
+        self.state[backend.depth].last_error = f"{type(exc).__name__}: {exc}"
+        logger.warning("depth-%d backend %s failed: %s: %s", backend.depth, backend.url, type(exc).__name__, exc)
+
+
+class _Relay:
+    """One stream from a tier to the client; see the module docstring for the two changes made."""
+
+    def __init__(self, gateway: Gateway, backend: Backend, response: httpx.Response, trace: ProxyTrace,
+                 report: dict, forward_usage: bool):
+        self.gateway = gateway
+        self.backend = backend
+        self.response = response
+        self.trace = trace
+        self.report = report
+        self.forward_usage = forward_usage
+        self.done = False     # the tier sent [DONE]
+        self.failed = False   # the tier sent an error event, or the connection broke
+        self.closed = False
+
+    async def events(self) -> AsyncIterator[str]:
+        try:
+            async for lines in sse_events(self.response):
+                event = self._relayed("\n".join(lines) + "\n\n", _event_data(lines))
+                if event is not None:
+                    yield event
+        except httpx.HTTPError as exc:
+            self.failed = True
+            self.gateway.note_failure(self.backend, exc)
+            yield sse(APIError(HTTPStatus.BAD_GATEWAY, f"the depth-{self.backend.depth} backend {self.backend.url} "
+                               f"broke off the stream: {type(exc).__name__}: {exc}", "upstream_error", None,
+                               "backend_unavailable").body())
+            yield sse("[DONE]")
+        finally:
+            # Also reached when a client disconnect cancels the response task: closing the upstream
+            # stream makes the tier abort the request. Shielded: the cancelled scope would stop the await.
+            with anyio.CancelScope(shield=True):
+                await self.close()
+
+    def _relayed(self, raw: str, data: str | None) -> str | None:
+        """What to send the client for one upstream event (None: nothing)."""
+        if data is None or data == "[DONE]":  # a comment, or the end
+            self.done = self.done or data == "[DONE]"
+            return raw
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            return raw
+        if not isinstance(chunk, dict):
+            return raw
+        if "error" in chunk:  # the tier failed mid-stream and said so
+            self.failed = True
+            return raw
+        choices = chunk.get("choices")
+        self.trace.take_usage(chunk.get("usage"))
+        if choices:
+            self.trace.on_chunk(time.monotonic())
+            self.trace.take_finish_reasons(choices)
+        is_usage_chunk = choices == [] and isinstance(chunk.get("usage"), dict)
+        if is_usage_chunk and not self.forward_usage:
+            return None  # asked for by the gateway, not by the client
+        finishing = any(isinstance(c, dict) and c.get("finish_reason") is not None for c in choices or [])
+        if finishing or is_usage_chunk:
+            return sse({**chunk, "adadepth": self.report})
+        return raw
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        await self.response.aclose()
+        metrics = self.gateway.metrics
+        metrics.request_ended()
+        if self.done and not self.failed:
+            metrics.record_finished(self.trace, time.monotonic())
+        elif not self.failed:
+            metrics.record_abort()
+
+
+# ---- the app ---------------------------------------------------------------------------
+def build_gateway_app(gateway: Gateway) -> FastAPI:
+    created = int(time.time())
+    model = gateway.model
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.close()
+
+    app = FastAPI(title="adadepth gateway", lifespan=lifespan)
+    app.state.gateway = gateway
+    app.state.metrics = gateway.metrics
+    install_error_handlers(app)
+    protected = [Depends(_api_key_check(gateway.config.api_key))]
+
+    @app.get("/health")
+    async def health() -> Response:
+        if gateway.is_healthy:
+            return Response(status_code=HTTPStatus.OK)
+        return APIError(HTTPStatus.SERVICE_UNAVAILABLE,
+                        f"no backend answered /health in the last {HEALTH_FRESH_S:.0f}s: "
+                        f"{json.dumps(gateway.backend_status())}", "service_unavailable", None,
+                        "no_backend").response()
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(gateway.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", dependencies=protected)
+    async def models() -> dict:
+        return {"object": "list", "data": [{
+            "id": model.name, "object": "model", "created": created, "owned_by": "adadepth", "root": model.name,
+            "parent": None, "max_model_len": model.max_model_len, "num_layers": model.num_layers,
+            "depth_tiers": gateway.backends.depths}]}
+
+    @app.post("/v1/completions", dependencies=protected)
+    async def create_completion(raw_request: Request) -> Response:
+        return await gateway.proxy(raw_request, COMPLETIONS)
+
+    @app.post("/v1/chat/completions", dependencies=protected)
+    async def create_chat_completion(raw_request: Request) -> Response:
+        return await gateway.proxy(raw_request, CHAT)
+
+    return app
+
+
+def run_gateway(engine_config: EngineConfig, config: ServerConfig, policy: DepthPolicy | None = None) -> None:
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    model = GatewayModel.load(engine_config)
+    backends = BackendMap.parse(config.backend_map, model.num_layers)
+    if backends.deepest.depth < model.num_layers:
+        logger.warning("the deepest tier runs %d of %d layers: requests for more run at depth %d",
+                       backends.deepest.depth, model.num_layers, backends.deepest.depth)
+    app = build_gateway_app(Gateway(model, backends, config, policy))
+    logger.info("gateway for %s (%d layers) on http://%s:%d; tiers: %s", model.name, model.num_layers, config.host,
+                config.port, ", ".join(f"{b.depth} -> {b.url}" for b in backends.backends))
+    uvicorn.run(app, host=config.host, port=config.port, log_level=config.uvicorn_log_level,
+                access_log=config.access_log)
