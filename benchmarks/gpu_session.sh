@@ -25,10 +25,13 @@ stage2)
   rm -rf "$G/pkg" && mkdir -p "$G/pkg" && cp -r adadepth "$G/pkg/"
   for p in server router kernels benchmarks; do ln -s "$PWD/$p" "$G/pkg/adadepth/$p"; done
   export PYTHONPATH="$G/pkg:$G/site" ADADEPTH_CACHE_DIR="$G/cache" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+  # Run from outside the repo: its top-level kernels/ folder would shadow the PyPI package
+  # `kernels` that transformers probes for.
+  R=$PWD; cd "$G"
   t0=$(date +%s)
   python3 -c "from adadepth.model.loader import resolve_model; print(resolve_model('$G/model.gguf', '$G/cache'))" || exit 1
   echo "converted in $(( $(date +%s) - t0 )) s"
-  ADADEPTH_GPU_MODEL="$G/model.gguf" timeout 150 python3 benchmarks/gpu_model_step.py --out "$OUT" 2>&1 | tee "$OUT/model_step.log"
+  ADADEPTH_GPU_MODEL="$G/model.gguf" timeout 150 python3 -m adadepth.benchmarks.gpu_model_step --out "$OUT" 2>&1 | tee "$OUT/model_step.log"
   timeout $(( TRAIN_MINUTES * 60 + 150 )) python3 -m adadepth.cli train --model "$G/model.gguf" \
     --base-model-name default-base --cache-dir "$G/cache" --data-dir "$G/data" --output "$G/artifact" \
     --device cuda --dtype bfloat16 --batch-size 32 --max-seq-len 512 --max-steps 100000 \
