@@ -109,6 +109,9 @@ def run_server(engine_config: EngineConfig, config: ServerConfig, depth_router=N
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = LLMEngine(engine_config, depth_router=depth_router)
+    config = config.for_router(engine.depth_router is not None)
+    if engine.depth_router is not None:
+        logger.info("depth router on: requests without depth or quality run at quality %s", config.default_quality)
     app = build_app(engine, config, model_aliases=(engine_config.model.model,))
     logger.info("serving %s (%d layers, context %d) on http://%s:%d", engine.model_name, engine.num_layers,
                 engine.max_model_len, config.host, config.port)

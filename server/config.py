@@ -6,10 +6,13 @@ repeated here.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 API_KEY_ENV = "ADADEPTH_API_KEY"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+# `adadepth serve` routes requests that set neither depth nor quality at this quality when the
+# model has a depth router and --default-quality is not given.
+ROUTER_DEFAULT_QUALITY = 0.9
 
 
 @dataclass
@@ -22,7 +25,8 @@ class ServerConfig:
     max_waiting: int = field(default=256, metadata={
         "help": "most requests waiting for their first token; more are refused with 429 (0: no bound)"})
     default_quality: float | None = field(default=None, metadata={
-        "help": "quality in (0, 1] for requests that set neither depth nor quality (none: full depth)"})
+        "help": "quality in (0, 1] for requests that set neither depth nor quality (none: "
+                f"{ROUTER_DEFAULT_QUALITY} when the model has a depth router, else full depth)"})
     uvicorn_log_level: str = field(default="info", metadata={"help": "uvicorn log level: " + ", ".join(LOG_LEVELS)})
     access_log: bool = field(default=True, metadata={"help": "log every HTTP request"})
     backend_map: str | None = field(default=None, metadata={"help": (
@@ -45,3 +49,9 @@ class ServerConfig:
             raise ValueError("backend_map must be a JSON object or a file path, got an empty string")
         if self.uvicorn_log_level not in LOG_LEVELS:
             raise ValueError(f"uvicorn_log_level must be one of {', '.join(LOG_LEVELS)}, got {self.uvicorn_log_level!r}")
+
+    def for_router(self, has_router: bool) -> "ServerConfig":
+        """This config, with the router default quality filled in when the engine has a router."""
+        if has_router and self.default_quality is None:
+            return replace(self, default_quality=ROUTER_DEFAULT_QUALITY)
+        return self

@@ -85,6 +85,13 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.runner = ModelRunner(self.model, self.block_manager, Sampler(eos), self.dtype, self.device)
         self.detokenizer = Detokenizer(self.tokenizer)
+        if depth_router is None:
+            # The router trained for this model and layer order, stored beside its plan (if any).
+            from adadepth.router.difficulty_router import DifficultyRouter
+
+            depth_router = DifficultyRouter.find(resolved.plan_dir, self.plan, hf_config.hidden_size)
+            if depth_router is not None:
+                logger.info("depth router loaded from %s (grid %s)", resolved.plan_dir, list(depth_router.grid.depths))
         self.depth_router = depth_router
         self.seqs: dict[str, Sequence] = {}
         self.last_step: StepInfo | None = None
@@ -157,15 +164,12 @@ class LLMEngine:
             return []
         t0 = time.perf_counter()
         seqs = scheduled.seqs
-        if scheduled.is_prefill and self.depth_router is not None:
-            undecided = [s for s in seqs if s.depth is None]
-            if undecided:
-                for s, decision in zip(undecided, self.depth_router.decide(self, undecided)):
-                    s.depth, s.depth_decision = decision.depth, decision
+        # Sequences without a depth get theirs from the router inside this prefill (ModelRunner).
+        router = self.depth_router if scheduled.is_prefill and any(s.depth is None for s in seqs) else None
+        result = self.runner.run(seqs, scheduled.is_prefill, router)
         # Count work before the sampled tokens are appended (num_tokens grows by one below).
         tokens = sum(s.num_tokens for s in seqs) if scheduled.is_prefill else len(seqs)
         executed = sum((s.num_tokens if scheduled.is_prefill else 1) * s.depth for s in seqs)
-        result = self.runner.run(seqs, scheduled.is_prefill)
         now = time.monotonic()
         outputs = []
         for seq, token, logprobs in zip(seqs, result.sampled.token_ids, result.sampled.logprobs):

@@ -1,4 +1,11 @@
-"""Owns the model and its KV cache; turns a scheduled batch into sampled tokens."""
+"""Owns the model and its KV cache; turns a scheduled batch into sampled tokens.
+
+Routed prefill: when a prefill holds sequences without a depth, a depth router decides it from
+this very prefill. Layers 0..k-1 (k = `router.feature_layers`, all run at every depth the router
+may pick) run first with the undecided rows at full depth; the router reads their residual
+stream, sets each undecided sequence's depth, the rows are re-sorted by their final depths and
+layers k..L-1 continue from there. Nothing is computed twice.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,8 +39,12 @@ class ModelRunner:
                                     dtype=dtype, device=device)
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> StepResult:
-        """Run one step for seqs (any order; all have a depth). Results come back in seqs' order."""
+    def run(self, seqs: list[Sequence], is_prefill: bool, router=None) -> StepResult:
+        """Run one step for seqs (any order; all have a depth, unless `router` is given for a
+        prefill: then it decides the missing ones, see `_run_routed_prefill`). Results come back
+        in seqs' order."""
+        if router is not None and is_prefill and any(s.depth is None for s in seqs):
+            return self._run_routed_prefill(seqs, router)
         order = sorted(range(len(seqs)), key=lambda i: -seqs[i].depth)          # deepest first
         sorted_seqs = [seqs[i] for i in order]
         batch = self.prepare_prefill(sorted_seqs) if is_prefill else self.prepare_decode(sorted_seqs)
@@ -48,6 +59,51 @@ class ModelRunner:
             SamplerOutput([sampled.token_ids[p] for p in inverse], [sampled.logprobs[p] for p in inverse]),
             hidden[torch.tensor(inverse, device=hidden.device)])
 
+    def _run_routed_prefill(self, seqs: list[Sequence], router) -> StepResult:
+        """Prefill in two parts around the router. `router` has `feature_layers` (k) and
+        `route(hidden (n, T, D), lengths (n,), seqs) -> list[DepthDecision]`."""
+        num_layers, k = self.model.num_layers, router.feature_layers
+        provisional = [num_layers if s.depth is None else s.depth for s in seqs]
+        order = sorted(range(len(seqs)), key=lambda i: -provisional[i])         # deepest first
+        rows = [seqs[i] for i in order]
+        batch = self.prepare_prefill(rows, [provisional[i] for i in order])
+        h = self.model.embed(batch)                                             # (B, T, D)
+        h = self.model.run_layers(h, batch, self.kv_cache, 0, k)
+        undecided = [p for p, s in enumerate(rows) if s.depth is None]
+        picked = torch.tensor(undecided, device=h.device)
+        decisions = router.route(h[picked], batch.last_index[picked] + 1, [rows[p] for p in undecided])
+        rank = self.model.rank
+        for p, decision in zip(undecided, decisions):
+            if any(rank[layer] >= decision.depth for layer in range(k)):
+                raise ValueError(f"router chose depth {decision.depth}, which skips one of the layers 0..{k - 1} "
+                                 "it already ran; its depths must include its feature layers")
+            rows[p].depth, rows[p].depth_decision = decision.depth, decision
+        # Re-sort by the final depths (stable: ties keep their order) and carry on from layer k.
+        resort = sorted(range(len(rows)), key=lambda p: -rows[p].depth)
+        rows, order = [rows[p] for p in resort], [order[p] for p in resort]
+        batch = self._permute_rows(batch, resort, [s.depth for s in rows])
+        h = h[torch.tensor(resort, device=h.device)]
+        h = self.model.run_layers(h, batch, self.kv_cache, k, num_layers)
+        hidden = self.model.final_hidden(h, batch)                              # (B, D)
+        sampled = self.sampler(self.model.compute_logits(hidden), rows)
+        inverse = [0] * len(order)
+        for pos, i in enumerate(order):
+            inverse[i] = pos
+        return StepResult(
+            SamplerOutput([sampled.token_ids[p] for p in inverse], [sampled.logprobs[p] for p in inverse]),
+            hidden[torch.tensor(inverse, device=hidden.device)])
+
+    def _permute_rows(self, batch: ForwardBatch, perm: list[int], row_depths: list[int]) -> ForwardBatch:
+        """batch with its rows reordered (new row j = old row perm[j]) and depths `row_depths`."""
+        b, t = batch.input_ids.shape
+        p = torch.tensor(perm, device=batch.input_ids.device)
+        return ForwardBatch(
+            input_ids=batch.input_ids[p], positions=batch.positions[p],
+            slot_mapping=batch.slot_mapping.view(b, -1)[p].reshape(-1),
+            context_slots=None if batch.context_slots is None else batch.context_slots[p],
+            attn_mask=batch.attn_mask[p], active_rows=self.model.active_rows(row_depths),
+            row_depths=list(row_depths), last_index=batch.last_index[p])
+
     # ---- batch preparation ------------------------------------------------------------
     def _slots(self, seqs: list[Sequence], length: int) -> torch.Tensor:
         """(B, length) cache slots of positions 0..length-1 of each seq (beyond its blocks -> 0)."""
@@ -60,7 +116,9 @@ class ModelRunner:
         pos = torch.arange(length)
         return table[:, pos // bs] * bs + pos % bs                              # (B, length)
 
-    def prepare_prefill(self, seqs: list[Sequence]) -> ForwardBatch:
+    def prepare_prefill(self, seqs: list[Sequence], depths: list[int] | None = None) -> ForwardBatch:
+        """depths: each row's depth (default: the seqs' own; a routed prefill passes provisional ones)."""
+        depths = [s.depth for s in seqs] if depths is None else depths
         lengths = [s.num_tokens for s in seqs]
         t = max(lengths)
         b = len(seqs)
@@ -76,8 +134,8 @@ class ModelRunner:
         return ForwardBatch(
             input_ids=ids.to(self.device), positions=pos.expand(b, t).contiguous().to(self.device),
             slot_mapping=slots.reshape(-1).to(self.device), context_slots=None,
-            attn_mask=mask[:, None].to(self.device), active_rows=self.model.active_rows([s.depth for s in seqs]),
-            row_depths=[s.depth for s in seqs],
+            attn_mask=mask[:, None].to(self.device), active_rows=self.model.active_rows(depths),
+            row_depths=list(depths),
             last_index=(lens - 1).to(self.device))
 
     def prepare_decode(self, seqs: list[Sequence]) -> ForwardBatch:

@@ -1,0 +1,85 @@
+"""Router training data: per prompt, its agreement with the full-depth model at every grid depth.
+
+One JSONL file. The first line is `{"meta": {...}}` (model, layer-order fingerprint, grid,
+continuation length); each further line is one prompt:
+
+    {"id": "...", "messages": [...], "prompt_token_ids": [...], "positions": 64,
+     "matches": {"12": 31, "15": 40, ..., "30": 64}}
+
+`positions` is the number of scored continuation positions (the full-depth greedy continuation,
+up to 64 tokens) and `matches[d]` how many of them the depth-d argmax agrees on, so a prompt's
+agreement is matches / positions and a pooled agreement is sum(matches) / sum(positions).
+Records are appended batch by batch, so an interrupted labelling run resumes where it stopped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+
+def prompt_id(messages: list[dict]) -> str:
+    return hashlib.sha1(json.dumps(messages, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass
+class LabelRecord:
+    id: str
+    messages: list[dict]
+    prompt_token_ids: list[int]
+    positions: int
+    matches: dict[int, int]  # depth -> agreeing positions
+
+    def agreement(self, depth: int) -> float:
+        return self.matches[depth] / self.positions if self.positions else float("nan")
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "messages": self.messages, "prompt_token_ids": self.prompt_token_ids,
+                "positions": self.positions, "matches": {str(d): m for d, m in sorted(self.matches.items())}}
+
+    @classmethod
+    def from_json(cls, row: dict) -> "LabelRecord":
+        return cls(row["id"], row["messages"], list(row["prompt_token_ids"]), int(row["positions"]),
+                   {int(d): int(m) for d, m in row["matches"].items()})
+
+    @property
+    def user_text(self) -> str:
+        """The (first) user message: what the data splits hash."""
+        return next((m["content"] for m in self.messages if m.get("role") == "user"), "")
+
+
+class LabelStore:
+    """A labels JSONL file: its meta line and records."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def exists(self) -> bool:
+        return os.path.exists(self.path)
+
+    def read(self) -> tuple[dict, list[LabelRecord]]:
+        with open(self.path, encoding="utf-8") as f:
+            lines = [json.loads(line) for line in f if line.strip()]
+        if not lines or "meta" not in lines[0]:
+            raise ValueError(f"{self.path}: not a router labels file (its first line must be {{\"meta\": ...}})")
+        return lines[0]["meta"], [LabelRecord.from_json(row) for row in lines[1:]]
+
+    def start(self, meta: dict, resume: bool) -> list[LabelRecord]:
+        """Open for writing: the records already there when resuming a run with the same meta,
+        else a fresh file holding only the meta line."""
+        if resume and self.exists():
+            old_meta, records = self.read()
+            if old_meta == meta:
+                return records
+            raise ValueError(f"{self.path} holds labels made with other settings ({old_meta}); "
+                             "pass --no-resume to overwrite it or choose another --output")
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        with open(self.path, "w", encoding="utf-8") as f:
+            f.write(json.dumps({"meta": meta}) + "\n")
+        return []
+
+    def append(self, records: list[LabelRecord]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")

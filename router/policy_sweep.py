@@ -1,0 +1,78 @@
+"""What a router's policy does on labelled prompts, for a sweep of requested qualities.
+
+For each quality q every prompt gets the depth the router would give it (smallest grid depth
+with predicted agreement >= q); its realized agreement is then read from its labels at that
+depth. Agreement is pooled over positions, as `adadepth eval` pools it, so the fixed-depth
+curve (`fixed_depth_curve`) and the router's points are directly comparable.
+"""
+from __future__ import annotations
+
+import torch
+
+from adadepth.router.depth_grid import DepthGrid
+from adadepth.router.label_store import LabelRecord
+
+DEFAULT_QUALITIES = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+
+
+def fixed_depth_curve(records: list[LabelRecord], grid: DepthGrid) -> list[dict]:
+    positions = sum(r.positions for r in records)
+    return [{"depth": d, "agreement": round(sum(r.matches[d] for r in records) / positions, 5),
+             "num_prompts": len(records), "num_positions": positions} for d in grid.depths]
+
+
+def interpolate(curve: list[dict], depth: float) -> float:
+    """Agreement of the fixed-depth curve at a (fractional) mean depth, linearly interpolated."""
+    pts = sorted((c["depth"], c["agreement"]) for c in curve)
+    if depth <= pts[0][0]:
+        return pts[0][1]
+    for (d0, a0), (d1, a1) in zip(pts, pts[1:]):
+        if depth <= d1:
+            return a0 + (a1 - a0) * (depth - d0) / (d1 - d0)
+    return pts[-1][1]
+
+
+def sweep_policy(predicted: torch.Tensor, records: list[LabelRecord], grid: DepthGrid,
+                 qualities=DEFAULT_QUALITIES) -> list[dict]:
+    """predicted: (n, len(grid)) router predictions for `records` (full-depth column = 1)."""
+    curve = fixed_depth_curve(records, grid)
+    positions = sum(r.positions for r in records)
+    rows = predicted.tolist()
+    out = []
+    for q in qualities:
+        depths, preds = [], []
+        for row in rows:
+            index = next((j for j, a in enumerate(row) if a >= q), len(grid.depths) - 1)
+            depths.append(grid.depths[index])
+            preds.append(row[index] if index < len(grid.depths) - 1 else 1.0)
+        matches = sum(r.matches[d] for r, d in zip(records, depths))
+        mean_depth = sum(depths) / len(depths)
+        # Compute-weighted depth: prompt + continuation tokens x layers, as the engine counts work.
+        tokens = [len(r.prompt_token_ids) + r.positions for r in records]
+        weighted_depth = sum(t * d for t, d in zip(tokens, depths)) / sum(tokens)
+        agreement = matches / positions
+        fixed = interpolate(curve, mean_depth)
+        fixed_weighted = interpolate(curve, weighted_depth)
+        out.append({
+            "quality": q,
+            "mean_depth": round(mean_depth, 3),
+            "agreement": round(agreement, 5),
+            "predicted_agreement": round(sum(preds) / len(preds), 5),
+            "calibration_error": round(sum(preds) / len(preds) - agreement, 5),
+            "prompt_mean_agreement": round(sum(r.agreement(d) for r, d in zip(records, depths)) / len(records), 5),
+            "fixed_depth_agreement_at_mean_depth": round(fixed, 5),
+            "gain_vs_fixed": round(agreement - fixed, 5),
+            "token_weighted_mean_depth": round(weighted_depth, 3),
+            "gain_vs_fixed_token_weighted": round(agreement - fixed_weighted, 5),
+            "depth_counts": {str(d): depths.count(d) for d in grid.depths},
+        })
+    return out
+
+
+def oracle_sweep(records: list[LabelRecord], grid: DepthGrid, qualities=DEFAULT_QUALITIES) -> list[dict]:
+    """The same policy with each prompt's true agreement as its prediction: an upper bound for
+    a per-prompt threshold policy."""
+    truth = torch.tensor([[r.agreement(d) for d in grid.depths[:-1]] + [1.0] for r in records])
+    # True agreement is not monotone in depth; the policy takes the first depth reaching q anyway.
+    return [{k: v for k, v in row.items() if k not in ("predicted_agreement", "calibration_error")}
+            for row in sweep_policy(truth, records, grid, qualities)]

@@ -1,0 +1,177 @@
+"""The router inside the engine: features from the prefill itself, routed == explicit depth."""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import pytest
+import torch
+from conftest import ORDER, make_router
+
+from adadepth import LLM, SamplingParams
+from adadepth.model.depth_plan import DepthPlan
+from adadepth.router.depth_grid import DepthGrid
+from adadepth.router.difficulty_router import DifficultyRouter
+from adadepth.router.feature_extractor import FeatureExtractor
+from adadepth.router.prefill_features import PrefillFeatures
+
+PROMPTS = ["hello world", "the quick brown fox jumps", "what is 2 + 2?",
+           "natalia sold clips to 48 of her friends in april, how many?", "def add(a, b):"]
+PLAN = DepthPlan(6, ORDER, source="test")
+OPTS = dict(dtype="float64", num_kv_tokens=4096, max_model_len=256, max_num_batched_tokens=512)
+
+
+def make_llm(path, cache_dir, router=None, **kw):
+    return LLM(path, cache_dir=cache_dir, depth_router=router, **{**OPTS, **kw})
+
+
+def greedy(n=12, **kw):
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, **kw)
+
+
+class Recorder:
+    """Wraps a router: records the hidden states it was given."""
+
+    def __init__(self, router):
+        self.router = router
+        self.feature_layers = router.feature_layers
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def route(self, hidden, lengths, seqs):
+        self.seen.append((hidden.clone(), lengths.clone()))
+        return self.router.route(hidden, lengths, seqs)
+
+
+def count_layer_calls(model, monkeypatch) -> list[int]:
+    """Per layer: rows it was run on (summed over calls)."""
+    rows = [0] * model.num_layers
+    for i, layer in enumerate(model.layers):
+        forward = layer.forward
+
+        def counted(h, *args, _i=i, _f=forward, **kw):
+            rows[_i] += h.shape[0]
+            return _f(h, *args, **kw)
+
+        monkeypatch.setattr(layer, "forward", counted)
+    return rows
+
+
+def test_features_come_from_the_prefill_with_no_extra_pass(router_ckpt, cache_dir, monkeypatch):
+    recorder = Recorder(make_router(PLAN, seed=1))
+    llm = make_llm(router_ckpt, cache_dir, router=recorder)
+    model = llm.engine.model
+    rows = count_layer_calls(model, monkeypatch)
+    out = llm.generate(PROMPTS[3], greedy(n=1, quality=0.5))[0]
+    depth = out.depth
+    # One prefill step: each layer of the chosen depth ran once on the one row, no other layer ran.
+    assert rows == [1 if PLAN.rank[layer] < depth else 0 for layer in range(6)]
+    assert out.depth_decision.source == "router"
+    # The router saw the residual stream after layers 0..k-1 of that prefill: same as offline extraction.
+    (hidden, lengths), = recorder.seen
+    ids = llm.tokenizer.encode(PROMPTS[3])
+    assert hidden.shape == (1, len(ids), 64) and lengths.tolist() == [len(ids)]
+    offline = FeatureExtractor(model, recorder.feature_layers).extract([ids])
+    assert torch.allclose(PrefillFeatures.from_hidden(hidden, lengths).pooled, offline.pooled, atol=1e-10)
+
+
+@pytest.mark.parametrize("feature_layers,kernels", [(2, False), (0, False), (2, True)])
+def test_routed_output_equals_explicit_depth(router_ckpt, cache_dir, feature_layers, kernels):
+    router = make_router(PLAN, seed=2, feature_layers=feature_layers)
+    # kernels: the CUDA path (its PyTorch reference on CPU), which takes float32 only
+    llm = make_llm(router_ckpt, cache_dir, router=router, **(dict(dtype="float32") if kernels else {}))
+    llm.engine.model.use_batched_skip_kernels = kernels
+    qualities = [0.3, 0.6, 0.9, 0.97, 1.0]
+    routed = llm.generate(PROMPTS, [greedy(quality=q) for q in qualities])
+    assert all(o.depth_decision.source == "router" for o in routed)
+    assert len({o.depth for o in routed}) > 1  # the batch really mixed depths
+    explicit = llm.generate(PROMPTS, [greedy(depth=o.depth) for o in routed])
+    for r, e in zip(routed, explicit):
+        assert r.token_ids == e.token_ids
+        assert e.depth_decision.source == "request"
+        assert r.depth_decision.predicted_agreement is not None and r.depth_decision.quality is not None
+    assert router.stats.prompts == len(PROMPTS) and router.stats.calls == 1
+
+
+def test_mixed_routed_and_explicit_batch(router_ckpt, cache_dir):
+    router = make_router(PLAN, agreements=[0.2, 0.5, 0.8, 0.95])
+    llm = make_llm(router_ckpt, cache_dir, router=router)
+    params = [greedy(quality=0.5), greedy(depth=1), greedy(quality=0.99), greedy(depth=4, quality=0.1),
+              greedy(quality=0.1), greedy()]
+    prompts = PROMPTS + PROMPTS[:1]
+    together = llm.generate(prompts, params)
+    assert [o.depth for o in together] == [3, 1, 6, 4, 2, 6]
+    assert [o.depth_decision.source for o in together] == ["router", "request", "router", "request", "router",
+                                                           "default"]
+    assert together[0].depth_decision.predicted_agreement == pytest.approx(0.5, abs=1e-4)
+    plain = make_llm(router_ckpt, cache_dir, router=None)
+    for prompt, out in zip(prompts, together):
+        assert out.token_ids == plain.generate(prompt, greedy(depth=out.depth))[0].token_ids
+
+
+def test_preemption_keeps_the_decided_depth(router_ckpt, cache_dir):
+    router = make_router(PLAN, seed=4)
+    small = make_llm(router_ckpt, cache_dir, router=router, num_kv_tokens=256, max_model_len=128,
+                     max_num_batched_tokens=256)
+    prompts = PROMPTS * 4
+    params = [SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, quality=[0.3, 0.7, 0.9, 0.99][i % 4])
+              for i in range(len(prompts))]
+    got = small.generate(prompts, params)
+    assert small.engine.scheduler.num_preemptions > 0
+    assert router.stats.prompts == len(prompts)  # routed once each, never again on recompute
+    plain = make_llm(router_ckpt, cache_dir)
+    want = plain.generate(prompts, [dataclasses.replace(p, quality=None, depth=o.depth) for p, o in zip(params, got)])
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+
+
+def test_permuted_batch_equals_a_fresh_one(router_ckpt, cache_dir):
+    llm = make_llm(router_ckpt, cache_dir)
+    engine = llm.engine
+    for i, p in enumerate(PROMPTS[:4]):
+        engine.add_request(f"r{i}", p, greedy(depth=[6, 5, 3, 2][i]))
+    seqs = engine.scheduler.schedule().seqs
+    runner = engine.runner
+    batch = runner.prepare_prefill(seqs)
+    perm = [2, 0, 3, 1]
+    depths = [5, 4, 4, 2]
+    for s, d in zip([seqs[p] for p in perm], depths):
+        s.depth = d
+    fresh = runner.prepare_prefill([seqs[p] for p in perm])
+    permuted = runner._permute_rows(batch, perm, depths)
+    for f in dataclasses.fields(fresh):
+        a, b = getattr(fresh, f.name), getattr(permuted, f.name)
+        assert (torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b), f.name
+
+
+def test_llm_loads_the_router_stored_with_the_model(router_ckpt, cache_dir, tmp_path):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(router_ckpt, folder)
+    stored = make_router(PLAN, agreements=[0.2, 0.5, 0.8, 0.95])
+    stored.save(str(folder))
+    llm = LLM(str(folder), cache_dir=cache_dir, **OPTS)
+    assert isinstance(llm.engine.depth_router, DifficultyRouter)
+    out = llm.generate(PROMPTS[0], greedy(n=2, quality=0.8))[0]
+    assert (out.depth, out.depth_decision.source) == (4, "router")
+    # An explicit router overrides the stored one.
+    other = make_router(PLAN, agreements=[0.9, 0.92, 0.94, 0.96])
+    assert LLM(str(folder), cache_dir=cache_dir, depth_router=other, **OPTS).generate(
+        PROMPTS[0], greedy(n=2, quality=0.8))[0].depth == 2
+    # A router trained for another layer order is refused.
+    DepthPlan(6, [0, 1, 2, 3, 4, 5], source="other").save(str(folder))
+    with pytest.raises(ValueError, match="layer order"):
+        LLM(str(folder), cache_dir=cache_dir, **OPTS)
+
+
+def test_router_depth_must_cover_its_feature_layers(router_ckpt, cache_dir):
+    # A (broken) router claiming k = 3 with a grid starting at 2: layer 5 is not in the depth-2 set.
+    router = make_router(PLAN, agreements=[0.9, 0.92, 0.94, 0.96], grid=DepthGrid.default(6), feature_layers=3)
+    llm = make_llm(router_ckpt, cache_dir, router=router)
+    with pytest.raises(ValueError, match="feature layers"):
+        llm.generate(PROMPTS[0], greedy(n=1, quality=0.5))
+
+
+def test_server_routes_by_default_when_the_model_has_a_router():
+    from adadepth.server.config import ROUTER_DEFAULT_QUALITY, ServerConfig
+
+    assert ServerConfig().for_router(True).default_quality == ROUTER_DEFAULT_QUALITY == 0.9
+    assert ServerConfig().for_router(False).default_quality is None
+    assert ServerConfig(default_quality=0.7).for_router(True).default_quality == 0.7

@@ -1,0 +1,102 @@
+"""The router without an engine: grid, features, predictor, policy, persistence."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import HIDDEN, ORDER, make_router
+
+from adadepth.model.depth_plan import DepthPlan
+from adadepth.router.depth_grid import DepthGrid
+from adadepth.router.difficulty_router import ROUTER_CONFIG_FILE, ROUTER_WEIGHTS_FILE, DifficultyRouter
+from adadepth.router.prefill_features import PrefillFeatures
+
+PLAN = DepthPlan(6, ORDER, source="test")
+
+
+def random_features(n: int, seed: int = 1) -> PrefillFeatures:
+    g = torch.Generator().manual_seed(seed)
+    return PrefillFeatures(torch.randn(n, 2 * HIDDEN, generator=g) * 3,
+                           torch.randint(3, 200, (n,), generator=g).float())
+
+
+def test_grid_default_parse_and_feature_layers():
+    assert DepthGrid.default(30).depths == (12, 15, 18, 21, 24, 27, 30)
+    assert DepthGrid.default(6).depths == (2, 3, 4, 5, 6)
+    assert DepthGrid.parse("12,18", 30).depths == (12, 18, 30)
+    assert DepthGrid.parse("", 30) == DepthGrid.default(30)
+    with pytest.raises(ValueError):
+        DepthGrid.parse("12,40", 30)
+    with pytest.raises(ValueError):
+        DepthGrid((3, 2, 6), 6)
+    grid = DepthGrid.default(6)
+    assert grid.max_feature_layers(PLAN) == 2                       # layers 0, 1 are the depth-2 set
+    assert grid.max_feature_layers(DepthPlan(6, [5, 4, 0, 1, 2, 3])) == 0   # k = 0: embeddings
+    assert DepthGrid((4, 6), 6).max_feature_layers(PLAN) == 3       # depth-4 set {0, 1, 5, 2}
+    with pytest.raises(ValueError, match="smallest depth"):
+        grid.check_feature_layers(PLAN, 3)
+
+
+def test_pooled_features_ignore_padding():
+    h = torch.randn(2, 5, 4)
+    lengths = torch.tensor([5, 3])
+    f = PrefillFeatures.from_hidden(h, lengths)
+    assert torch.allclose(f.pooled[1, :4], h[1, :3].mean(0)) and torch.equal(f.pooled[1, 4:], h[1, 2])
+    alone = PrefillFeatures.from_hidden(h[1:, :3], lengths[1:])
+    assert torch.allclose(alone.pooled, f.pooled[1:])
+    assert f.lengths.tolist() == [5.0, 3.0]
+
+
+@pytest.mark.parametrize("hidden_size", [0, 8])
+def test_predictions_are_monotone_in_depth(hidden_size):
+    for seed in range(5):
+        router = make_router(PLAN, seed=seed, hidden_size=hidden_size)
+        for p in router.predictor.head.parameters():  # large random weights: big raw outputs of both signs
+            p.data.mul_(5)
+        pred = router.predict(random_features(64, seed))
+        assert pred.shape == (64, 5)
+        assert (pred.diff(dim=-1) >= 0).all()
+        assert ((pred >= 0) & (pred <= 1)).all() and (pred[:, -1] == 1).all()
+
+
+def test_policy_picks_the_smallest_depth_meeting_quality():
+    router = make_router(PLAN, agreements=[0.1, 0.6, 0.85, 0.95])       # depths 2, 3, 4, 5; full depth 6 = 1
+    pred = router.predict(random_features(3))
+    assert torch.allclose(pred, torch.tensor([[0.1, 0.6, 0.85, 0.95, 1.0]] * 3), atol=1e-5)
+    row = pred[0].tolist()
+    for quality, want in [(0.05, 2), (0.1, 2), (0.5, 3), (0.6, 3), (0.8, 4), (0.9, 5), (0.96, 6), (1.0, 6)]:
+        assert router.choose(row, quality - 1e-6)[0] == want, quality
+    decisions = router.decide(random_features(4), [0.5, 0.9, 1.0, None])
+    assert [d.depth for d in decisions] == [3, 5, 6, 6]
+    assert [d.source for d in decisions] == ["router", "router", "router", "default"]
+    assert decisions[0].quality == 0.5 and decisions[0].predicted_agreement == pytest.approx(0.6, abs=1e-4)
+    assert decisions[2].predicted_agreement == 1.0 and decisions[3].predicted_agreement is None
+
+
+def test_save_load_round_trip(tmp_path):
+    router = make_router(PLAN, seed=3)
+    router.predictor.fit_inputs(random_features(40, 7))
+    router.info["note"] = "test"
+    router.save(str(tmp_path))
+    meta = json.loads((tmp_path / ROUTER_CONFIG_FILE).read_text())
+    assert meta["depth_grid"] == [2, 3, 4, 5, 6] and meta["layer_order_fingerprint"] == PLAN.fingerprint()
+    assert meta["features"]["feature_layers"] == 2 and meta["info"]["note"] == "test"
+    assert os.path.getsize(tmp_path / ROUTER_WEIGHTS_FILE) < 200_000
+    loaded = DifficultyRouter.load(str(tmp_path), PLAN, hidden_size=HIDDEN)
+    feats = random_features(16, 9)
+    assert torch.equal(loaded.predict(feats), router.predict(feats))
+    assert loaded.grid == router.grid and loaded.feature_layers == 2
+    assert DifficultyRouter.find(str(tmp_path / "nothing"), PLAN) is None
+
+
+def test_fingerprint_mismatch_is_refused(tmp_path):
+    make_router(PLAN).save(str(tmp_path))
+    other = DepthPlan(6, [0, 1, 2, 3, 4, 5])
+    with pytest.raises(ValueError, match="layer order"):
+        DifficultyRouter.load(str(tmp_path), other)
+    with pytest.raises(ValueError, match="layer order"):
+        DifficultyRouter.find(str(tmp_path), other)
+    with pytest.raises(ValueError, match="hidden size"):
+        DifficultyRouter.load(str(tmp_path), PLAN, hidden_size=32)

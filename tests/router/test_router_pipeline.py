@@ -1,0 +1,106 @@
+"""`adadepth router label / train / eval` end to end on a tiny model, and the server's report."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from conftest import ORDER, make_router
+
+from adadepth.cli import main
+from adadepth.model.depth_plan import DepthPlan
+from adadepth.router.difficulty_router import ROUTER_CONFIG_FILE, DifficultyRouter
+from adadepth.router.label_store import LabelStore
+from adadepth.training.data import Split, split_of
+
+WORDS = ["fox", "dog", "clips", "april", "world", "add", "layers", "depth", "tokens", "friends", "lazy", "quick"]
+
+
+def prompts_file(path, count: int, offset: int) -> str:
+    rows = []
+    i = offset
+    while len(rows) < count:
+        text = " ".join(WORDS[(i * k + k) % len(WORDS)] for k in range(1 + i % 7)) + f" {i}?"
+        i += 1
+        if split_of(text) is not Split.HELDOUT:
+            rows.append({"messages": [{"role": "user", "content": text}]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture
+def model_dir(router_ckpt, tmp_path):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(router_ckpt, folder)
+    return str(folder)
+
+
+def test_label_train_eval(model_dir, cache_dir, tmp_path, capsys):
+    common = ["--model", model_dir, "--cache-dir", cache_dir]
+    calib = prompts_file(tmp_path / "calib.jsonl", 30, 0)
+    labels = str(tmp_path / "labels.jsonl")
+    main(["router", "label", *common, "--prompts", calib, "--count", "0", "--max-new-tokens", "8", "--output", labels,
+          "--chunk", "12", "--max-num-seqs", "8"])
+    meta, records = LabelStore(labels).read()
+    assert meta["depth_grid"] == [2, 3, 4, 5, 6] and meta["layer_order_fingerprint"] == ",".join(map(str, ORDER))
+    assert len(records) == 30 and all(r.positions == 8 and r.matches[6] == 8 for r in records)
+    assert all(0 <= r.matches[d] <= 8 for r in records for d in (2, 3, 4, 5))
+    # Resuming finds everything done.
+    main(["router", "label", *common, "--prompts", calib, "--count", "0", "--max-new-tokens", "8", "--output", labels])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["new"] == 0
+
+    main(["router", "train", *common, "--labels", labels, "--pca-dims", "8", "--hidden-size", "8",
+          "--max-epochs", "60", "--val-fraction", "0.3"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["router"] == model_dir and summary["feature_layers"] == 2 and summary["num_prompts"] == 30
+    assert summary["num_trained_parameters"] < 5000
+    router = DifficultyRouter.load(model_dir, DepthPlan.load(model_dir))
+    assert router.info["num_prompts"] == 30
+
+    heldout = prompts_file(tmp_path / "heldout.jsonl", 8, 1000)
+    out_json, out_png = tmp_path / "eval.json", tmp_path / "eval.png"
+    main(["router", "eval", *common, "--prompts", heldout, "--labels", str(tmp_path / "heldout_labels.jsonl"),
+          "--max-new-tokens", "8", "--qualities", "0.5,0.8,0.9", "--timing-prompts", "3",
+          "--json", str(out_json), "--plot", str(out_png)])
+    report = json.loads(out_json.read_text())
+    assert [r["depth"] for r in report["results"]] == [2, 3, 4, 5, 6] and report["results"][-1]["agreement"] == 1.0
+    assert [r["quality"] for r in report["router"]] == [0.5, 0.8, 0.9]
+    for r in report["router"]:
+        assert {"mean_depth", "agreement", "predicted_agreement", "gain_vs_fixed"} <= set(r)
+        assert 2 <= r["mean_depth"] <= 6
+    assert report["timing"]["num_prompts"] == 3 and report["timing"]["engine_matches_offline_decisions"] == 3
+    assert out_png.stat().st_size > 0
+
+
+def test_training_on_heldout_prompts_is_refused(model_dir, cache_dir, tmp_path):
+    from adadepth.router.label_store import LabelRecord
+    from adadepth.router.router_trainer import check_not_heldout
+
+    text = next(f"question {i}" for i in range(1000) if split_of(f"question {i}") is Split.HELDOUT)
+    with pytest.raises(ValueError, match="held-out"):
+        check_not_heldout([LabelRecord("x", [{"role": "user", "content": text}], [1, 2], 8, {6: 8})])
+
+
+def test_server_reports_router_decisions(model_dir, cache_dir):
+    from fastapi.testclient import TestClient
+
+    from adadepth.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+    from adadepth.engine.llm_engine import LLMEngine
+    from adadepth.server.api_server import build_app
+    from adadepth.server.config import ServerConfig
+
+    make_router(DepthPlan.load(model_dir), agreements=[0.2, 0.5, 0.8, 0.95]).save(model_dir)
+    assert (DepthPlan.exists(model_dir) and (__import__("os").path.exists(f"{model_dir}/{ROUTER_CONFIG_FILE}")))
+    engine = LLMEngine(EngineConfig(ModelConfig(model=model_dir, cache_dir=cache_dir, dtype="float64"),
+                                    CacheConfig(num_kv_tokens=4096),
+                                    SchedulerConfig(max_model_len=256, max_num_batched_tokens=512)))
+    config = ServerConfig().for_router(engine.depth_router is not None)
+    with TestClient(build_app(engine, config)) as client:
+        body = {"model": engine.model_name, "prompt": "hello world", "max_tokens": 2, "temperature": 0}
+        routed = client.post("/v1/completions", json=body).json()["adadepth"]
+        assert routed == {**routed, "depth": 5, "source": "router", "quality": 0.9}
+        assert routed["predicted_agreement"] == pytest.approx(0.95, abs=1e-3)
+        explicit = client.post("/v1/completions", json={**body, "depth": 2}).json()["adadepth"]
+        assert (explicit["depth"], explicit["source"], explicit["predicted_agreement"]) == (2, "request", None)
+        metrics = client.get("/metrics").text
+    assert 'adadepth:predicted_agreement_count{' in metrics and "source=\"router\"" in metrics
