@@ -62,6 +62,8 @@ class CalibrateConfig:
     method: CalibMethod = field(default=CalibMethod.GREEDY, metadata={"help": "greedy (measured) or cos (fast)"})
     metric: CalibMetric = field(default=CalibMetric.KL, metadata={"help": "greedy: kl or agreement"})
     bypass: bool = field(default=False, metadata={"help": "fit linear bypass maps for skipped layers"})
+    bypass_min_depth: int = field(default=1, metadata={
+        "help": "fit bypass maps only for layers first dropped at depth >= this (smaller file)"})
     ridge: float = field(default=0.05, metadata={
         "help": "bypass: identity regularisation, relative to the mean eigenvalue of the input covariance"})
     keep_order: bool = field(default=False, metadata={
@@ -80,8 +82,8 @@ class CalibrateConfig:
         self.method, self.metric = CalibMethod(self.method), CalibMetric(self.metric)
         if self.num_prompts < 1 or self.seq_len < 8:
             raise ValueError("num_prompts must be >= 1 and seq_len >= 8")
-        if self.ridge < 0:
-            raise ValueError("ridge must be >= 0")
+        if self.ridge < 0 or self.bypass_min_depth < 1:
+            raise ValueError("ridge must be >= 0 and bypass_min_depth >= 1")
         if not 0 < self.score_min_fraction <= 1:
             raise ValueError("score_min_fraction must be in (0, 1]")
         if self.dtype not in ("float32", "bfloat16"):
@@ -178,6 +180,10 @@ class Calibrator:
         op.bias.copy_(bias)
         return op
 
+    def _fits_bypass(self, depth: int) -> bool:
+        """Whether the layer first dropped at `depth` gets a fitted map."""
+        return self.config.bypass and depth >= self.config.bypass_min_depth
+
     # ---- orders -----------------------------------------------------------------------
     def _forward(self, keep: list[bool], bypass: dict[int, nn.Module]) -> tuple[list[torch.Tensor], torch.Tensor]:
         inputs: list[torch.Tensor] = []
@@ -197,8 +203,9 @@ class Calibrator:
         for step in range(n - 1):
             inputs, _ = self._forward(keep, bypass)
             best = None
+            fit = self._fits_bypass(n - 1 - step)
             for layer in (i for i in range(n) if keep[i]):
-                op = self.fit_bypass(layer, inputs[layer]) if self.config.bypass else None
+                op = self.fit_bypass(layer, inputs[layer]) if fit else None
                 s = self._try_drop(inputs, layer, keep, bypass, op)
                 if best is None or s < best[1]:
                     best = (layer, s, op)
@@ -229,7 +236,7 @@ class Calibrator:
         inputs, _ = self._forward(keep, bypass)
         for depth in range(n - 1, 0, -1):
             layer = order[depth]
-            op = self.fit_bypass(layer, inputs[layer]) if self.config.bypass else None
+            op = self.fit_bypass(layer, inputs[layer]) if self._fits_bypass(depth) else None
             keep[layer] = False
             if op is not None:
                 plain_inputs, plain_final = self._forward(keep, bypass)
@@ -258,9 +265,11 @@ class Calibrator:
         if not cfg.keep_order:
             if cfg.method is CalibMethod.GREEDY:
                 candidates["measured"] = self.greedy()
-            else:
+            elif cfg.bypass or cfg.compare_existing:
                 order = self.cos_order()
                 candidates["measured"] = (order, *self.along(order))
+            else:  # the one-pass ranking, unscored: the fast option
+                candidates["measured"] = (self.cos_order(), {}, {})
         if cfg.keep_order or cfg.compare_existing:
             candidates["existing"] = (list(existing.layer_order), *self.along(existing.layer_order))
         means = {name: self.serving_score(c[2]) for name, c in candidates.items()}
@@ -268,7 +277,7 @@ class Calibrator:
         order, bypass, scores = candidates[chosen]
         tag = f"{cfg.method}-{cfg.metric}" if cfg.method is CalibMethod.GREEDY else "cos"
         source = (f"calibrated:{tag}{'+bypass' if bypass else ''}" if chosen == "measured"
-                  else f"{existing.source}{'+bypass' if bypass else ''}")
+                  else f"{existing.source.removesuffix('+bypass')}{'+bypass' if bypass else ''}")
         plan = DepthPlan(self.num_layers, order, source=source,
                          bypass={layer: (op.weight.detach().float().cpu(), op.bias.detach().float().cpu())
                                  for layer, op in bypass.items()})

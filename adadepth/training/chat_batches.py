@@ -29,7 +29,8 @@ def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer.encode(text)
 
 
-def encode_chat(tokenizer, messages: list[dict], completion: str) -> EncodedChat:
+def _split_chat_text(tokenizer, messages: list[dict], completion: str) -> tuple[str, str]:
+    """(prompt text with the assistant header, answer text through the end-of-turn token)."""
     prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     full_text = tokenizer.apply_chat_template(
         messages + [{"role": "assistant", "content": completion}], tokenize=False)
@@ -41,6 +42,11 @@ def encode_chat(tokenizer, messages: list[dict], completion: str) -> EncodedChat
     eos = tokenizer.eos_token
     if eos and eos in answer:
         answer = answer[: answer.index(eos) + len(eos)]
+    return prompt_text, answer
+
+
+def encode_chat(tokenizer, messages: list[dict], completion: str) -> EncodedChat:
+    prompt_text, answer = _split_chat_text(tokenizer, messages, completion)
     prompt_ids = tokenizer.encode(prompt_text)
     answer_ids = tokenizer.encode(answer, add_special_tokens=False)
     return EncodedChat(prompt_ids + answer_ids, len(prompt_ids))
@@ -61,8 +67,10 @@ class Batch:
     num_tokens: int               # real tokens in the batch
 
     def to(self, device) -> "Batch":
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.target_mask.to(device),
-                     self.num_tokens)
+        # non_blocking: a host->device copy from ordinary memory is staged at once and needs no
+        # stream sync (a blocking .to() would make the host wait for all queued GPU work).
+        return Batch(self.input_ids.to(device, non_blocking=True), self.attention_mask.to(device, non_blocking=True),
+                     self.target_mask.to(device, non_blocking=True), self.num_tokens)
 
 
 def collate(chats: list[EncodedChat], pad_id: int) -> Batch:
@@ -129,9 +137,15 @@ class ChatBatcher:
 
 
 def tokenize_examples(tokenizer, examples, max_len: int) -> list[EncodedChat]:
+    """`encode_chat` + `truncate` for many examples, encoded in batches (the tokenizer's fast path)."""
+    texts = [_split_chat_text(tokenizer, ex.messages, ex.completion) for ex in examples]
     chats = []
-    for ex in examples:
-        chat = truncate(encode_chat(tokenizer, ex.messages, ex.completion), max_len)
-        if chat is not None and chat.num_target_tokens > 0:
-            chats.append(chat)
+    for start in range(0, len(texts), 1024):
+        part = texts[start: start + 1024]
+        prompts = tokenizer([p for p, _ in part])["input_ids"]  # same special tokens as tokenizer.encode
+        answers = tokenizer([a for _, a in part], add_special_tokens=False)["input_ids"]
+        for prompt_ids, answer_ids in zip(prompts, answers):
+            chat = truncate(EncodedChat(list(prompt_ids) + list(answer_ids), len(prompt_ids)), max_len)
+            if chat is not None and chat.num_target_tokens > 0:
+                chats.append(chat)
     return chats

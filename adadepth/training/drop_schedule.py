@@ -2,10 +2,14 @@
 
 Two ways to drop, mixed per sample:
 
-  * ``layer``: every layer l is dropped independently with p_l = s(t) * p_max * D(l), where the
-    depth profile D rises from 0 at the first layer to 1 at the last - linear (l / (L-1)) or
-    LayerSkip's exponential form (e^{l ln2 / (L-1)} - 1) - and s(t) ramps from 0 to 1 over
-    the first `ramp_fraction` of training (linearly, or LayerSkip's exponential curriculum);
+  * ``layer``: every layer l is dropped independently with p_l = s(t) * p_max * D(x_l), where the
+    depth profile D rises from 0 to 1 - linear (x) or LayerSkip's exponential form
+    (e^{x ln2} - 1) - and s(t) ramps from 0 to 1 over the first `ramp_fraction` of training
+    (linearly, or LayerSkip's exponential curriculum). x_l = l / (L-1) is the layer's depth
+    (`profile_axis=index`, LayerSkip) or its position in the layer order, rank_l / (L-1)
+    (`profile_axis=order`, default): with an early-exit order the two are the same; with a
+    measured order, "deeper" means "dropped sooner by serving", so the layers serving always
+    keeps (often the last one) are not trained to be skipped;
   * ``order``: the way serving drops layers. A depth d is drawn uniformly from
     [d_min(t), L] and the sample keeps the d layers ranked highest in the layer order (nested
     sets, natural order). d_min ramps from L down to ceil(min_depth_fraction * L).
@@ -40,6 +44,14 @@ class DepthProfile(str, Enum):
         return self.value
 
 
+class ProfileAxis(str, Enum):
+    INDEX = "index"
+    ORDER = "order"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 class RampShape(str, Enum):
     LINEAR = "linear"
     EXPONENTIAL = "exponential"
@@ -69,6 +81,8 @@ class DropConfig:
     p_max: float = field(default=0.2, metadata={"help": "layer mode: drop probability of the last layer"})
     depth_profile: DepthProfile = field(default=DepthProfile.LINEAR, metadata={
         "help": "layer mode: how p rises with depth: linear or exponential (LayerSkip)"})
+    profile_axis: ProfileAxis = field(default=ProfileAxis.ORDER, metadata={
+        "help": "layer mode: p rises with the layer index (LayerSkip) or with its position in the layer order"})
     min_depth_fraction: float = field(default=0.5, metadata={
         "help": "order mode: depths are drawn uniformly from [ceil(f*L), L]"})
     ramp_fraction: float = field(default=0.1, metadata={
@@ -78,8 +92,9 @@ class DropConfig:
         "help": "layer mode: scale a kept block's residual update by 1/(1-p_l) during training"})
 
     def __post_init__(self) -> None:
-        self.drop_mode, self.depth_profile, self.ramp_shape = (
-            DropMode(self.drop_mode), DepthProfile(self.depth_profile), RampShape(self.ramp_shape))
+        self.drop_mode, self.depth_profile, self.ramp_shape, self.profile_axis = (
+            DropMode(self.drop_mode), DepthProfile(self.depth_profile), RampShape(self.ramp_shape),
+            ProfileAxis(self.profile_axis))
         if not 0 <= self.order_fraction <= 1:
             raise ValueError(f"order_fraction must be in [0, 1], got {self.order_fraction}")
         if not 0 <= self.p_max < 1:
@@ -91,7 +106,10 @@ class DropConfig:
 
     @property
     def uses_order(self) -> bool:
-        return self.drop_mode is DropMode.ORDER or (self.drop_mode is DropMode.MIXED and self.order_fraction > 0)
+        """Whether sampling depends on the layer order (a run needs one before it starts)."""
+        order_drops = self.drop_mode is DropMode.ORDER or (self.drop_mode is DropMode.MIXED and self.order_fraction > 0)
+        layer_drops = self.drop_mode is not DropMode.ORDER
+        return order_drops or (layer_drops and self.profile_axis is ProfileAxis.ORDER)
 
 
 @dataclass
@@ -122,7 +140,8 @@ class DropSchedule:
         """(L,) per-layer drop probability of the ``layer`` mode at this point of training."""
         profile = _SHAPES[self.config.depth_profile]
         denom = max(1, self.num_layers - 1)
-        base = torch.tensor([profile(l / denom) for l in range(self.num_layers)], dtype=torch.float64)
+        axis = self.rank.tolist() if self.config.profile_axis is ProfileAxis.ORDER else range(self.num_layers)
+        base = torch.tensor([profile(x / denom) for x in axis], dtype=torch.float64)
         return (self.config.p_max * self.ramp(progress) * base).float()
 
     def min_depth(self, progress: float = 1.0) -> int:

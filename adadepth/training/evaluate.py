@@ -13,7 +13,6 @@ bypass maps), and at each continuation position:
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os

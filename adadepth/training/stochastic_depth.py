@@ -8,10 +8,15 @@ For one batch the wrapper gets a `DropDecision`: sample b runs layer l iff keep[
 runs only on the rows that keep it (gathered), and the others pass their input through
 unchanged, as serving skips a layer. Tensor arguments whose first dimension is the batch
 (attention mask, position embeddings when per-row) are gathered with the rows.
+
+The decision lives on the host, so every row count is a host int; all layers' row indices go to
+the device in ONE copy when the batch starts. The forward therefore never waits for the GPU (a
+per-layer copy or `nonzero` would stall the launch queue 30 times a pass).
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -29,7 +34,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def _gather(value, rows: torch.Tensor, batch_size: int):
-    """Select `rows` of every tensor (nested in tuples/lists) whose dim 0 is the batch."""
+    """Select `rows` of every tensor (nested in tuples/lists/dicts) whose dim 0 is the batch."""
     if isinstance(value, torch.Tensor):
         return value.index_select(0, rows) if value.dim() > 0 and value.shape[0] == batch_size else value
     if isinstance(value, (tuple, list)):
@@ -39,10 +44,39 @@ def _gather(value, rows: torch.Tensor, batch_size: int):
     return value
 
 
+@dataclass
+class LayerDrop:
+    """One layer's share of a batch's decision, ready on the device."""
+    num_kept: int                 # host int: 0 skips the layer, B runs it on every row
+    rows: torch.Tensor | None     # (num_kept,) device indices of the kept rows; None when all are kept
+    scale: torch.Tensor | None    # (num_kept,) device factors on the kept rows' update; None when all 1
+
+
+def plan_drops(decision: DropDecision, device: torch.device) -> list[LayerDrop]:
+    """Per layer: kept rows and scales, moved to `device` with one copy for the whole batch."""
+    keep, scale = decision.keep, decision.scale                                     # (B, L) host
+    b, n = keep.shape
+    counts = keep.sum(0).tolist()                                                   # (L,) host ints
+    rows = [keep[:, layer].nonzero().squeeze(1) for layer in range(n)]
+    scales = [scale[rows[layer], layer] for layer in range(n)]
+    needs_scale = [bool((s != 1).any()) for s in scales]
+    # One non-blocking copy: staged at once, no wait for the GPU's queue.
+    flat = torch.cat([torch.cat(rows).double(), torch.cat(scales).double()]).to(device, non_blocking=True)
+    total = sum(counts)
+    rows_dev, scales_dev = flat[:total].long(), flat[total:]
+    plan, start = [], 0
+    for layer in range(n):
+        c = counts[layer]
+        plan.append(LayerDrop(c, rows_dev[start: start + c] if 0 < c < b else None,
+                              scales_dev[start: start + c] if needs_scale[layer] else None))
+        start += c
+    return plan
+
+
 class StochasticDepth:
     def __init__(self, model: nn.Module):
         self.layers = decoder_layers(model)
-        self.decision: DropDecision | None = None  # None: every layer runs on every row
+        self.plan: list[LayerDrop] | None = None  # None: every layer runs on every row
         self.capture: list[torch.Tensor] | None = None  # when a list: each layer's output is appended
         # Older transformers (< 4.54) return (hidden, ...) from a layer and index [0] of it.
         self.tuple_outputs = False
@@ -61,11 +95,14 @@ class StochasticDepth:
 
     @contextmanager
     def dropping(self, decision: DropDecision | None):
-        previous, self.decision = self.decision, decision
+        """Within the block, forwards drop layers per sample as `decision` says (None: no drops)."""
+        device = next(self.layers.parameters()).device
+        previous = self.plan
+        self.plan = None if decision is None else plan_drops(decision, device)
         try:
             yield
         finally:
-            self.decision = previous
+            self.plan = previous
 
     def _wrap(self, index: int, original):
         def forward(hidden_states: torch.Tensor, *args, **kwargs):
@@ -76,32 +113,25 @@ class StochasticDepth:
         return forward
 
     def _forward(self, index: int, original, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        decision = self.decision
-        if decision is None:
+        if self.plan is None:
             return self._first(original(hidden_states, *args, **kwargs))
+        drop = self.plan[index]
         b = hidden_states.shape[0]
-        # Decisions live on the CPU: counting rows there costs no device sync.
-        keep = decision.keep[:, index]                                              # (B,)
-        scale = decision.scale[:, index]                                            # (B,)
-        needs_scale = not bool((scale == 1).all())
-        num_kept = int(keep.sum())
-        if num_kept == 0:
+        if drop.num_kept == 0:
             return hidden_states
-        if num_kept == b:
+        if drop.num_kept == b:
             out = self._first(original(hidden_states, *args, **kwargs))
-            return self._rescale(hidden_states, out, scale) if needs_scale else out
-        rows = keep.nonzero().squeeze(1).to(hidden_states.device)                   # (n,)
-        sub_in = hidden_states.index_select(0, rows)                                # (n, T, D)
-        sub_out = self._first(original(sub_in, *_gather(args, rows, b), **_gather(kwargs, rows, b)))
-        if needs_scale:
-            sub_out = self._rescale(sub_in, sub_out, scale[keep])
+            return out if drop.scale is None else self._rescale(hidden_states, out, drop.scale)
+        sub_in = hidden_states.index_select(0, drop.rows)                          # (n, T, D)
+        sub_out = self._first(original(sub_in, *_gather(args, drop.rows, b), **_gather(kwargs, drop.rows, b)))
+        if drop.scale is not None:
+            sub_out = self._rescale(sub_in, sub_out, drop.scale)
         # Out-of-place scatter keeps autograd intact; dropped rows stay exactly their input.
-        return hidden_states.index_copy(0, rows, sub_out.to(hidden_states.dtype))
+        return hidden_states.index_copy(0, drop.rows, sub_out.to(hidden_states.dtype))
 
     @staticmethod
     def _rescale(h_in: torch.Tensor, h_out: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        scale = scale.to(device=h_out.device, dtype=h_out.dtype)
-        return h_in + (h_out - h_in) * scale[:, None, None]                         # (n, T, D)
+        return h_in + (h_out - h_in) * scale.to(h_out.dtype)[:, None, None]           # (n, T, D)
 
     def _first(self, out):
         if isinstance(out, tuple):

@@ -37,13 +37,15 @@ class TrainConfig:
         "help": "training time budget; stop cleanly and save when spent (0: none)"})
     lr: float = field(default=2e-4, metadata={"help": "peak learning rate (AdamW)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    warmup_fraction: float = field(default=0.05, metadata={"help": "linear warmup, then cosine decay to 10 %"})
+    warmup_fraction: float = field(default=0.05, metadata={"help": "linear warmup, then cosine decay to a tenth of lr"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0: off)"})
     max_examples: int = field(default=0, metadata={"help": "use only this many training examples (0: all)"})
     checkpoint_every: int = field(default=0, metadata={"help": "save a resumable checkpoint every N steps (0: off)"})
     resume: str | None = field(default=None, metadata={
         "help": "checkpoint folder to resume from, or 'auto' for the newest under --output"})
     log_every: int = field(default=10, metadata={"help": "steps between log lines (train_log.jsonl)"})
+    profile_steps: int = field(default=3, metadata={
+        "help": "print a synchronised per-phase time breakdown for this many steps after the first"})
     seed: int = field(default=0, metadata={"help": "seed for data order, drops and LoRA init"})
     num_threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 keeps torch's default"})
     progress_bar: bool = field(default=True, metadata={"help": "show a tqdm progress bar"})
@@ -58,8 +60,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1")
         if self.max_seq_len < 16:
             raise ValueError("max_seq_len must be >= 16")
-        if self.max_minutes < 0 or self.checkpoint_every < 0 or self.max_examples < 0:
-            raise ValueError("max_minutes, checkpoint_every and max_examples must be >= 0")
+        if min(self.max_minutes, self.checkpoint_every, self.max_examples, self.profile_steps) < 0:
+            raise ValueError("max_minutes, checkpoint_every, max_examples and profile_steps must be >= 0")
         if self.lr <= 0 or not 0 <= self.warmup_fraction < 1 or self.grad_clip < 0:
             raise ValueError("need lr > 0, warmup_fraction in [0, 1), grad_clip >= 0")
 

@@ -47,6 +47,33 @@ def hardware_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
+class PhaseTimer:
+    """Wall time per phase of a training step, the device synchronised at each mark. Only the
+    few profiled steps pay for the syncs; otherwise marks cost nothing."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.active = False
+        self.ms: dict[str, float] = {}
+        self._last = 0.0
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def start(self) -> None:
+        if self.active:
+            self._sync()
+            self._last = time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        if self.active:
+            self._sync()
+            now = time.perf_counter()
+            self.ms[phase] = round(self.ms.get(phase, 0.0) + 1000 * (now - self._last), 2)
+            self._last = now
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, adapter: AdapterConfig, drops: DropConfig, losses: LossConfig):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -85,6 +112,7 @@ class Trainer:
                               target_modules=adapter.target_modules, bias="none", task_type="CAUSAL_LM")
             self.model = get_peft_model(base, lora)
         self.model.to(self.device).train()
+        self.adapter_layers = self._adapter_layers()
         self.inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         self.stochastic = StochasticDepth(self.model)
         self.schedule = DropSchedule(drops, self.num_layers, self.plan.layer_order)
@@ -95,6 +123,7 @@ class Trainer:
         self.batcher = self._batcher()
         self.step, self.tokens, self.elapsed_before = 0, 0, 0.0
         self.last_metrics: dict[str, float] = {}
+        self.timer = PhaseTimer(self.device)
         self.stopped_by = "max_steps"
 
     # ---- setup ------------------------------------------------------------------------
@@ -133,6 +162,25 @@ class Trainer:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         return ChatBatcher(chats, cfg.batch_size, pad, seed=cfg.seed)
 
+    def _adapter_layers(self) -> list:
+        """peft's LoRA layers, found once: toggling them directly costs nothing, whereas
+        `PeftModel.disable_adapter()` walks and describes the whole model on every call."""
+        if self.adapter.full_finetune:
+            return []
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        return [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+
+    @contextlib.contextmanager
+    def _adapters_off(self):
+        for layer in self.adapter_layers:
+            layer.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for layer in self.adapter_layers:
+                layer.enable_adapters(True)
+
     # ---- schedules --------------------------------------------------------------------
     def progress(self, elapsed: float) -> float:
         p = self.step / self.config.max_steps
@@ -158,23 +206,31 @@ class Trainer:
         with torch.no_grad():
             if self.teacher is not None:
                 return self.teacher.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-            with self.model.disable_adapter():
+            with self._adapters_off():
                 return self.inner.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
 
-    def micro_step(self, batch: Batch, progress: float) -> dict[str, float]:
-        lc = self.losses
+    def micro_step(self, batch: Batch, progress: float) -> dict[str, torch.Tensor]:
+        """Forward + backward of one host batch; returns detached device scalars (no sync)."""
+        lc, timer = self.losses, self.timer
+        timer.start()
+        # Scored positions are found on the host: a `nonzero` on the device would wait for it.
         flat, labels = target_positions(batch.target_mask, batch.input_ids)         # (N,), (N,)
+        flat, labels = flat.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        batch = batch.to(self.device)
         head, norm = self.inner.lm_head, self.inner.model.norm
         d = self.inner.config.hidden_size
+        timer.mark("to_device")
         with self._autocast():
             teacher_h = None
             if lc.needs_teacher:
                 teacher_h = self._teacher_states(batch).reshape(-1, d)[flat]        # (N, D)
+            timer.mark("teacher")
             decision = self.schedule.sample(batch.input_ids.shape[0], progress, self.generator)
             self.stochastic.capture = [] if lc.early_exit_weight > 0 else None
             with self.stochastic.dropping(decision):
                 h = self.inner.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
             captured, self.stochastic.capture = self.stochastic.capture, None
+            timer.mark("student")
             teacher_head = self.teacher.lm_head if self.teacher is not None else head
             ce, kl = chunked_losses(head, h.reshape(-1, d)[flat], labels, teacher_h, teacher_head,
                                     lc.distill_temperature, lc.loss_chunk_tokens)
@@ -187,9 +243,11 @@ class Trainer:
                                                 chunk=lc.loss_chunk_tokens)
                     ee = ee + exit_ce / len(exits)
                 loss = loss + lc.early_exit_weight * ee
+        timer.mark("loss")
         (loss / self.config.grad_accum).backward()
-        kept = decision.keep.float().sum(1).mean().item()
-        return {"loss": loss.item(), "ce": ce.item(), "kl": kl.item(), "early_exit": ee.item(), "layers": kept}
+        timer.mark("backward")
+        kept = decision.keep.float().sum(1).mean()
+        return {"loss": loss.detach(), "ce": ce.detach(), "kl": kl.detach(), "early_exit": ee.detach(), "layers": kept}
 
     # ---- checkpoints ------------------------------------------------------------------
     def _meta(self, elapsed: float) -> dict:
@@ -265,7 +323,7 @@ class Trainer:
             print(f"resumed from {self.resume_dir} at step {self.step}", flush=True)
         budget = 60 * cfg.max_minutes
         t_start = time.perf_counter()
-        tokens_start = self.tokens
+        tokens_start, step_start = self.tokens, self.step
         window: list[dict[str, float]] = []
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not cfg.progress_bar, desc="train", dynamic_ncols=True)
         log = open(os.path.join(cfg.output, LOG_FILE), "a")
@@ -275,6 +333,9 @@ class Trainer:
                 if budget and elapsed >= budget:
                     self.stopped_by = "max_minutes"
                     break
+                # Steps 2.. of this session (after warm-up) get a synchronised time breakdown.
+                self.timer.active = 0 < self.step - step_start <= cfg.profile_steps
+                self.timer.ms = {}
                 progress = self.progress(elapsed)
                 lr = cfg.lr * self.lr_factor(progress)
                 for group in self.optimizer.param_groups:
@@ -282,26 +343,34 @@ class Trainer:
                 micro = []
                 for _ in range(cfg.grad_accum):
                     batch = self.batcher.next()
-                    micro.append(self.micro_step(batch.to(self.device), progress))
+                    micro.append(self.micro_step(batch, progress))
                     self.tokens += batch.num_tokens
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+                self.timer.start()
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
+                self.timer.mark("optimizer")
+                if self.timer.active:
+                    print(json.dumps({"profile_step": self.step + 1, "tokens": batch.num_tokens,
+                                      "rows_x_len": list(batch.input_ids.shape), "ms": self.timer.ms}), flush=True)
                 self.step += 1
                 elapsed = self.elapsed_before + time.perf_counter() - t_start
-                metrics = {k: sum(m[k] for m in micro) / len(micro) for k in micro[0]}
-                window.append(metrics)
+                window.extend(micro)  # device scalars: read back (one sync) only when logging
                 speed = (self.tokens - tokens_start) / max(1e-9, time.perf_counter() - t_start)
                 bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}", kl=f"{metrics['kl']:.3f}", tok_s=f"{speed:.0f}")
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                    self.last_metrics = {k: round(sum(m[k] for m in window) / len(window), 5) for k in window[0]}
+                    self.last_metrics = _mean_metrics(window)
                     window = []
-                    log.write(json.dumps({"step": self.step, **self.last_metrics, "lr": lr, "progress": round(progress, 4),
-                                          "tokens": self.tokens, "tokens_per_s": round(speed, 1),
-                                          "elapsed_s": round(elapsed, 1)}) + "\n")
+                    bar.set_postfix(loss=f"{self.last_metrics['loss']:.3f}", kl=f"{self.last_metrics['kl']:.3f}",
+                                    tok_s=f"{speed:.0f}")
+                    line = json.dumps({"step": self.step, **self.last_metrics, "lr": lr, "progress": round(progress, 4),
+                                       "tokens": self.tokens, "tokens_per_s": round(speed, 1),
+                                       "elapsed_s": round(elapsed, 1)})
+                    log.write(line + "\n")
                     log.flush()
+                    if not cfg.progress_bar:  # logs (and batch jobs) still see progress
+                        print(line, flush=True)
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save(artifact.checkpoint_dir(cfg.output, self.step), elapsed, with_state=True)
         except KeyboardInterrupt:
@@ -309,11 +378,19 @@ class Trainer:
         finally:
             bar.close()
             log.close()
-        if window:
-            self.last_metrics = {k: round(sum(m[k] for m in window) / len(window), 5) for k in window[0]}
         elapsed = self.elapsed_before + time.perf_counter() - t_start
+        if window:  # steps since the last log line: log them too, so the log ends where training did
+            self.last_metrics = _mean_metrics(window)
+            with open(os.path.join(cfg.output, LOG_FILE), "a") as f:
+                f.write(json.dumps({"step": self.step, **self.last_metrics, "tokens": self.tokens,
+                                    "elapsed_s": round(elapsed, 1), "stopped_by": self.stopped_by}) + "\n")
         self.save(cfg.output, elapsed, with_state=False)
         return self._meta(elapsed)
+
+
+def _mean_metrics(window: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    stacked = {k: torch.stack([m[k].float().cpu() for m in window]) for k in window[0]}
+    return {k: round(float(v.mean()), 5) for k, v in stacked.items()}
 
 
 def run_training(config: TrainConfig, adapter: AdapterConfig, drops: DropConfig, losses: LossConfig) -> dict:

@@ -1,0 +1,67 @@
+"""`adadepth eval`: agreement 1.0 at full depth, the documented JSON shape, per-prompt agreement."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from adadepth import LLM
+from adadepth.cli import main as cli_main
+from adadepth.training.data import Split, load_examples, write_prompts_jsonl
+from adadepth.training.evaluate import per_prompt_agreement
+
+RESULT_KEYS = {"depth", "agreement", "kl", "exact_match_32", "perplexity", "num_prompts"}
+
+
+@pytest.fixture(scope="module")
+def prompts_file(fake_data, tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("prompts") / "heldout.jsonl")
+    write_prompts_jsonl(path, load_examples(fake_data, Split.HELDOUT)[:4])
+    return path
+
+
+def run_eval(args, capsys) -> None:
+    cli_main(["eval", "--max-new-tokens", "8", "--exact-match-tokens", "4", "--max-num-seqs", "8",
+              "--max-model-len", "256", *args])
+    capsys.readouterr()
+
+
+def test_single_model_json_and_full_depth_agreement(tiny_base, train_cache, prompts_file, tmp_path, capsys):
+    out, plot = str(tmp_path / "eval.json"), str(tmp_path / "eval.png")
+    run_eval(["--model", tiny_base, "--cache-dir", train_cache, "--prompts", prompts_file, "--depths", "3,6",
+              "--json", out, "--plot", plot], capsys)
+    report = json.load(open(out))
+    assert report["model"] == tiny_base and report["num_layers"] == 6 and "models" not in report
+    assert [r["depth"] for r in report["results"]] == [3, 6]
+    for r in report["results"]:
+        assert RESULT_KEYS <= set(r) and r["num_prompts"] == 4
+    full = report["results"][-1]
+    assert full["agreement"] == 1.0 and full["kl"] == 0.0 and full["exact_match_32"] == 1.0
+    assert full["perplexity"] > 1 and 0 <= report["results"][0]["agreement"] <= 1
+    assert os.path.getsize(plot) > 0
+
+
+def test_compare_lists_models_and_keeps_single_shape_at_top(tiny_base, train_cache, prompts_file, tmp_path, capsys):
+    art = str(tmp_path / "art")
+    os.makedirs(art)
+    with open(os.path.join(art, "adadepth.json"), "w") as f:
+        json.dump({"base_model": os.path.abspath(tiny_base)}, f)  # an artifact that changes nothing
+    out = str(tmp_path / "cmp.json")
+    run_eval(["--model", art, "--compare", "--cache-dir", train_cache, "--prompts", prompts_file, "--depths", "4,6",
+              "--max-prompts", "2", "--no-perplexity", "--json", out], capsys)
+    report = json.load(open(out))
+    assert [m["model"] for m in report["models"]] == [art, os.path.abspath(tiny_base)]
+    assert report["model"] == art and report["results"] == report["models"][0]["results"]
+    for m in report["models"]:
+        assert m["results"][-1]["agreement"] == 1.0 and m["results"][0]["perplexity"] is None
+        assert m["results"][0]["num_prompts"] == 2
+
+
+def test_per_prompt_agreement(tiny_base, train_cache):
+    llm = LLM(tiny_base, cache_dir=train_cache, num_kv_tokens=1024, max_model_len=128, max_num_batched_tokens=256)
+    prompts = ["what is 2 + 2?", [{"role": "user", "content": "hello world"}], "x " * 200]
+    rows = per_prompt_agreement(llm, prompts, [2, 6], max_new_tokens=6)
+    assert rows[2] is None  # longer than the model's context
+    for row in rows[:2]:
+        assert set(row) == {2, 6} and row[6] == 1.0 and 0 <= row[2] <= 1
