@@ -1,6 +1,8 @@
 """Custom CUDA kernels (compiled at run time with NVRTC) and their PyTorch references."""
 
-from adadepth.kernels.batched_skip import (
+# Relative, so that the folder stays importable even when a tool run from the repository root
+# finds it as a top-level `kernels` (transformers probes for a PyPI package of that name).
+from .batched_skip import (
     BatchedSkipKernels,
     active_rows,
     active_rows_ref,
