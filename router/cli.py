@@ -39,10 +39,11 @@ def _eval(args: argparse.Namespace) -> None:
     print(f"# {report['model']}: {report['num_prompts']} held-out prompts, grid {report['depth_grid']}, "
           f"k={report['feature_layers']}")
     print("fixed depth: " + "  ".join(f"{r['depth']}:{r['agreement']:.4f}" for r in report["results"]))
-    print(f"{'q':>5} {'depth':>6} {'agree':>7} {'pred':>7} {'fixed@d':>8} {'gain':>7}")
+    print(f"{'q':>5} {'depth':>6} {'agree':>7} {'pred':>7} {'fixed@d':>8} {'gain':>7} {'mix@d':>7} {'gain':>7}")
     for r in report["router"]:
         print(f"{r['quality']:>5g} {r['mean_depth']:>6.2f} {r['agreement']:>7.4f} {r['predicted_agreement']:>7.4f} "
-              f"{r['fixed_depth_agreement_at_mean_depth']:>8.4f} {r['gain_vs_fixed']:>+7.4f}")
+              f"{r['fixed_depth_agreement_at_mean_depth']:>8.4f} {r['gain_vs_fixed']:>+7.4f} "
+              f"{r['mixed_fixed_depths_agreement_at_mean_depth']:>7.4f} {r['gain_vs_mixed_fixed_depths']:>+7.4f}")
     if "timing" in report:
         t = report["timing"]
         print(f"router {t['mean_router_ms']:.3f} ms vs TTFT {t['mean_ttft_ms']:.1f} ms "

@@ -32,6 +32,22 @@ def interpolate(curve: list[dict], depth: float) -> float:
     return pts[-1][1]
 
 
+def mixed_fixed_depth(curve: list[dict], depth: float) -> float:
+    """Best agreement at a mean depth that a router-free server gets by sending a share of the
+    requests to one fixed depth and the rest to another: the upper concave hull of the
+    fixed-depth points. The curve can be convex (agreement jumps to 1 at full depth), so a
+    blind mix of two depths can beat the interpolated curve; this is the stricter baseline."""
+    pts = sorted((c["depth"], c["agreement"]) for c in curve)
+    hull: list[tuple[float, float]] = []
+    for p in pts:
+        # Pop while the last hull point lies on or below the chord from its predecessor to p.
+        while len(hull) >= 2 and ((hull[-1][0] - hull[-2][0]) * (p[1] - hull[-2][1])
+                                  - (hull[-1][1] - hull[-2][1]) * (p[0] - hull[-2][0])) >= 0:
+            hull.pop()
+        hull.append(p)
+    return interpolate([{"depth": d, "agreement": a} for d, a in hull], depth)
+
+
 def sweep_policy(predicted: torch.Tensor, records: list[LabelRecord], grid: DepthGrid,
                  qualities=DEFAULT_QUALITIES) -> list[dict]:
     """predicted: (n, len(grid)) router predictions for `records` (full-depth column = 1)."""
@@ -53,6 +69,7 @@ def sweep_policy(predicted: torch.Tensor, records: list[LabelRecord], grid: Dept
         agreement = matches / positions
         fixed = interpolate(curve, mean_depth)
         fixed_weighted = interpolate(curve, weighted_depth)
+        mixed = mixed_fixed_depth(curve, mean_depth)
         out.append({
             "quality": q,
             "mean_depth": round(mean_depth, 3),
@@ -62,6 +79,8 @@ def sweep_policy(predicted: torch.Tensor, records: list[LabelRecord], grid: Dept
             "prompt_mean_agreement": round(sum(r.agreement(d) for r, d in zip(records, depths)) / len(records), 5),
             "fixed_depth_agreement_at_mean_depth": round(fixed, 5),
             "gain_vs_fixed": round(agreement - fixed, 5),
+            "mixed_fixed_depths_agreement_at_mean_depth": round(mixed, 5),
+            "gain_vs_mixed_fixed_depths": round(agreement - mixed, 5),
             "token_weighted_mean_depth": round(weighted_depth, 3),
             "gain_vs_fixed_token_weighted": round(agreement - fixed_weighted, 5),
             "depth_counts": {str(d): depths.count(d) for d in grid.depths},

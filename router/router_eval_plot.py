@@ -15,6 +15,12 @@ def plot_router_eval(report: dict, path: str) -> None:
     fixed = report["results"]
     ax.plot([r["depth"] for r in fixed], [r["agreement"] for r in fixed], marker="o", color="tab:gray",
             label="fixed depth")
+    from adadepth.router.policy_sweep import mixed_fixed_depth
+
+    lo, hi = fixed[0]["depth"], fixed[-1]["depth"]
+    xs = [lo + (hi - lo) * i / 100 for i in range(101)]
+    ax.plot(xs, [mixed_fixed_depth(fixed, x) for x in xs], linestyle=":", color="tab:gray",
+            label="two fixed depths mixed (hull)")
     routed = report["router"]
     ax.plot([r["mean_depth"] for r in routed], [r["agreement"] for r in routed], marker="s", color="tab:blue",
             label="router (mean depth)")

@@ -100,3 +100,13 @@ def test_fingerprint_mismatch_is_refused(tmp_path):
         DifficultyRouter.find(str(tmp_path), other)
     with pytest.raises(ValueError, match="hidden size"):
         DifficultyRouter.load(str(tmp_path), PLAN, hidden_size=32)
+
+
+def test_fixed_depth_baselines():
+    from adadepth.router.policy_sweep import interpolate, mixed_fixed_depth
+
+    curve = [{"depth": d, "agreement": a} for d, a in [(2, 0.2), (4, 0.6), (5, 0.7), (6, 1.0)]]
+    assert interpolate(curve, 4.5) == pytest.approx(0.65) and interpolate(curve, 1) == 0.2
+    # Hull: (2, .2) -> (4, .6) -> (6, 1.0) is a straight line above (5, .7).
+    assert mixed_fixed_depth(curve, 5) == pytest.approx(0.8)
+    assert mixed_fixed_depth(curve, 3) == pytest.approx(0.4) and mixed_fixed_depth(curve, 6) == 1.0
