@@ -75,7 +75,7 @@ def engine_logits(llm: LLM, ids: list[int], depth: int) -> torch.Tensor:
     mask = (pos[:, None] >= pos[None, :])[None, None].expand(t, 1, t, t)       # (B=T, 1, T, T)
     batch = ForwardBatch(
         input_ids=torch.tensor([ids] * t), positions=pos.expand(t, t).contiguous(),
-        slot_mapping=torch.zeros(t * t, dtype=torch.long), context_slots=None, attn_mask=mask,
+        slot_mapping=torch.zeros(t * t, dtype=torch.long), context_blocks=None, attn_mask=mask,
         active_rows=model.active_rows([depth] * t), row_depths=[depth] * t, last_index=pos)
     kv = torch.zeros(model.num_layers, 2, 1, cfg.num_key_value_heads, head_dim, dtype=torch.float64)
     with torch.inference_mode():

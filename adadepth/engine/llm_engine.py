@@ -70,6 +70,8 @@ class LLMEngine:
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.model.inv_freq = self.model.inv_freq.float()  # rope angles stay fp32 whatever the dtype
         self.model.use_batched_skip_kernels = self.device.type == "cuda"
+        if mc.cpu_weight_prepack and self.device.type == "cpu" and self.dtype == torch.float32:
+            self.model.pack_linears()
         if not DepthPlan.exists(resolved.plan_dir):
             self._store_heuristic_plan(resolved.plan_dir)
 

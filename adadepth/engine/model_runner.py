@@ -100,19 +100,23 @@ class ModelRunner:
         return ForwardBatch(
             input_ids=batch.input_ids[p], positions=batch.positions[p],
             slot_mapping=batch.slot_mapping.view(b, -1)[p].reshape(-1),
-            context_slots=None if batch.context_slots is None else batch.context_slots[p],
+            context_blocks=None if batch.context_blocks is None else batch.context_blocks[p],
             attn_mask=batch.attn_mask[p], active_rows=self.model.active_rows(row_depths),
-            row_depths=list(row_depths), last_index=batch.last_index[p])
+            row_depths=list(row_depths), last_index=batch.last_index[p], block_size=batch.block_size)
 
     # ---- batch preparation ------------------------------------------------------------
-    def _slots(self, seqs: list[Sequence], length: int) -> torch.Tensor:
-        """(B, length) cache slots of positions 0..length-1 of each seq (beyond its blocks -> 0)."""
-        bs = self.block_manager.block_size
-        num_blocks = -(-length // bs)
+    def _block_table(self, seqs: list[Sequence], num_blocks: int) -> torch.Tensor:
+        """(B, num_blocks) long: each seq's first num_blocks blocks, padded with scratch block 0."""
         table = torch.zeros(len(seqs), num_blocks, dtype=torch.long)
         for i, s in enumerate(seqs):
             blocks = s.block_table[:num_blocks]
             table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.long)
+        return table
+
+    def _slots(self, seqs: list[Sequence], length: int) -> torch.Tensor:
+        """(B, length) cache slots of positions 0..length-1 of each seq (beyond its blocks -> 0)."""
+        bs = self.block_manager.block_size
+        table = self._block_table(seqs, -(-length // bs))                        # (B, nblk)
         pos = torch.arange(length)
         return table[:, pos // bs] * bs + pos % bs                              # (B, length)
 
@@ -133,22 +137,24 @@ class ModelRunner:
         mask = causal & valid[:, None, :]                                       # (B, T, S=T)
         return ForwardBatch(
             input_ids=ids.to(self.device), positions=pos.expand(b, t).contiguous().to(self.device),
-            slot_mapping=slots.reshape(-1).to(self.device), context_slots=None,
+            slot_mapping=slots.reshape(-1).to(self.device), context_blocks=None,
             attn_mask=mask[:, None].to(self.device), active_rows=self.model.active_rows(depths),
             row_depths=list(depths),
             last_index=(lens - 1).to(self.device))
 
     def prepare_decode(self, seqs: list[Sequence]) -> ForwardBatch:
         # The newest token (position num_tokens-1) has no KV yet: this step writes it.
+        bs = self.block_manager.block_size
         positions = torch.tensor([s.num_tokens - 1 for s in seqs])              # (B,)
-        s_max = int(positions.max()) + 1
-        ctx = self._slots(seqs, s_max)                                          # (B, S)
-        new_slots = ctx[torch.arange(len(seqs)), positions]                     # (B,)
-        mask = torch.arange(s_max)[None, :] <= positions[:, None]               # (B, S)
+        num_blocks = int(positions.max()) // bs + 1
+        table = self._block_table(seqs, num_blocks)                             # (B, nblk)
+        rows = torch.arange(len(seqs))
+        new_slots = table[rows, positions // bs] * bs + positions % bs          # (B,)
+        mask = torch.arange(num_blocks * bs)[None, :] <= positions[:, None]     # (B, S=nblk*bs)
         ids = torch.tensor([s.token_ids[-1] for s in seqs])[:, None]            # (B, 1)
         return ForwardBatch(
             input_ids=ids.to(self.device), positions=positions[:, None].to(self.device),
-            slot_mapping=new_slots.to(self.device), context_slots=ctx.to(self.device),
+            slot_mapping=new_slots.to(self.device), context_blocks=table.to(self.device),
             attn_mask=mask[:, None, None, :].to(self.device),
             active_rows=self.model.active_rows([s.depth for s in seqs]), row_depths=[s.depth for s in seqs],
-            last_index=torch.zeros(len(seqs), dtype=torch.long, device=self.device))
+            last_index=torch.zeros(len(seqs), dtype=torch.long, device=self.device), block_size=bs)

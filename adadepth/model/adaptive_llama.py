@@ -30,12 +30,14 @@ class ForwardBatch:
     input_ids: torch.Tensor        # (B, T) long
     positions: torch.Tensor        # (B, T) long; position of each new token in its sequence
     slot_mapping: torch.Tensor     # (B*T,) long; KV-cache slot each new token writes (padding -> scratch slot 0)
-    context_slots: torch.Tensor | None  # (B, S) long; slots of each row's whole context, or None when
-                                        # every row starts at position 0 (plain prefill: attend to fresh k/v)
+    context_blocks: torch.Tensor | None  # (B, nblk) long; KV-cache blocks holding each row's context
+                                         # (padded with scratch block 0), or None when every row starts
+                                         # at position 0 (plain prefill: attend to the fresh k/v)
     attn_mask: torch.Tensor        # (B, 1, T, S) bool; True where query may attend to key
     active_rows: list[int]         # per layer: rows [0, n) run it (host ints, from sorted depths)
     row_depths: list[int]          # (B,) depth of each row, descending
     last_index: torch.Tensor       # (B,) long; index in T of each row's last real token
+    block_size: int = 1            # tokens per KV-cache block; context S = nblk * block_size
 
 
 class RMSNorm(nn.Module):
@@ -88,11 +90,17 @@ class DecoderLayer(nn.Module):
         slots = batch.slot_mapping[: n * t]
         k_cache.index_copy_(0, slots, k.reshape(n * t, self.num_kv_heads, self.head_dim))
         v_cache.index_copy_(0, slots, v.reshape(n * t, self.num_kv_heads, self.head_dim))
-        if batch.context_slots is None:
+        if batch.context_blocks is None:
             keys, values = k, v                                                 # (n, S=T, Hkv, Dh)
         else:
-            ctx = batch.context_slots[:n]                                       # (n, S)
-            keys, values = k_cache[ctx], v_cache[ctx]                           # (n, S, Hkv, Dh)
+            # Gather whole blocks (block_size * Hkv * Dh contiguous values each) rather than single
+            # slots: on CPU, index_select over blocks ran ~4x faster than per-slot indexing.
+            blocks = batch.context_blocks[:n].reshape(-1)                       # (n*nblk,)
+            bs = batch.block_size
+            shape = (n, -1, self.num_kv_heads, self.head_dim)
+            keys = k_cache.view(-1, bs, self.num_kv_heads, self.head_dim).index_select(0, blocks).view(shape)
+            values = v_cache.view(-1, bs, self.num_kv_heads, self.head_dim).index_select(0, blocks).view(shape)
+            # keys, values: (n, S=nblk*bs, Hkv, Dh); slots past each row's length are masked
         attn = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),    # (n, H|Hkv, T|S, Dh)
             attn_mask=batch.attn_mask[:n], scale=self.scale,
@@ -127,13 +135,25 @@ class AdaptiveLlama(nn.Module):
         self.bypass = nn.ModuleDict({
             str(layer): nn.Linear(config.hidden_size, config.hidden_size, bias=bias is not None)
             for layer, (_, bias) in plan.bypass.items()})
-        self.bypass_ops: list[nn.Linear | None] = [
-            self.bypass[str(i)] if str(i) in self.bypass else None for i in range(self.num_layers)]
+        self._refresh_bypass_ops()
         self.register_buffer("inv_freq", torch.empty(0), persistent=False)
         self.attention_scaling = 1.0
         # The fused gather+RMSNorm / scatter+residual kernels (adadepth.kernels). On by default on
         # CUDA; on CPU their PyTorch reference runs, which tests use to check this path.
         self.use_batched_skip_kernels = False
+
+    def _refresh_bypass_ops(self) -> None:
+        # Per-layer list (None = identity), so the hot loop does no dict lookups.
+        self.bypass_ops: list[nn.Module | None] = [
+            self.bypass[str(i)] if str(i) in self.bypass else None for i in range(self.num_layers)]
+
+    def pack_linears(self) -> int:
+        """Run every matmul through oneDNN on pre-packed weights (CPU fp32; see packed_linear)."""
+        from adadepth.model.packed_linear import pack_linears
+
+        count = pack_linears(self)
+        self._refresh_bypass_ops()
+        return count
 
     @classmethod
     def from_state_dict(cls, config, plan: DepthPlan, state: dict[str, torch.Tensor]) -> "AdaptiveLlama":

@@ -28,7 +28,7 @@ def influence_order(model: AdaptiveLlama, device: torch.device) -> DepthPlan:
     dtype = model.embed_tokens.weight.dtype
     kv = torch.zeros(model.num_layers, 2, t + 1, cfg.num_key_value_heads, head_dim, dtype=dtype, device=device)
     batch = ForwardBatch(
-        input_ids=ids, positions=pos[None], slot_mapping=pos + 1, context_slots=None,
+        input_ids=ids, positions=pos[None], slot_mapping=pos + 1, context_blocks=None,
         attn_mask=(pos[:, None] >= pos[None, :])[None, None], active_rows=[1] * model.num_layers, row_depths=[model.num_layers],
         last_index=torch.tensor([t - 1], device=device))
     states: list[torch.Tensor] = []

@@ -102,8 +102,8 @@ class SequenceForward:
         slots = torch.arange(1, b * t + 1, device=self.device)                      # (B*T,)
         fields = dict(
             input_ids=seqs.input_ids, positions=pos.expand(b, t).contiguous(), slot_mapping=slots,
-            context_slots=None, attn_mask=mask[:, None], active_rows=self.model.active_rows([depth] * b),
-            row_depths=[depth] * b, last_index=seqs.lengths - 1)
+            context_blocks=None, attn_mask=mask[:, None], active_rows=self.model.active_rows([depth] * b),
+            row_depths=[depth] * b, last_index=seqs.lengths - 1, block_size=1)
         # ForwardBatch grows fields as the engine evolves (row_depths is recent): pass those it has.
         return ForwardBatch(**{f.name: fields[f.name] for f in dataclasses.fields(ForwardBatch)})
 

@@ -1,0 +1,87 @@
+"""oneDNN packed matmuls (CPU fp32) must compute what nn.Linear computes, never go stale when
+weights change, and leave the model's state dict exactly as it was."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from adadepth import LLM, SamplingParams
+from adadepth.model.packed_linear import PackedLinear, onednn_available, pack_linears
+
+pytestmark = pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(1, 48), (16, 48), (3, 7, 48), (300, 48)])
+def test_matches_nn_linear(shape, bias):
+    torch.manual_seed(0)
+    linear = nn.Linear(48, 80, bias=bias)
+    packed = PackedLinear(linear)
+    x = torch.randn(*shape)
+    with torch.inference_mode():
+        want, got = linear(x), packed(x)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert packed._packed is not None, "fp32 CPU inference must take the packed path"
+
+
+def test_strided_rows_are_read_correctly():
+    linear = nn.Linear(32, 16)
+    packed = PackedLinear(linear)
+    x = torch.randn(5, 64)[:, ::2]  # every other column: not contiguous
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(x), linear(x), rtol=1e-5, atol=1e-5)
+
+
+def test_repacks_after_in_place_weight_change():
+    linear = nn.Linear(24, 24, bias=False)
+    packed = PackedLinear(linear)
+    x = torch.randn(4, 24)
+    with torch.inference_mode():
+        before = packed(x)
+    with torch.no_grad():
+        linear.weight.mul_(2.0)
+    with torch.inference_mode():
+        after = packed(x)
+    torch.testing.assert_close(after, 2 * before, rtol=1e-5, atol=1e-5)
+
+
+def test_autograd_and_other_dtypes_fall_back_to_f_linear():
+    linear = nn.Linear(8, 4)
+    packed = PackedLinear(linear)
+    x = torch.randn(3, 8)
+    packed(x).sum().backward()  # grad enabled and weight requires grad: plain F.linear
+    assert linear.weight.grad is not None and packed._packed is None
+    x64 = torch.randn(3, 8, dtype=torch.float64)
+    linear64 = nn.Linear(8, 4).double()
+    with torch.inference_mode():
+        torch.testing.assert_close(PackedLinear(linear64)(x64), linear64(x64))
+
+
+def test_pack_keeps_state_dict_and_shares_parameters():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 4, bias=False)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    weight = model[0].weight
+    assert pack_linears(model) == 2
+    assert isinstance(model[0], PackedLinear) and isinstance(model[2][0], PackedLinear)
+    assert model[0].weight is weight
+    after = model.state_dict()
+    assert list(after) == list(before)
+    for k in before:
+        assert torch.equal(after[k], before[k])
+
+
+def test_engine_packs_in_fp32_and_generates_like_unpacked(tiny_llama, cache_dir):
+    kwargs = dict(cache_dir=cache_dir, num_kv_tokens=2048, max_model_len=256, max_num_batched_tokens=512)
+    prompts = ["hello world", "the quick brown fox jumps", "what is 2 + 2?"]
+    params = [SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, depth=d, logprobs=0) for d in (6, 3, 5)]
+    packed = LLM(tiny_llama, dtype="float32", **kwargs)
+    plain = LLM(tiny_llama, dtype="float32", cpu_weight_prepack=False, **kwargs)
+    assert any(isinstance(m, PackedLinear) for m in packed.engine.model.modules())
+    assert not any(isinstance(m, PackedLinear) for m in plain.engine.model.modules())
+    for a, b in zip(packed.generate(prompts, params), plain.generate(prompts, params)):
+        assert a.token_ids == b.token_ids
+        lp_a = torch.tensor([next(iter(x.values())) for x in a.outputs[0].logprobs])
+        lp_b = torch.tensor([next(iter(x.values())) for x in b.outputs[0].logprobs])
+        torch.testing.assert_close(lp_a, lp_b, rtol=1e-4, atol=1e-4)
