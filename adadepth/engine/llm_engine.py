@@ -85,7 +85,8 @@ class LLMEngine:
         self.max_model_len = min(config.scheduler.max_model_len, getattr(hf_config, "max_position_embeddings", 1 << 30))
         self.block_manager = BlockManager(config.cache.num_blocks, config.cache.block_size)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
-        self.runner = ModelRunner(self.model, self.block_manager, Sampler(eos), self.dtype, self.device)
+        self.runner = ModelRunner(self.model, self.block_manager, Sampler(eos), self.dtype, self.device,
+                                  max_prefill_padding=config.scheduler.max_prefill_padding)
         self.detokenizer = Detokenizer(self.tokenizer)
         if depth_router is None:
             # The router trained for this model and layer order, stored beside its plan (if any).

