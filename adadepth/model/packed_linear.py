@@ -43,7 +43,8 @@ class PackedLinear(nn.Module):
 
     def packed_weight(self) -> torch.Tensor:
         w = self.weight
-        key = (w.data_ptr(), w._version, w.shape)
+        # Inference tensors (made under torch.inference_mode) carry no version counter.
+        key = (w.data_ptr(), None if w.is_inference() else w._version, w.shape)
         if self._packed is None or self._packed_key != key:
             # batch_size hint None: one layout that serves decode (M = batch) and prefill alike.
             self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)

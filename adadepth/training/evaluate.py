@@ -161,11 +161,7 @@ def base_of(model: str) -> str | None:
 
 
 def evaluate_model(model: str, records: list[PromptRecord], config: EvalConfig) -> dict:
-    from adadepth.llm import LLM
-
-    llm = LLM(model, device=config.device, dtype=config.dtype, max_model_len=config.max_model_len,
-              max_num_seqs=config.max_num_seqs, max_num_batched_tokens=max(4096, config.max_model_len),
-              num_kv_tokens=max(config.max_model_len, config.max_num_seqs * 768))
+    llm = _open_llm(model, config)
     depths = config.depth_list
     references = [r.reference for r in records] if config.perplexity else None
     scores = score_prompts(llm, records, depths, max_new_tokens=config.max_new_tokens,
@@ -182,6 +178,45 @@ def evaluate_model(model: str, records: list[PromptRecord], config: EvalConfig) 
     }
 
 
+def _open_llm(model: str, config: EvalConfig):
+    from adadepth.llm import LLM
+
+    return LLM(model, device=config.device, dtype=config.dtype, max_model_len=config.max_model_len,
+               max_num_seqs=config.max_num_seqs, max_num_batched_tokens=max(4096, config.max_model_len),
+               num_kv_tokens=max(config.max_model_len, config.max_num_seqs * 768))
+
+
+def full_depth_fidelity(model: str, base: str, records: list[PromptRecord], config: EvalConfig) -> dict:
+    """How much training changed the full-depth model: `base` greedily continues each prompt
+    (up to max_new_tokens), then `model` at full depth is run teacher-forced on prompt + that
+    continuation; agreement is the share of positions where its argmax is the base's token."""
+    from adadepth.sampling_params import SamplingParams
+    from adadepth.training.depth_scorer import _positions_of
+    from adadepth.training.sequence_forward import SequenceBatch, SequenceForward
+
+    base_llm = _open_llm(base, config)
+    prompt_ids = [encode_prompt(base_llm.tokenizer, _messages(r)) for r in records]
+    run = [i for i, ids in enumerate(prompt_ids) if len(ids) + config.max_new_tokens <= base_llm.engine.max_model_len]
+    params = SamplingParams(max_tokens=config.max_new_tokens, temperature=0.0)
+    outs = base_llm.generate([prompt_ids[i] for i in run], params)
+    items = [(prompt_ids[i] + list(o.token_ids), len(prompt_ids[i])) for i, o in zip(run, outs) if o.token_ids]
+    del base_llm
+    llm = _open_llm(model, config)
+    fwd = SequenceForward(llm.engine.model)
+    matches = positions = 0
+    items.sort(key=lambda it: len(it[0]))
+    with torch.inference_mode():
+        for start in range(0, len(items), config.batch_size):
+            chunk = items[start: start + config.batch_size]
+            seqs = SequenceBatch.build([ids for ids, _ in chunk], fwd.device)
+            rows, cols, _ = _positions_of([(s, len(ids)) for ids, s in chunk], fwd.device)
+            predicted = fwd.logits(fwd.final_states(seqs, llm.num_layers)[rows, cols]).argmax(-1)   # (n,)
+            matches += int((predicted == seqs.input_ids[rows, cols + 1]).sum())
+            positions += int(rows.numel())
+    return {"base": base, "agreement_with_base_greedy": round(matches / positions, 5) if positions else None,
+            "positions": positions, "num_prompts": len(items)}
+
+
 def run_eval(models: list[str], config: EvalConfig) -> dict:
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
@@ -195,6 +230,12 @@ def run_eval(models: list[str], config: EvalConfig) -> dict:
             if base is not None and base not in names:
                 names.append(base)
     reports = [evaluate_model(m, records, config) for m in names]
+    if config.compare:
+        # Full depth must stay what the base model was: agreement with the base's own greedy text.
+        for report in reports:
+            base = base_of(report["model"])
+            if base is not None:
+                report["full_depth_vs_base"] = full_depth_fidelity(report["model"], base, records, config)
     # One model: the plain report. Several: the first one's fields stay at the top level (tools
     # reading a single report still work) and "models" lists all of them.
     out = dict(reports[0]) if len(reports) == 1 else {**reports[0], "models": reports}

@@ -85,3 +85,12 @@ def test_engine_packs_in_fp32_and_generates_like_unpacked(tiny_llama, cache_dir)
         lp_a = torch.tensor([next(iter(x.values())) for x in a.outputs[0].logprobs])
         lp_b = torch.tensor([next(iter(x.values())) for x in b.outputs[0].logprobs])
         torch.testing.assert_close(lp_a, lp_b, rtol=1e-4, atol=1e-4)
+
+
+def test_weights_made_in_inference_mode_are_packed_too():
+    with torch.inference_mode():
+        linear = nn.Linear(16, 8)  # inference tensors: no version counter
+        packed = PackedLinear(linear)
+        x = torch.randn(2, 16)
+        torch.testing.assert_close(packed(x), linear(x), rtol=1e-5, atol=1e-5)
+        assert packed._packed is not None

@@ -56,6 +56,11 @@ def test_compare_lists_models_and_keeps_single_shape_at_top(tiny_base, train_cac
     for m in report["models"]:
         assert m["results"][-1]["agreement"] == 1.0 and m["results"][0]["perplexity"] is None
         assert m["results"][0]["num_prompts"] == 2
+    # The artifact changes nothing, so at full depth it reproduces the base's greedy text exactly.
+    fidelity = report["models"][0]["full_depth_vs_base"]
+    assert fidelity["base"] == os.path.abspath(tiny_base) and fidelity["num_prompts"] == 2
+    assert fidelity["positions"] > 0 and fidelity["agreement_with_base_greedy"] == 1.0
+    assert "full_depth_vs_base" not in report["models"][1]
 
 
 def test_per_prompt_agreement(tiny_base, train_cache):
