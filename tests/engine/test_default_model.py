@@ -43,7 +43,9 @@ def test_full_depth_equals_transformers_generate_on_20_real_prompts(base_llm):
     tok = base_llm.tokenizer
     conversations = real_prompts(20)
     assert len(conversations) == 20
-    outs = base_llm.chat(conversations, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+    # min_tokens, like transformers' min_new_tokens, keeps EOS from being chosen (ignore_eos alone
+    # only keeps generating after one: the model may still pick EOS, which generate would not).
+    outs = base_llm.chat(conversations, SamplingParams(max_tokens=24, min_tokens=24, temperature=0))
     assert base_llm.num_layers == 30
     for conv, out in zip(conversations, outs):
         ids = tok.apply_chat_template(conv, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
