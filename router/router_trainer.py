@@ -148,6 +148,9 @@ def train_router(model: ModelConfig, config: RouterTrainConfig) -> dict:
     probe = AgreementPredictor(shape)
     best_epoch, val_loss = fit(probe, feats.select(fit_idx), y[fit_idx], w[fit_idx], config, config.max_epochs,
                                val=(feats.select(val_idx), y[val_idx], w[val_idx]))
+    # Platt scaling on the held-back prompts (the probe never trained on them).
+    probe.fit_calibration(feats.select(val_idx), y[val_idx], w[val_idx])
+    calibration = (float(probe.calib_scale), float(probe.calib_bias))
     val_records = [records[i] for i in val_idx.tolist()]
     probe_router = DifficultyRouter(probe, grid, k, plan.fingerprint())
     val_pred = probe_router.predict(feats.select(val_idx))
@@ -158,19 +161,23 @@ def train_router(model: ModelConfig, config: RouterTrainConfig) -> dict:
     predictor = AgreementPredictor(shape)
     fit(predictor, feats, y, w, config, best_epoch)
     with torch.no_grad():
+        predictor.calib_scale.fill_(calibration[0])
+        predictor.calib_bias.fill_(calibration[1])
+    with torch.no_grad():
         train_loss = float(weighted_bce(predictor(feats), y, w))
     info = {
         "model": model.model, "labels": os.path.abspath(labels_path), "label_meta": meta,
         "num_prompts": len(records), "num_validation_prompts": len(val_idx), "epochs": best_epoch,
         "validation_loss": round(val_loss, 5), "train_loss": round(train_loss, 5),
         "validation_mae_by_depth": {str(d): round(m, 4) for d, m in zip(grid.partial, val_mae)},
+        "platt_scaling": {"a": round(calibration[0], 4), "b": round(calibration[1], 4)},
         "validation_policy": val_sweep, "config": {**config.__dict__},
     }
     router = DifficultyRouter(predictor, grid, k, plan.fingerprint(), info)
     output = config.output or plan_dir
     router.save(output)
     return {"router": output, "feature_layers": k, "depth_grid": list(grid.depths), "num_prompts": len(records),
-            "epochs": best_epoch, "validation_loss": round(val_loss, 5),
+            "epochs": best_epoch, "validation_loss": round(val_loss, 5), "platt_scaling": info["platt_scaling"],
             "num_trained_parameters": predictor.num_trained_parameters,
             "validation_mae_by_depth": info["validation_mae_by_depth"],
             "validation_policy": [{k2: row[k2] for k2 in ("quality", "mean_depth", "agreement", "predicted_agreement",

@@ -110,3 +110,23 @@ def test_fixed_depth_baselines():
     # Hull: (2, .2) -> (4, .6) -> (6, 1.0) is a straight line above (5, .7).
     assert mixed_fixed_depth(curve, 5) == pytest.approx(0.8)
     assert mixed_fixed_depth(curve, 3) == pytest.approx(0.4) and mixed_fixed_depth(curve, 6) == 1.0
+
+
+def test_platt_scaling_corrects_over_confidence_and_round_trips(tmp_path):
+    # Predicts 0.1/0.6/0.85/0.95 for everyone; the truth is pulled towards 0.5 (over-confident head).
+    router = make_router(PLAN, agreements=[0.1, 0.6, 0.85, 0.95])
+    predictor = router.predictor
+    feats = random_features(200, 4)
+    truth = torch.tensor([[0.25, 0.55, 0.7, 0.78]]).expand(200, 4).clone()
+    w = torch.ones(200)
+    before = (predictor(feats) - truth).abs().mean()
+    predictor.fit_calibration(feats, truth, w)
+    pred = predictor(feats)
+    assert 0 < float(predictor.calib_scale) < 1, "an over-confident head must be flattened"
+    assert (pred - truth).abs().mean() < before / 2
+    assert (pred.diff(dim=-1) >= 0).all()
+    router.predictor.fit_inputs(feats)
+    router.save(str(tmp_path))
+    loaded = DifficultyRouter.load(str(tmp_path), PLAN, hidden_size=HIDDEN)
+    assert float(loaded.predictor.calib_scale) == pytest.approx(float(predictor.calib_scale))
+    assert torch.equal(loaded.predict(feats), router.predict(feats))
