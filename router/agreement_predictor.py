@@ -106,10 +106,13 @@ class AgreementPredictor(nn.Module):
         opt = torch.optim.Adam([log_a, b], lr=0.05)
         for _ in range(steps):
             opt.zero_grad()
-            pred = torch.sigmoid(log_a.exp() * logits + b).clamp(1e-6, 1 - 1e-6)
-            loss = (F.binary_cross_entropy(pred, y, reduction="none") * w[:, None]).mean()
-            loss.backward()
+            weighted_bce(torch.sigmoid(log_a.exp() * logits + b), y, w).backward()
             opt.step()
         with torch.no_grad():
             self.calib_scale.copy_(log_a.exp())
             self.calib_bias.copy_(b)
+
+
+def weighted_bce(pred: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """BCE of predicted (n, G) against labelled (n, G) agreement, each prompt weighted by w (n,)."""
+    return (F.binary_cross_entropy(pred.clamp(1e-6, 1 - 1e-6), y, reduction="none") * w[:, None]).mean()

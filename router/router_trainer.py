@@ -16,10 +16,9 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from adadepth.config import ModelConfig
-from adadepth.router.agreement_predictor import AgreementPredictor, PredictorShape
+from adadepth.router.agreement_predictor import AgreementPredictor, PredictorShape, weighted_bce
 from adadepth.router.depth_grid import DepthGrid
 from adadepth.router.difficulty_router import DifficultyRouter
 from adadepth.router.feature_extractor import FeatureExtractor
@@ -73,10 +72,6 @@ def targets(records: list[LabelRecord], grid: DepthGrid) -> tuple[torch.Tensor, 
     y = torch.tensor([[r.agreement(d) for d in grid.partial] for r in records], dtype=torch.float32)
     w = torch.tensor([float(r.positions) for r in records])
     return y, w / w.mean()
-
-
-def weighted_bce(pred: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return (F.binary_cross_entropy(pred.clamp(1e-6, 1 - 1e-6), y, reduction="none") * w[:, None]).mean()
 
 
 def fit(predictor: AgreementPredictor, feats: PrefillFeatures, y: torch.Tensor, w: torch.Tensor,
@@ -163,7 +158,6 @@ def train_router(model: ModelConfig, config: RouterTrainConfig) -> dict:
     with torch.no_grad():
         predictor.calib_scale.fill_(calibration[0])
         predictor.calib_bias.fill_(calibration[1])
-    with torch.no_grad():
         train_loss = float(weighted_bce(predictor(feats), y, w))
     info = {
         "model": model.model, "labels": os.path.abspath(labels_path), "label_meta": meta,

@@ -55,26 +55,15 @@ class ModelRunner:
         batch = self.prepare_prefill(sorted_seqs) if is_prefill else self.prepare_decode(sorted_seqs)
         hidden = self.model(batch, self.kv_cache)                               # (B, D)
         logits = self.model.compute_logits(hidden)                              # (B, V)
-        sampled = self.sampler(logits, sorted_seqs)
-        # Undo the depth sort so callers see their own order.
-        inverse = [0] * len(order)
-        for pos, i in enumerate(order):
-            inverse[i] = pos
-        return StepResult(
-            SamplerOutput([sampled.token_ids[p] for p in inverse], [sampled.logprobs[p] for p in inverse]),
-            hidden[torch.tensor(inverse, device=hidden.device)])
+        return in_callers_order(order, self.sampler(logits, sorted_seqs), hidden)
 
     def _run_groups(self, seqs: list[Sequence], groups: list[list[int]], router) -> StepResult:
         """A prefill run as several forward passes (one per length group), results in seqs' order."""
-        token_ids: list = [None] * len(seqs)
-        logprobs: list = [None] * len(seqs)
-        hidden: list = [None] * len(seqs)
-        for group in groups:
-            result = self.run([seqs[i] for i in group], True, router)
-            for j, i in enumerate(group):
-                token_ids[i], logprobs[i] = result.sampled.token_ids[j], result.sampled.logprobs[j]
-                hidden[i] = result.hidden[j]
-        return StepResult(SamplerOutput(token_ids, logprobs), torch.stack(hidden))
+        results = [self.run([seqs[i] for i in group], True, router) for group in groups]
+        sampled = SamplerOutput([t for r in results for t in r.sampled.token_ids],
+                                [lp for r in results for lp in r.sampled.logprobs])
+        return in_callers_order([i for group in groups for i in group], sampled,
+                                torch.cat([r.hidden for r in results]))                 # (B, D)
 
     def _run_routed_prefill(self, seqs: list[Sequence], router) -> StepResult:
         """Prefill in two parts around the router. `router` has `feature_layers` (k) and
@@ -102,13 +91,7 @@ class ModelRunner:
         h = h[torch.tensor(resort, device=h.device)]
         h = self.model.run_layers(h, batch, self.kv_cache, k, num_layers)
         hidden = self.model.final_hidden(h, batch)                              # (B, D)
-        sampled = self.sampler(self.model.compute_logits(hidden), rows)
-        inverse = [0] * len(order)
-        for pos, i in enumerate(order):
-            inverse[i] = pos
-        return StepResult(
-            SamplerOutput([sampled.token_ids[p] for p in inverse], [sampled.logprobs[p] for p in inverse]),
-            hidden[torch.tensor(inverse, device=hidden.device)])
+        return in_callers_order(order, self.sampler(self.model.compute_logits(hidden), rows), hidden)
 
     def _permute_rows(self, batch: ForwardBatch, perm: list[int], row_depths: list[int]) -> ForwardBatch:
         """batch with its rows reordered (new row j = old row perm[j]) and depths `row_depths`."""
@@ -175,6 +158,16 @@ class ModelRunner:
             attn_mask=mask[:, None, None, :].to(self.device),
             active_rows=self.model.active_rows([s.depth for s in seqs]), row_depths=[s.depth for s in seqs],
             last_index=torch.zeros(len(seqs), dtype=torch.long, device=self.device), block_size=bs)
+
+
+def in_callers_order(order: list[int], sampled: SamplerOutput, hidden: torch.Tensor) -> StepResult:
+    """Results computed for rows seqs[order[0]], seqs[order[1]], ... put back in seqs' order."""
+    inverse = [0] * len(order)
+    for pos, i in enumerate(order):
+        inverse[i] = pos
+    return StepResult(
+        SamplerOutput([sampled.token_ids[p] for p in inverse], [sampled.logprobs[p] for p in inverse]),
+        hidden[torch.tensor(inverse, device=hidden.device)])
 
 
 def prefill_groups(lengths: list[int], max_padding: float) -> list[list[int]]:

@@ -84,6 +84,19 @@ class DepthScorer:
                     s.positions += round(count)
 
     @torch.inference_mode()
+    def next_token_matches(self, items: list[tuple[int, list[int], int]], depth: int) -> tuple[int, int]:
+        """Teacher-forced at `depth`: (positions whose argmax is the sequence's own next token,
+        positions scored), over every item's tokens from its first scored one."""
+        matches = positions = 0
+        for chunk in self._batches(items):
+            seqs = SequenceBatch.build([ids for _, ids, _ in chunk], self.fwd.device)
+            rows, cols, _ = _positions_of([(start, len(ids)) for _, ids, start in chunk], self.fwd.device)
+            predicted = self.fwd.logits(self.fwd.final_states(seqs, depth)[rows, cols]).argmax(-1)   # (n,)
+            matches += int((predicted == seqs.input_ids[rows, cols + 1]).sum())
+            positions += int(rows.numel())
+        return matches, positions
+
+    @torch.inference_mode()
     def reference_nll(self, scores: list[dict[int, DepthScore]], items: list[tuple[int, list[int], int]]) -> None:
         for chunk in self._batches(items):
             seqs = SequenceBatch.build([ids for _, ids, _ in chunk], self.fwd.device)

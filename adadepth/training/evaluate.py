@@ -191,28 +191,16 @@ def full_depth_fidelity(model: str, base: str, records: list[PromptRecord], conf
     (up to max_new_tokens), then `model` at full depth is run teacher-forced on prompt + that
     continuation; agreement is the share of positions where its argmax is the base's token."""
     from adadepth.sampling_params import SamplingParams
-    from adadepth.training.depth_scorer import _positions_of
-    from adadepth.training.sequence_forward import SequenceBatch, SequenceForward
 
     base_llm = _open_llm(base, config)
     prompt_ids = [encode_prompt(base_llm.tokenizer, _messages(r)) for r in records]
     run = [i for i, ids in enumerate(prompt_ids) if len(ids) + config.max_new_tokens <= base_llm.engine.max_model_len]
     params = SamplingParams(max_tokens=config.max_new_tokens, temperature=0.0)
     outs = base_llm.generate([prompt_ids[i] for i in run], params)
-    items = [(prompt_ids[i] + list(o.token_ids), len(prompt_ids[i])) for i, o in zip(run, outs) if o.token_ids]
+    items = [(i, prompt_ids[i] + list(o.token_ids), len(prompt_ids[i])) for i, o in zip(run, outs) if o.token_ids]
     del base_llm
     llm = _open_llm(model, config)
-    fwd = SequenceForward(llm.engine.model)
-    matches = positions = 0
-    items.sort(key=lambda it: len(it[0]))
-    with torch.inference_mode():
-        for start in range(0, len(items), config.batch_size):
-            chunk = items[start: start + config.batch_size]
-            seqs = SequenceBatch.build([ids for ids, _ in chunk], fwd.device)
-            rows, cols, _ = _positions_of([(s, len(ids)) for ids, s in chunk], fwd.device)
-            predicted = fwd.logits(fwd.final_states(seqs, llm.num_layers)[rows, cols]).argmax(-1)   # (n,)
-            matches += int((predicted == seqs.input_ids[rows, cols + 1]).sum())
-            positions += int(rows.numel())
+    matches, positions = DepthScorer(llm, [llm.num_layers], config.batch_size).next_token_matches(items, llm.num_layers)
     return {"base": base, "agreement_with_base_greedy": round(matches / positions, 5) if positions else None,
             "positions": positions, "num_prompts": len(items)}
 
