@@ -25,6 +25,9 @@
 #   DEVICE=cuda DTYPE=bfloat16 MAX_MINUTES=6 MAX_STEPS=100000 BATCH_SIZE=64 SEQ_LEN=512 LR=3e-4
 #   LORA_RANK=16 CALIB_METHOD=greedy CALIB_PROMPTS=48 CALIB_SEQ=160 BYPASS=1 BYPASS_MIN_DEPTH=12
 #   EVAL=1 EVAL_MIN_SECONDS=100 DEADLINE_SECONDS=570
+#   LAYER_ORDER=<folder with layer_order.json: skips calibrating the base, e.g. the shipped artifact>
+#   CALIB_TRAINED=1 (0: keep the training order, no bypass: saves a minute of device time)
+#   TRAIN_ARGS="<more flags for adadepth train, e.g. --ce-weight 0 --lora-rank 32>"
 #   MODEL=<absolute path of a model, e.g. a GGUF already assembled; skips the chunks>
 #   DATA_DIR=<absolute data folder> WORK=/tmp/adadepth-run OUT=/tmp/adadepth-out (set by the device tool)
 # A per-phase time breakdown of training steps 2-4 is printed ("profile_step" lines in run.log).
@@ -42,6 +45,7 @@ DEVICE=${DEVICE:-cuda}; DTYPE=${DTYPE:-bfloat16}; MAX_MINUTES=${MAX_MINUTES:-6};
 BATCH_SIZE=${BATCH_SIZE:-64}; SEQ_LEN=${SEQ_LEN:-512}; LR=${LR:-3e-4}; LORA_RANK=${LORA_RANK:-16}
 CALIB_METHOD=${CALIB_METHOD:-greedy}; CALIB_PROMPTS=${CALIB_PROMPTS:-48}; CALIB_SEQ=${CALIB_SEQ:-160}
 BYPASS=${BYPASS:-1}; BYPASS_MIN_DEPTH=${BYPASS_MIN_DEPTH:-12}; LOG_EVERY=${LOG_EVERY:-10}
+LAYER_ORDER=${LAYER_ORDER:-}; CALIB_TRAINED=${CALIB_TRAINED:-1}; TRAIN_ARGS=${TRAIN_ARGS:-}
 EVAL=${EVAL:-1}; EVAL_MIN_SECONDS=${EVAL_MIN_SECONDS:-100}; DEADLINE_SECONDS=${DEADLINE_SECONDS:-570}
 CACHE=$WORK/cache; ART=$WORK/artifact
 elapsed() { echo $(( $(date +%s) - T0 )); }
@@ -111,11 +115,17 @@ collect() {
 }
 
 # ---- 1. layer order of the base, measured (stored with the converted base in $CACHE) --
-say "calibrate base ($CALIB_METHOD)"
-ad calibrate --model "$MODEL" --cache-dir "$CACHE" --data-dir "$DATA_DIR" --device "$DEVICE" \
-  --method "$CALIB_METHOD" --num-prompts "$CALIB_PROMPTS" --seq-len "$CALIB_SEQ" --no-compare-existing \
-  > "$WORK/calibrate_base.json" || { say "calibrate (base) failed"; exit 1; }
-sed 's/^/{"stage": "calibrate_base", "report": /; s/$/}/' "$WORK/calibrate_base.json" >> "$OUT/reports.jsonl"
+if [ -n "$LAYER_ORDER" ]; then
+  say "layer order from $LAYER_ORDER/layer_order.json (base not recalibrated)"
+  order_args=(--layer-order "$LAYER_ORDER")
+else
+  say "calibrate base ($CALIB_METHOD)"
+  ad calibrate --model "$MODEL" --cache-dir "$CACHE" --data-dir "$DATA_DIR" --device "$DEVICE" \
+    --method "$CALIB_METHOD" --num-prompts "$CALIB_PROMPTS" --seq-len "$CALIB_SEQ" --no-compare-existing \
+    > "$WORK/calibrate_base.json" || { say "calibrate (base) failed"; exit 1; }
+  sed 's/^/{"stage": "calibrate_base", "report": /; s/$/}/' "$WORK/calibrate_base.json" >> "$OUT/reports.jsonl"
+  order_args=()
+fi
 
 # ---- 2. train ----------------------------------------------------------------------------
 # base_model is recorded as the GGUF path so that stage 3 can resolve it here; it is renamed to
@@ -124,7 +134,7 @@ say "train (max $MAX_MINUTES min)"
 ad train --model "$MODEL" --base-model-name "$MODEL" --cache-dir "$CACHE" --data-dir "$DATA_DIR" --output "$ART" \
   --device "$DEVICE" --dtype "$DTYPE" --batch-size "$BATCH_SIZE" --max-seq-len "$SEQ_LEN" --lr "$LR" \
   --max-steps "$MAX_STEPS" --max-minutes "$MAX_MINUTES" --lora-rank "$LORA_RANK" --lora-save-dtype float16 \
-  --checkpoint-every 200 --log-every "$LOG_EVERY" --no-progress-bar > "$WORK/train.out"
+  --checkpoint-every 200 --log-every "$LOG_EVERY" --no-progress-bar "${order_args[@]}" $TRAIN_ARGS > "$WORK/train.out"
 rc=$?
 cat "$WORK/train.out"
 tail -n 1 "$WORK/train.out" | sed 's/^/{"stage": "train", "report": /; s/$/}/' >> "$OUT/reports.jsonl"
@@ -132,6 +142,7 @@ tail -n 1 "$WORK/train.out" | sed 's/^/{"stage": "train", "report": /; s/$/}/' >
 collect
 
 # ---- 3. calibrate the trained model: order (kept unless a measured one beats it) + bypass --
+if [ "$CALIB_TRAINED" = 1 ]; then
 say "calibrate trained"
 extra=()
 [ "$BYPASS" = 1 ] && extra=(--bypass --bypass-min-depth "$BYPASS_MIN_DEPTH")
@@ -140,6 +151,7 @@ ad calibrate --model "$ART" --cache-dir "$CACHE" --data-dir "$DATA_DIR" --device
   > "$WORK/calibrate_trained.json" && \
   sed 's/^/{"stage": "calibrate_trained", "report": /; s/$/}/' "$WORK/calibrate_trained.json" >> "$OUT/reports.jsonl" \
   || say "calibrate (trained) failed: the artifact keeps its training order"
+fi
 
 # ---- 4. the artifact names the default model as its base ----------------------------------
 python3 - "$ART/adadepth.json" <<'EOF'
