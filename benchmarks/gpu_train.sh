@@ -20,6 +20,7 @@
 #   train_log.jsonl          one line per LOG_EVERY steps (losses, tokens/s)
 #   reports.jsonl            JSON lines of `calibrate` (base, trained), `train` and `eval` (if run)
 #   run.log                  everything printed
+#   train_ops.txt            torch.profiler op table of training steps 2-4 (where a step's time goes)
 #
 # Environment knobs (defaults size the run for an H200; shrink them to test on a CPU):
 #   DEVICE=cuda DTYPE=bfloat16 MAX_MINUTES=6 MAX_STEPS=100000 BATCH_SIZE=64 SEQ_LEN=512 LR=3e-4
@@ -134,7 +135,8 @@ say "train (max $MAX_MINUTES min)"
 ad train --model "$MODEL" --base-model-name "$MODEL" --cache-dir "$CACHE" --data-dir "$DATA_DIR" --output "$ART" \
   --device "$DEVICE" --dtype "$DTYPE" --batch-size "$BATCH_SIZE" --max-seq-len "$SEQ_LEN" --lr "$LR" \
   --max-steps "$MAX_STEPS" --max-minutes "$MAX_MINUTES" --lora-rank "$LORA_RANK" --lora-save-dtype float16 \
-  --checkpoint-every 200 --log-every "$LOG_EVERY" --no-progress-bar "${order_args[@]}" $TRAIN_ARGS > "$WORK/train.out"
+  --checkpoint-every 200 --log-every "$LOG_EVERY" --no-progress-bar "${order_args[@]}" \
+  --op-profile "$OUT/train_ops.txt" $TRAIN_ARGS > "$WORK/train.out"
 rc=$?
 cat "$WORK/train.out"
 tail -n 1 "$WORK/train.out" | sed 's/^/{"stage": "train", "report": /; s/$/}/' >> "$OUT/reports.jsonl"

@@ -46,6 +46,8 @@ class TrainConfig:
     log_every: int = field(default=10, metadata={"help": "steps between log lines (train_log.jsonl)"})
     profile_steps: int = field(default=3, metadata={
         "help": "print a synchronised per-phase time breakdown for this many steps after the first"})
+    op_profile: str | None = field(default=None, metadata={
+        "help": "write a torch.profiler table (ops by device and host time) of the profiled steps to this file"})
     seed: int = field(default=0, metadata={"help": "seed for data order, drops and LoRA init"})
     num_threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 keeps torch's default"})
     progress_bar: bool = field(default=True, metadata={"help": "show a tqdm progress bar"})

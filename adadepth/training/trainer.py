@@ -74,6 +74,33 @@ class PhaseTimer:
             self._last = now
 
 
+class OpProfile:
+    """torch.profiler over the profiled steps only (it slows every op it records): one table of
+    the ops that took the most device and host time, written to `path` when they end."""
+
+    def __init__(self, path: str | None, device: torch.device):
+        self.path, self.device = path, device
+        self.profiler = None
+
+    def step(self, active: bool) -> None:
+        if not self.path:
+            return
+        if active and self.profiler is None:
+            acts = [torch.profiler.ProfilerActivity.CPU]
+            if self.device.type == "cuda":
+                acts.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=acts)
+            self.profiler.__enter__()
+        elif not active and self.profiler is not None:
+            self.profiler.__exit__(None, None, None)
+            table = self.profiler.key_averages()
+            with open(self.path, "w") as f:
+                for key in (["self_cuda_time_total"] if self.device.type == "cuda" else []) + ["self_cpu_time_total"]:
+                    f.write(f"# sorted by {key}\n{table.table(sort_by=key, row_limit=40)}\n")
+            self.profiler = None
+            self.path = None  # once per run
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, adapter: AdapterConfig, drops: DropConfig, losses: LossConfig):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -328,6 +355,7 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not cfg.progress_bar, desc="train", dynamic_ncols=True)
         log = open(os.path.join(cfg.output, LOG_FILE), "a")
         elapsed = self.elapsed_before
+        ops = OpProfile(cfg.op_profile, self.device)
         try:
             while self.step < cfg.max_steps:
                 if budget and elapsed >= budget:
@@ -336,6 +364,7 @@ class Trainer:
                 # Steps 2.. of this session (after warm-up) get a synchronised time breakdown.
                 self.timer.active = 0 < self.step - step_start <= cfg.profile_steps
                 self.timer.ms = {}
+                ops.step(self.timer.active)
                 progress = self.progress(elapsed)
                 lr = cfg.lr * self.lr_factor(progress)
                 for group in self.optimizer.param_groups:
@@ -376,6 +405,7 @@ class Trainer:
         except KeyboardInterrupt:
             self.stopped_by = "interrupted"
         finally:
+            ops.step(False)
             bar.close()
             log.close()
         elapsed = self.elapsed_before + time.perf_counter() - t_start
