@@ -42,7 +42,9 @@ OUT=${OUT:-/tmp/adadepth-out}
 WORK=${WORK:-/tmp/adadepth-run}
 mkdir -p "$OUT" "$WORK"
 exec > >(tee -a "$OUT/run.log") 2>&1
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true
+# Every batch has other shapes (sequence length, rows per layer): expandable segments keep the
+# caching allocator from fragmenting and falling back to cudaMalloc/cudaFree mid-step.
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 
 DEVICE=${DEVICE:-cuda}; DTYPE=${DTYPE:-bfloat16}; MAX_MINUTES=${MAX_MINUTES:-6}; MAX_STEPS=${MAX_STEPS:-100000}
 BATCH_SIZE=${BATCH_SIZE:-64}; SEQ_LEN=${SEQ_LEN:-512}; LR=${LR:-3e-4}; LORA_RANK=${LORA_RANK:-32}
