@@ -90,9 +90,9 @@ class OpProfile:
             if self.device.type == "cuda":
                 acts.append(torch.profiler.ProfilerActivity.CUDA)
             self.profiler = torch.profiler.profile(activities=acts)
-            self.profiler.__enter__()
+            self.profiler.start()
         elif not active and self.profiler is not None:
-            self.profiler.__exit__(None, None, None)
+            self.profiler.stop()
             table = self.profiler.key_averages()
             with open(self.path, "w") as f:
                 for key in (["self_cuda_time_total"] if self.device.type == "cuda" else []) + ["self_cpu_time_total"]:
