@@ -26,6 +26,9 @@ class ModelConfig:
     cpu_weight_prepack: bool = field(default=True, metadata={"help": (
         "on CPU in float32, run matmuls through oneDNN on weights packed once at load "
         "(faster small-batch decode than the default MKL path)")})
+    cpu_paged_attention: bool = field(default=True, metadata={"help": (
+        "on CPU in float32, run decode attention through a C++ kernel that reads the paged KV cache "
+        "in place (compiled once per machine into the cache folder; falls back to PyTorch if it cannot be built)")})
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16", "float64"):

@@ -72,6 +72,10 @@ class LLMEngine:
         self.model.use_batched_skip_kernels = self.device.type == "cuda"
         if mc.cpu_weight_prepack and self.device.type == "cpu" and self.dtype == torch.float32:
             self.model.pack_linears()
+        if mc.cpu_paged_attention and self.device.type == "cpu" and self.dtype == torch.float32:
+            from adadepth.kernels.paged_attention import load_cpu_paged_attention
+
+            self.model.use_paged_attention(load_cpu_paged_attention(os.path.join(mc.cache_dir, "extensions")))
         if not DepthPlan.exists(resolved.plan_dir):
             self._store_heuristic_plan(resolved.plan_dir)
 

@@ -157,7 +157,8 @@ class ModelRunner:
             slot_mapping=new_slots.to(self.device), context_blocks=table.to(self.device),
             attn_mask=mask[:, None, None, :].to(self.device),
             active_rows=self.model.active_rows([s.depth for s in seqs]), row_depths=[s.depth for s in seqs],
-            last_index=torch.zeros(len(seqs), dtype=torch.long, device=self.device), block_size=bs)
+            last_index=torch.zeros(len(seqs), dtype=torch.long, device=self.device), block_size=bs,
+            context_lens=(positions + 1).to(self.device))
 
 
 def in_callers_order(order: list[int], sampled: SamplerOutput, hidden: torch.Tensor) -> StepResult:

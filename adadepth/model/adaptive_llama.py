@@ -38,6 +38,8 @@ class ForwardBatch:
     row_depths: list[int]          # (B,) depth of each row, descending
     last_index: torch.Tensor       # (B,) long; index in T of each row's last real token
     block_size: int = 1            # tokens per KV-cache block; context S = nblk * block_size
+    context_lens: torch.Tensor | None = None  # (B,) long; decode only: tokens each row attends to
+                                              # (its context, this step's token included)
 
 
 class RMSNorm(nn.Module):
@@ -68,6 +70,9 @@ class DecoderLayer(nn.Module):
         self.gate_up_proj = nn.Linear(d, 2 * config.intermediate_size, bias=bool(getattr(config, "mlp_bias", False)))
         self.down_proj = nn.Linear(config.intermediate_size, d, bias=bool(getattr(config, "mlp_bias", False)))
         self.scale = 1.0 / math.sqrt(self.head_dim)
+        # Decode attention read in place from the paged cache (adadepth.kernels.paged_attention);
+        # None: gather the context blocks and run SDPA.
+        self.paged_attention = None
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
@@ -90,6 +95,13 @@ class DecoderLayer(nn.Module):
         slots = batch.slot_mapping[: n * t]
         k_cache.index_copy_(0, slots, k.reshape(n * t, self.num_kv_heads, self.head_dim))
         v_cache.index_copy_(0, slots, v.reshape(n * t, self.num_kv_heads, self.head_dim))
+        if t == 1 and self.paged_attention is not None and batch.context_lens is not None:
+            bs = batch.block_size
+            shape = (-1, bs, self.num_kv_heads, self.head_dim)
+            attn = self.paged_attention(q.reshape(n, self.num_heads, self.head_dim), k_cache.view(shape),
+                                        v_cache.view(shape), batch.context_blocks[:n], batch.context_lens[:n],
+                                        self.scale)                             # (n, H, Dh)
+            return self.o_proj(attn.view(n, 1, self.q_size))                    # (n, T=1, D)
         if batch.context_blocks is None:
             keys, values = k, v                                                 # (n, S=T, Hkv, Dh)
         else:
@@ -146,6 +158,12 @@ class AdaptiveLlama(nn.Module):
         # Per-layer list (None = identity), so the hot loop does no dict lookups.
         self.bypass_ops: list[nn.Module | None] = [
             self.bypass[str(i)] if str(i) in self.bypass else None for i in range(self.num_layers)]
+
+    def use_paged_attention(self, op) -> None:
+        """Decode attention through `op` (same semantics as paged_decode_attention_ref), or the
+        gather + SDPA path when op is None."""
+        for layer in self.layers:
+            layer.paged_attention = op
 
     def pack_linears(self) -> int:
         """Run every matmul through oneDNN on pre-packed weights (CPU fp32; see packed_linear)."""

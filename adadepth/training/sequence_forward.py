@@ -8,7 +8,6 @@ itself (every row at one depth) and reads the residual stream of all positions t
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -100,12 +99,10 @@ class SequenceForward:
         mask = causal & seqs.valid[:, None, :]                                      # (B, T, T)
         # Every token writes its k/v to its own scratch slot (slot 0 is never read either).
         slots = torch.arange(1, b * t + 1, device=self.device)                      # (B*T,)
-        fields = dict(
+        return ForwardBatch(
             input_ids=seqs.input_ids, positions=pos.expand(b, t).contiguous(), slot_mapping=slots,
             context_blocks=None, attn_mask=mask[:, None], active_rows=self.model.active_rows([depth] * b),
             row_depths=[depth] * b, last_index=seqs.lengths - 1, block_size=1)
-        # ForwardBatch grows fields as the engine evolves (row_depths is recent): pass those it has.
-        return ForwardBatch(**{f.name: fields[f.name] for f in dataclasses.fields(ForwardBatch)})
 
     def scratch_kv(self, num_tokens: int) -> torch.Tensor:
         """(L, 2, slots, Hkv, Dh) view of ONE buffer: k/v are written but never read back here."""

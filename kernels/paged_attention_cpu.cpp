@@ -1,0 +1,148 @@
+// Decode attention straight from the paged KV cache, on CPU (fp32).
+//
+// Why: the PyTorch path first gathers every row's context blocks into a fresh (n, S, Hkv, Dh)
+// tensor per layer (index_select: a copy of the whole context, plus a large allocation), then runs
+// SDPA over it. Here each (row, kv head) reads its blocks in place, once for K and once for V.
+//
+// Semantics (same as paged_decode_attention_ref in paged_attention.py):
+//   q            (n, H, Dh)                 one new token per row, RoPE applied
+//   k/v_cache    (num_blocks, bs, Hkv, Dh)  the layer's cache, this step's k/v already written
+//   block_table  (n, nblk) int64            row i's context position s lives in block
+//                                           block_table[i, s / bs], slot s % bs
+//   context_lens (n,) int64                 row i attends to positions [0, context_lens[i])
+//   out[i, h] = softmax(scale * q[i, h] . K[i, :, h / G]) @ V[i, :, h / G],  G = H / Hkv (GQA)
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+// Ask for a whole block ahead of use: blocks of a row are scattered over the cache, so the
+// hardware prefetcher, which follows sequential runs, stalls at every block boundary.
+inline void prefetch_block(const float* p, int64_t floats) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < floats * static_cast<int64_t>(sizeof(float)); off += 64) __builtin_prefetch(c + off);
+}
+
+at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& block_table, const at::Tensor& context_lens, double scale) {
+  TORCH_CHECK(q_in.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
+              "expected q (n, H, Dh) and k/v_cache (num_blocks, bs, Hkv, Dh)");
+  TORCH_CHECK(q_in.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat &&
+                  v_cache.scalar_type() == at::kFloat, "paged_decode_attention is fp32 only");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "k/v_cache must be contiguous");
+  TORCH_CHECK(block_table.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong,
+              "block_table and context_lens must be int64");
+  const at::Tensor q = q_in.contiguous();
+  const at::Tensor table = block_table.contiguous();
+  const at::Tensor lens_t = context_lens.contiguous();
+  const int64_t n = q.size(0), H = q.size(1), Dh = q.size(2);
+  const int64_t num_blocks = k_cache.size(0), bs = k_cache.size(1), Hkv = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == Dh, "head_dim of q and cache differ");
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "num_heads must be a multiple of num_kv_heads");
+  TORCH_CHECK(table.dim() == 2 && table.size(0) == n && lens_t.numel() == n,
+              "block_table must be (n, nblk) and context_lens (n,)");
+  const int64_t G = H / Hkv, nblk = table.size(1);
+  const int64_t* bt = table.data_ptr<int64_t>();
+  const int64_t* lens = lens_t.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(lens[i] >= 1 && lens[i] <= nblk * bs, "context_lens[", i, "] = ", lens[i],
+                " outside [1, ", nblk * bs, "]");
+    for (int64_t b = 0; b < (lens[i] + bs - 1) / bs; ++b) {
+      TORCH_CHECK(bt[i * nblk + b] >= 0 && bt[i * nblk + b] < num_blocks, "block_table entry out of range");
+    }
+  }
+  at::Tensor out = at::empty({n, H, Dh}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k_cache.data_ptr<float>();
+  const float* vp = v_cache.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t tok_stride = Hkv * Dh, blk_stride = bs * tok_stride;
+  const float fscale = static_cast<float>(scale);
+  // A task is one row and a range of its kv heads. Whole rows when there are enough of them: a
+  // block then streams through as one contiguous bs*Hkv*Dh run (a decode step is bound by how
+  // fast the context comes from DRAM, not by arithmetic). Small batches split rows by kv head
+  // so that every thread has work.
+  const int64_t splits = n >= 2 * at::get_num_threads() ? 1 : Hkv;
+  const int64_t heads_per_task = Hkv / splits;
+
+  at::parallel_for(0, n * splits, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;       // (heads, len): scores, then softmax numerators
+    std::vector<float> acc;          // (heads, Dh): unnormalised output
+    std::vector<float> denom;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i = task / splits, kh0 = (task % splits) * heads_per_task;
+      const int64_t h0 = kh0 * G, nh = heads_per_task * G;   // query heads [h0, h0 + nh)
+      const int64_t len = lens[i], num_ctx_blocks = (len + bs - 1) / bs;
+      const int64_t* row_blocks = bt + i * nblk;
+      const float* qi = qp + (i * H + h0) * Dh;              // (nh, Dh)
+      scores.resize(nh * len);
+      acc.assign(nh * Dh, 0.f);
+      denom.resize(nh);
+      // Pass 1: scores = scale * q . k, block by block.
+      for (int64_t b = 0; b < num_ctx_blocks; ++b) {
+        const float* blk = kp + row_blocks[b] * blk_stride;
+        if (b + 1 < num_ctx_blocks) prefetch_block(kp + row_blocks[b + 1] * blk_stride, blk_stride);
+        const int64_t tokens = std::min(bs, len - b * bs);
+        for (int64_t t = 0; t < tokens; ++t) {
+          const float* krow = blk + t * tok_stride + kh0 * Dh;
+          for (int64_t h = 0; h < nh; ++h) {
+            const float* qh = qi + h * Dh;
+            const float* kh = krow + (h / G) * Dh;
+            float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t d = 0; d < Dh; ++d) dot += qh[d] * kh[d];
+            scores[h * len + b * bs + t] = dot * fscale;
+          }
+        }
+      }
+      for (int64_t h = 0; h < nh; ++h) {
+        float* sh = scores.data() + h * len;
+        const float m = *std::max_element(sh, sh + len);
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t s = 0; s < len; ++s) {
+          sh[s] = std::exp(sh[s] - m);
+          sum += sh[s];
+        }
+        denom[h] = sum;
+      }
+      // Pass 2: acc += p * v, block by block.
+      for (int64_t b = 0; b < num_ctx_blocks; ++b) {
+        const float* blk = vp + row_blocks[b] * blk_stride;
+        if (b + 1 < num_ctx_blocks) prefetch_block(vp + row_blocks[b + 1] * blk_stride, blk_stride);
+        const int64_t tokens = std::min(bs, len - b * bs);
+        for (int64_t t = 0; t < tokens; ++t) {
+          const float* vrow = blk + t * tok_stride + kh0 * Dh;
+          for (int64_t h = 0; h < nh; ++h) {
+            const float w = scores[h * len + b * bs + t];
+            const float* vh = vrow + (h / G) * Dh;
+            float* a = acc.data() + h * Dh;
+#pragma omp simd
+            for (int64_t d = 0; d < Dh; ++d) a[d] += w * vh[d];
+          }
+        }
+      }
+      for (int64_t h = 0; h < nh; ++h) {
+        float* o = op + (i * H + h0 + h) * Dh;
+        const float inv = 1.f / denom[h];
+        for (int64_t d = 0; d < Dh; ++d) o[d] = acc[h * Dh + d] * inv;
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(adadepth, m) {
+  m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, "
+        "Tensor context_lens, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(adadepth, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }
