@@ -119,6 +119,8 @@ def run(cfg: DepthBenchConfig) -> dict:
     rows = []
     for b in batch_sizes:
         ids = ids_all[:b]
+        # Warm up at this batch size (first-touch of its activation and KV memory), as for transformers below.
+        llm.generate(ids, warm)
         for depth in depths:
             params = [SamplingParams(max_tokens=cfg.max_tokens, temperature=0, ignore_eos=True, depth=depth)] * b
             r = time_engine(llm, ids, params, cfg.repeats)
@@ -144,6 +146,7 @@ def run(cfg: DepthBenchConfig) -> dict:
         # Speed does not depend on weight values: the base checkpoint stands for any artifact on it.
         hf = AutoModelForCausalLM.from_pretrained(resolved.checkpoint_dir, dtype=torch.float32).eval()
         for b in batch_sizes:
+            time_hf(hf, llm.tokenizer, prompts_all[:b], 4, 1)  # warm-up at this batch size
             r = time_hf(hf, llm.tokenizer, prompts_all[:b], cfg.max_tokens, cfg.repeats)
             rows.append({"system": "transformers.generate", "batch": b, "depth": L, **r})
             print(f"hf        batch={b:3d} depth={L:2d}  {r['output_tok_per_s']:8.1f} tok/s", flush=True)

@@ -125,6 +125,23 @@ class DecoderLayer(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+def rope_parameters(config) -> tuple[torch.Tensor, float]:
+    """(inv_freq (Dh/2,), attention_scaling) as transformers' Llama rotary embedding computes them.
+
+    Scaled variants (llama3, yarn, linear, ...) come from transformers' own table; the plain one
+    is computed here, because importing the Llama modeling module for it cost ~1.3 s per start."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config)
+        return inv_freq, float(scaling)
+    base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (n, T, H, Dh); cos/sin: (n, T, 1, Dh). Llama's rotate-half convention."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -140,7 +157,10 @@ class AdaptiveLlama(nn.Module):
             raise ValueError(f"depth plan is for {plan.num_layers} layers, model has {self.num_layers}")
         self.plan = plan
         self.rank = plan.rank
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # An explicit (uninitialized) weight skips nn.Embedding's normal_() init: under the meta
+        # device that init goes through torch._refs and imported torch._dynamo, ~1 s of every start.
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(self.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -164,6 +184,13 @@ class AdaptiveLlama(nn.Module):
         gather + SDPA path when op is None."""
         for layer in self.layers:
             layer.paged_attention = op
+
+    @property
+    def reads_unwritten_kv_slots(self) -> bool:
+        """Whether a forward pass may read KV-cache slots no token has written yet: the gather +
+        SDPA decode path reads whole blocks (masked, but 0 * NaN is NaN, so the cache must start
+        zeroed); the paged kernel reads only each row's context. Prefill never reads the cache."""
+        return any(layer.paged_attention is None for layer in self.layers)
 
     def pack_linears(self) -> int:
         """Run every matmul through oneDNN on pre-packed weights (CPU fp32; see packed_linear)."""
@@ -189,12 +216,8 @@ class AdaptiveLlama(nn.Module):
         return model
 
     def init_rope(self) -> None:
-        # transformers' rotary module knows every rope variant (llama3 scaling, yarn, ...).
-        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-        rope = LlamaRotaryEmbedding(config=self.config)
-        self.inv_freq = rope.inv_freq.float().clone().to(self.embed_tokens.weight.device)
-        self.attention_scaling = float(rope.attention_scaling)
+        inv_freq, self.attention_scaling = rope_parameters(self.config)
+        self.inv_freq = inv_freq.float().to(self.embed_tokens.weight.device)
 
     # ---- weights -----------------------------------------------------------------------
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
