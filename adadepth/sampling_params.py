@@ -5,7 +5,7 @@ The field names follow vLLM's `SamplingParams` so that users feel at home; `dept
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass

@@ -5,7 +5,6 @@ Ideal speedup: time(d) ∝ d · (layer FLOPs) + (embedding and LM-head FLOPs), a
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os

@@ -19,7 +19,7 @@ from adadepth.engine.detokenizer import Detokenizer
 from adadepth.engine.model_runner import ModelRunner
 from adadepth.engine.sampler import Sampler
 from adadepth.engine.scheduler import Scheduler
-from adadepth.engine.sequence import Sequence, SequenceStatus
+from adadepth.engine.sequence import Sequence
 from adadepth.model.adaptive_llama import AdaptiveLlama
 from adadepth.model.depth_plan import DepthPlan
 from adadepth.model.loader import apply_artifact, load_config, load_plan, load_state_dict, resolve_model

@@ -15,7 +15,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import time
 from dataclasses import dataclass
 
 import torch
