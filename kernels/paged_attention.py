@@ -72,8 +72,8 @@ def load_cpu_paged_attention(build_root: str) -> PagedAttention | None:
         return registered
     name = "adadepth_paged_attention_cpu"
     build_dir = os.path.join(build_root, f"torch-{torch.__version__}-{_cpu_tag()}", name)
-    os.makedirs(build_dir, exist_ok=True)
     try:
+        os.makedirs(build_dir, exist_ok=True)
         # -march=native: the build runs on (and is cached for) the machine that uses it;
         # -fno-math-errno lets `omp simd` vectorise expf (errno is never read).
         cpp_extension.load(name, [str(SOURCE_PATH)], extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"],

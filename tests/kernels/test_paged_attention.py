@@ -140,3 +140,13 @@ def test_loader_falls_back_to_none_when_the_build_fails(tmp_path, monkeypatch, c
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
     assert load_cpu_paged_attention(str(tmp_path)) is None
     assert "g++ not found" in caplog.text
+
+
+def test_loader_falls_back_when_the_cache_folder_cannot_be_written(tmp_path, monkeypatch, caplog):
+    from adadepth.kernels import paged_attention
+
+    monkeypatch.setattr(paged_attention, "_registered_op", lambda: None)
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the build folder would go")
+    assert load_cpu_paged_attention(str(blocker)) is None
+    assert "PyTorch path" in caplog.text
