@@ -30,12 +30,11 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from http import HTTPStatus
 
-import anyio
 import httpx
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -54,7 +53,8 @@ from adadepth.server.config import ServerConfig
 from adadepth.server.depth_policy import DepthPolicy, FullDepthPolicy
 from adadepth.server.errors import APIError, bad_request, from_validation_error, from_value_error, install_error_handlers
 from adadepth.server.gateway_metrics import GatewayMetrics, ProxyTrace
-from adadepth.server.openai_serving import ClientDisconnected, OpenAIServing, sse
+from adadepth.server.gateway_relay import Relay, unreachable, upstream_error
+from adadepth.server.openai_serving import ClientDisconnected, OpenAIServing
 from adadepth.server.protocol import StreamOptions, StrictModel
 
 logger = logging.getLogger(__name__)
@@ -146,49 +146,6 @@ class RoutingFields(StrictModel):
     stream_options: StreamOptions | None = None
     depth: int | float | None = None
     quality: float | None = None
-
-
-# ---- upstream answers ------------------------------------------------------------------
-def upstream_error(status: int, content: bytes) -> JSONResponse:
-    """A tier's error, with its status, in OpenAI's body (vLLM's older flat body is wrapped)."""
-    try:
-        body = json.loads(content)
-    except ValueError:
-        body = None
-    if isinstance(body, dict) and isinstance(body.get("error"), dict):
-        return JSONResponse(body, status_code=status)
-    if isinstance(body, dict) and "message" in body:
-        return JSONResponse({"error": {k: body.get(k) for k in ("message", "type", "param", "code")}},
-                            status_code=status)
-    text = content.decode("utf-8", errors="replace").strip()[:2000]
-    kind = "invalid_request_error" if status < 500 else "upstream_error"
-    return APIError(status, f"the backend answered {status}: {text or HTTPStatus(status).phrase}", kind).response()
-
-
-def unreachable(backend: Backend, exc: httpx.HTTPError) -> APIError:
-    if isinstance(exc, httpx.TimeoutException):
-        return APIError(HTTPStatus.GATEWAY_TIMEOUT, f"the depth-{backend.depth} backend {backend.url} did not answer "
-                        f"in time: {type(exc).__name__}", "upstream_error", None, "backend_timeout")
-    return APIError(HTTPStatus.BAD_GATEWAY, f"the depth-{backend.depth} backend {backend.url} is unreachable: "
-                    f"{type(exc).__name__}: {exc}", "upstream_error", None, "backend_unavailable")
-
-
-async def sse_events(response: httpx.Response) -> AsyncIterator[list[str]]:
-    """The lines of each server-sent event (events end with a blank line)."""
-    lines: list[str] = []
-    async for line in response.aiter_lines():
-        if line:
-            lines.append(line)
-        elif lines:
-            yield lines
-            lines = []
-    if lines:
-        yield lines
-
-
-def _event_data(lines: list[str]) -> str | None:
-    data = [line[5:].removeprefix(" ") for line in lines if line.startswith("data:")]
-    return "\n".join(data) if data else None
 
 
 @dataclass
@@ -375,7 +332,7 @@ class Gateway:
                 self.metrics.request_ended()
             return upstream_error(response.status_code, content)
         self.note_answer(backend)
-        relay = _Relay(self, backend, response, trace, report, forward_usage)
+        relay = Relay(self, backend, response, trace, report, forward_usage)
         # The background close also covers a client gone before the first event was relayed.
         return StreamingResponse(relay.events(), media_type="text/event-stream", background=BackgroundTask(relay.close))
 
@@ -386,80 +343,6 @@ class Gateway:
     def note_failure(self, backend: Backend, exc: Exception) -> None:
         self.state[backend.depth].last_error = f"{type(exc).__name__}: {exc}"
         logger.warning("depth-%d backend %s failed: %s: %s", backend.depth, backend.url, type(exc).__name__, exc)
-
-
-class _Relay:
-    """One stream from a tier to the client; see the module docstring for the two changes made."""
-
-    def __init__(self, gateway: Gateway, backend: Backend, response: httpx.Response, trace: ProxyTrace,
-                 report: dict, forward_usage: bool):
-        self.gateway = gateway
-        self.backend = backend
-        self.response = response
-        self.trace = trace
-        self.report = report
-        self.forward_usage = forward_usage
-        self.done = False     # the tier sent [DONE]
-        self.failed = False   # the tier sent an error event, or the connection broke
-        self.closed = False
-
-    async def events(self) -> AsyncIterator[str]:
-        try:
-            async for lines in sse_events(self.response):
-                event = self._relayed("\n".join(lines) + "\n\n", _event_data(lines))
-                if event is not None:
-                    yield event
-        except httpx.HTTPError as exc:
-            self.failed = True
-            self.gateway.note_failure(self.backend, exc)
-            yield sse(APIError(HTTPStatus.BAD_GATEWAY, f"the depth-{self.backend.depth} backend {self.backend.url} "
-                               f"broke off the stream: {type(exc).__name__}: {exc}", "upstream_error", None,
-                               "backend_unavailable").body())
-            yield sse("[DONE]")
-        finally:
-            # Also reached when a client disconnect cancels the response task: closing the upstream
-            # stream makes the tier abort the request. Shielded: the cancelled scope would stop the await.
-            with anyio.CancelScope(shield=True):
-                await self.close()
-
-    def _relayed(self, raw: str, data: str | None) -> str | None:
-        """What to send the client for one upstream event (None: nothing)."""
-        if data is None or data == "[DONE]":  # a comment, or the end
-            self.done = self.done or data == "[DONE]"
-            return raw
-        try:
-            chunk = json.loads(data)
-        except ValueError:
-            return raw
-        if not isinstance(chunk, dict):
-            return raw
-        if "error" in chunk:  # the tier failed mid-stream and said so
-            self.failed = True
-            return raw
-        choices = chunk.get("choices")
-        self.trace.take_usage(chunk.get("usage"))
-        if choices:
-            self.trace.on_chunk(time.monotonic())
-            self.trace.take_finish_reasons(choices)
-        is_usage_chunk = choices == [] and isinstance(chunk.get("usage"), dict)
-        if is_usage_chunk and not self.forward_usage:
-            return None  # asked for by the gateway, not by the client
-        finishing = any(isinstance(c, dict) and c.get("finish_reason") is not None for c in choices or [])
-        if finishing or is_usage_chunk:
-            return sse({**chunk, "adadepth": self.report})
-        return raw
-
-    async def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        await self.response.aclose()
-        metrics = self.gateway.metrics
-        metrics.request_ended()
-        if self.done and not self.failed:
-            metrics.record_finished(self.trace, time.monotonic())
-        elif not self.failed:
-            metrics.record_abort()
 
 
 # ---- the app ---------------------------------------------------------------------------
