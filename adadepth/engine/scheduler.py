@@ -65,7 +65,7 @@ class Scheduler:
     def _schedule_decode(self) -> list[Sequence]:
         scheduled: list[Sequence] = []
         for seq in list(self.running):
-            if seq not in self.running:  # preempted below to make room
+            if seq.status != SequenceStatus.RUNNING:  # preempted below to make room
                 continue
             while not self.block_manager.ensure_capacity(seq, seq.num_tokens):
                 victim = self.running[-1]
