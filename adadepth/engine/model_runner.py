@@ -103,7 +103,7 @@ class ModelRunner:
             input_ids=batch.input_ids[p], positions=batch.positions[p],
             slot_mapping=batch.slot_mapping.view(b, -1)[p].reshape(-1),
             context_blocks=None if batch.context_blocks is None else batch.context_blocks[p],
-            attn_mask=batch.attn_mask[p], active_rows=self.model.active_rows(row_depths),
+            attn_mask=None if batch.attn_mask is None else batch.attn_mask[p], active_rows=self.model.active_rows(row_depths),
             row_depths=list(row_depths), last_index=batch.last_index[p], block_size=batch.block_size)
 
     # ---- batch preparation ------------------------------------------------------------
@@ -152,12 +152,11 @@ class ModelRunner:
         table = self._block_table(seqs, num_blocks)                             # (B, nblk)
         rows = torch.arange(len(seqs))
         new_slots = table[rows, positions // bs] * bs + positions % bs          # (B,)
-        mask = torch.arange(num_blocks * bs)[None, :] <= positions[:, None]     # (B, S=nblk*bs)
         ids = torch.tensor([s.token_ids[-1] for s in seqs])[:, None]            # (B, 1)
         return ForwardBatch(
             input_ids=ids.to(self.device), positions=positions[:, None].to(self.device),
             slot_mapping=new_slots.to(self.device), context_blocks=table.to(self.device),
-            attn_mask=mask[:, None, None, :].to(self.device),
+            attn_mask=None,
             active_rows=self.model.active_rows([s.depth for s in seqs]), row_depths=[s.depth for s in seqs],
             last_index=torch.zeros(len(seqs), dtype=torch.long, device=self.device), block_size=bs,
             context_lens=(positions + 1).to(self.device))

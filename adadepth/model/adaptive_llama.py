@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adadepth.kernels.paged_attention import paged_decode_attention_ref
 from adadepth.model.depth_plan import DepthPlan
 from adadepth.model.rope import apply_rope, rope_parameters
 
@@ -31,15 +32,16 @@ class ForwardBatch:
     input_ids: torch.Tensor        # (B, T) long
     positions: torch.Tensor        # (B, T) long; position of each new token in its sequence
     slot_mapping: torch.Tensor     # (B*T,) long; KV-cache slot each new token writes (padding -> scratch slot 0)
-    context_blocks: torch.Tensor | None  # (B, nblk) long; KV-cache blocks holding each row's context
-                                         # (padded with scratch block 0), or None when every row starts
-                                         # at position 0 (plain prefill: attend to the fresh k/v)
-    attn_mask: torch.Tensor        # (B, 1, T, S) bool; True where query may attend to key
+    context_blocks: torch.Tensor | None  # decode: (B, nblk) long; KV-cache blocks holding each row's
+                                         # context (padded with scratch block 0); None in a prefill,
+                                         # where every row starts at position 0 and attends to the fresh k/v
+    attn_mask: torch.Tensor | None  # prefill: (B, 1, T, S=T) bool, True where query may attend to key;
+                                    # None in decode (context_lens bounds each row's context)
     active_rows: list[int]         # per layer: rows [0, n) run it (host ints, from sorted depths)
     row_depths: list[int]          # (B,) depth of each row, descending
     last_index: torch.Tensor       # (B,) long; index in T of each row's last real token
     block_size: int = 1            # tokens per KV-cache block; context S = nblk * block_size
-    context_lens: torch.Tensor | None = None  # (B,) long; decode only: tokens each row attends to
+    context_lens: torch.Tensor | None = None  # decode: (B,) long, tokens each row attends to
                                               # (its context, this step's token included)
 
 
@@ -71,9 +73,9 @@ class DecoderLayer(nn.Module):
         self.gate_up_proj = nn.Linear(d, 2 * config.intermediate_size, bias=bool(getattr(config, "mlp_bias", False)))
         self.down_proj = nn.Linear(config.intermediate_size, d, bias=bool(getattr(config, "mlp_bias", False)))
         self.scale = 1.0 / math.sqrt(self.head_dim)
-        # Decode attention read in place from the paged cache (adadepth.kernels.paged_attention);
-        # None: gather the context blocks and run SDPA.
-        self.paged_attention = None
+        # Decode attention over the paged cache: the PyTorch reference (gather the context blocks,
+        # then SDPA) unless the model is given a kernel (`AdaptiveLlama.use_paged_attention`).
+        self.paged_attention = paged_decode_attention_ref
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
@@ -96,26 +98,15 @@ class DecoderLayer(nn.Module):
         slots = batch.slot_mapping[: n * t]
         k_cache.index_copy_(0, slots, k.reshape(n * t, self.num_kv_heads, self.head_dim))
         v_cache.index_copy_(0, slots, v.reshape(n * t, self.num_kv_heads, self.head_dim))
-        if t == 1 and self.paged_attention is not None and batch.context_lens is not None:
-            bs = batch.block_size
-            shape = (-1, bs, self.num_kv_heads, self.head_dim)
+        if batch.context_blocks is not None:
+            # Decode: one new token per row, its context in the paged cache.
+            shape = (-1, batch.block_size, self.num_kv_heads, self.head_dim)
             attn = self.paged_attention(q.reshape(n, self.num_heads, self.head_dim), k_cache.view(shape),
                                         v_cache.view(shape), batch.context_blocks[:n], batch.context_lens[:n],
                                         self.scale)                             # (n, H, Dh)
-            return self.o_proj(attn.view(n, 1, self.q_size))                    # (n, T=1, D)
-        if batch.context_blocks is None:
-            keys, values = k, v                                                 # (n, S=T, Hkv, Dh)
-        else:
-            # Gather whole blocks (block_size * Hkv * Dh contiguous values each) rather than single
-            # slots: on CPU, index_select over blocks ran ~4x faster than per-slot indexing.
-            blocks = batch.context_blocks[:n].reshape(-1)                       # (n*nblk,)
-            bs = batch.block_size
-            shape = (n, -1, self.num_kv_heads, self.head_dim)
-            keys = k_cache.view(-1, bs, self.num_kv_heads, self.head_dim).index_select(0, blocks).view(shape)
-            values = v_cache.view(-1, bs, self.num_kv_heads, self.head_dim).index_select(0, blocks).view(shape)
-            # keys, values: (n, S=nblk*bs, Hkv, Dh); slots past each row's length are masked
+            return self.o_proj(attn.view(n, t, self.q_size))                    # (n, T=1, D)
         attn = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),    # (n, H|Hkv, T|S, Dh)
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),            # (n, H|Hkv, T, Dh)
             attn_mask=batch.attn_mask[:n], scale=self.scale,
             enable_gqa=self.num_heads != self.num_kv_heads)                     # (n, H, T, Dh)
         attn = attn.transpose(1, 2).reshape(n, t, self.q_size)                  # (n, T, H*Dh)
@@ -158,17 +149,17 @@ class AdaptiveLlama(nn.Module):
             self.bypass[str(i)] if str(i) in self.bypass else None for i in range(self.num_layers)]
 
     def use_paged_attention(self, op) -> None:
-        """Decode attention through `op` (same semantics as paged_decode_attention_ref), or the
-        gather + SDPA path when op is None."""
+        """Decode attention through `op` (same semantics as paged_decode_attention_ref), or through
+        that reference when op is None."""
         for layer in self.layers:
-            layer.paged_attention = op
+            layer.paged_attention = op or paged_decode_attention_ref
 
     @property
     def reads_unwritten_kv_slots(self) -> bool:
-        """Whether a forward pass may read KV-cache slots no token has written yet: the gather +
-        SDPA decode path reads whole blocks (masked, but 0 * NaN is NaN, so the cache must start
+        """Whether a forward pass may read KV-cache slots no token has written yet: the reference
+        decode attention gathers whole blocks (masked, but 0 * NaN is NaN, so the cache must start
         zeroed); the paged kernel reads only each row's context. Prefill never reads the cache."""
-        return any(layer.paged_attention is None for layer in self.layers)
+        return any(layer.paged_attention is paged_decode_attention_ref for layer in self.layers)
 
     def pack_linears(self) -> int:
         """Run every matmul through oneDNN on pre-packed weights (CPU fp32; see packed_linear)."""
