@@ -29,6 +29,20 @@ inline void prefetch_block(const float* p, int64_t floats) {
   for (int64_t off = 0; off < floats * static_cast<int64_t>(sizeof(float)); off += 64) __builtin_prefetch(c + off);
 }
 
+// Calls visit(s, row) for each context position s in [0, len) of one row, `row` pointing at that
+// position's (Hkv, Dh) slot in `cache`, block by block with the next block prefetched.
+template <typename Visit>
+inline void for_each_context_slot(const float* cache, const int64_t* row_blocks, int64_t len, int64_t bs,
+                                  int64_t tok_stride, Visit&& visit) {
+  const int64_t blk_stride = bs * tok_stride, num_ctx_blocks = (len + bs - 1) / bs;
+  for (int64_t b = 0; b < num_ctx_blocks; ++b) {
+    const float* blk = cache + row_blocks[b] * blk_stride;
+    if (b + 1 < num_ctx_blocks) prefetch_block(cache + row_blocks[b + 1] * blk_stride, blk_stride);
+    const int64_t tokens = std::min(bs, len - b * bs);
+    for (int64_t t = 0; t < tokens; ++t) visit(b * bs + t, blk + t * tok_stride);
+  }
+}
+
 at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& block_table, const at::Tensor& context_lens, double scale) {
   TORCH_CHECK(q_in.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
@@ -62,7 +76,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
   const float* kp = k_cache.data_ptr<float>();
   const float* vp = v_cache.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const int64_t tok_stride = Hkv * Dh, blk_stride = bs * tok_stride;
+  const int64_t tok_stride = Hkv * Dh;
   const float fscale = static_cast<float>(scale);
   // A task is one row and a range of its kv heads. Whole rows when there are enough of them: a
   // block then streams through as one contiguous bs*Hkv*Dh run (a decode step is bound by how
@@ -78,29 +92,24 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task / splits, kh0 = (task % splits) * heads_per_task;
       const int64_t h0 = kh0 * G, nh = heads_per_task * G;   // query heads [h0, h0 + nh)
-      const int64_t len = lens[i], num_ctx_blocks = (len + bs - 1) / bs;
+      const int64_t len = lens[i];
       const int64_t* row_blocks = bt + i * nblk;
       const float* qi = qp + (i * H + h0) * Dh;              // (nh, Dh)
       scores.resize(nh * len);
       acc.assign(nh * Dh, 0.f);
       denom.resize(nh);
-      // Pass 1: scores = scale * q . k, block by block.
-      for (int64_t b = 0; b < num_ctx_blocks; ++b) {
-        const float* blk = kp + row_blocks[b] * blk_stride;
-        if (b + 1 < num_ctx_blocks) prefetch_block(kp + row_blocks[b + 1] * blk_stride, blk_stride);
-        const int64_t tokens = std::min(bs, len - b * bs);
-        for (int64_t t = 0; t < tokens; ++t) {
-          const float* krow = blk + t * tok_stride + kh0 * Dh;
-          for (int64_t h = 0; h < nh; ++h) {
-            const float* qh = qi + h * Dh;
-            const float* kh = krow + (h / G) * Dh;
-            float dot = 0.f;
+      // Pass 1: scores = scale * q . k.
+      for_each_context_slot(kp, row_blocks, len, bs, tok_stride, [&](int64_t s, const float* krow) {
+        krow += kh0 * Dh;
+        for (int64_t h = 0; h < nh; ++h) {
+          const float* qh = qi + h * Dh;
+          const float* kh = krow + (h / G) * Dh;
+          float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-            for (int64_t d = 0; d < Dh; ++d) dot += qh[d] * kh[d];
-            scores[h * len + b * bs + t] = dot * fscale;
-          }
+          for (int64_t d = 0; d < Dh; ++d) dot += qh[d] * kh[d];
+          scores[h * len + s] = dot * fscale;
         }
-      }
+      });
       for (int64_t h = 0; h < nh; ++h) {
         float* sh = scores.data() + h * len;
         const float m = *std::max_element(sh, sh + len);
@@ -112,22 +121,17 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
         }
         denom[h] = sum;
       }
-      // Pass 2: acc += p * v, block by block.
-      for (int64_t b = 0; b < num_ctx_blocks; ++b) {
-        const float* blk = vp + row_blocks[b] * blk_stride;
-        if (b + 1 < num_ctx_blocks) prefetch_block(vp + row_blocks[b + 1] * blk_stride, blk_stride);
-        const int64_t tokens = std::min(bs, len - b * bs);
-        for (int64_t t = 0; t < tokens; ++t) {
-          const float* vrow = blk + t * tok_stride + kh0 * Dh;
-          for (int64_t h = 0; h < nh; ++h) {
-            const float w = scores[h * len + b * bs + t];
-            const float* vh = vrow + (h / G) * Dh;
-            float* a = acc.data() + h * Dh;
+      // Pass 2: acc += p * v.
+      for_each_context_slot(vp, row_blocks, len, bs, tok_stride, [&](int64_t s, const float* vrow) {
+        vrow += kh0 * Dh;
+        for (int64_t h = 0; h < nh; ++h) {
+          const float w = scores[h * len + s];
+          const float* vh = vrow + (h / G) * Dh;
+          float* a = acc.data() + h * Dh;
 #pragma omp simd
-            for (int64_t d = 0; d < Dh; ++d) a[d] += w * vh[d];
-          }
+          for (int64_t d = 0; d < Dh; ++d) a[d] += w * vh[d];
         }
-      }
+      });
       for (int64_t h = 0; h < nh; ++h) {
         float* o = op + (i * H + h0 + h) * Dh;
         const float inv = 1.f / denom[h];
