@@ -41,12 +41,13 @@ def load_prompts(path: str, n: int, tokenizer) -> list[str]:
                                           add_generation_prompt=True) for q in questions]
 
 
-def flop_model(config) -> tuple[float, float]:
-    """(FLOPs per token of one layer, FLOPs per token outside the layers), matmuls only."""
+def flop_model(config, context_len: int = 0) -> tuple[float, float]:
+    """(FLOPs per token of one layer, FLOPs per token outside the layers): the matmuls, plus,
+    for a token attending to context_len positions, attention's q.k and p.v products."""
     d, i = config.hidden_size, config.intermediate_size
     hd = getattr(config, "head_dim", None) or d // config.num_attention_heads
     q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
-    layer = 2 * (d * (q + 2 * kv) + q * d + 3 * d * i)
+    layer = 2 * (d * (q + 2 * kv) + q * d + 3 * d * i) + 4 * q * context_len
     head = 2 * d * config.vocab_size
     return float(layer), float(head)
 

@@ -104,9 +104,13 @@ class ModelRunner:
             slot_mapping=batch.slot_mapping.view(b, -1)[p].reshape(-1),
             context_blocks=None if batch.context_blocks is None else batch.context_blocks[p],
             attn_mask=None if batch.attn_mask is None else batch.attn_mask[p], active_rows=self.model.active_rows(row_depths),
-            row_depths=list(row_depths), last_index=batch.last_index[p], block_size=batch.block_size)
+            row_depths=list(row_depths), last_index=batch.last_index[p], block_size=batch.block_size,
+            depths=self._depths_tensor(row_depths))
 
     # ---- batch preparation ------------------------------------------------------------
+    def _depths_tensor(self, depths: list[int]) -> torch.Tensor:
+        return torch.tensor(depths, dtype=torch.int32).to(self.device)            # (B,)
+
     def _block_table(self, seqs: list[Sequence], num_blocks: int) -> torch.Tensor:
         """(B, num_blocks) long: each seq's first num_blocks blocks, padded with scratch block 0."""
         table = torch.zeros(len(seqs), num_blocks, dtype=torch.long)
@@ -141,7 +145,7 @@ class ModelRunner:
             input_ids=ids.to(self.device), positions=pos.expand(b, t).contiguous().to(self.device),
             slot_mapping=slots.reshape(-1).to(self.device), context_blocks=None,
             attn_mask=mask[:, None].to(self.device), active_rows=self.model.active_rows(depths),
-            row_depths=list(depths),
+            row_depths=list(depths), depths=self._depths_tensor(depths),
             last_index=(lens - 1).to(self.device))
 
     def prepare_decode(self, seqs: list[Sequence]) -> ForwardBatch:
@@ -158,6 +162,7 @@ class ModelRunner:
             slot_mapping=new_slots.to(self.device), context_blocks=table.to(self.device),
             attn_mask=None,
             active_rows=self.model.active_rows([s.depth for s in seqs]), row_depths=[s.depth for s in seqs],
+            depths=self._depths_tensor([s.depth for s in seqs]),
             last_index=torch.zeros(len(seqs), dtype=torch.long, device=self.device), block_size=bs,
             context_lens=(positions + 1).to(self.device))
 

@@ -43,6 +43,10 @@ class ForwardBatch:
     block_size: int = 1            # tokens per KV-cache block; context S = nblk * block_size
     context_lens: torch.Tensor | None = None  # decode: (B,) long, tokens each row attends to
                                               # (its context, this step's token included)
+    depths: torch.Tensor | None = None  # (B,) int32 on the model's device: row_depths, for the
+                                        # batched-skip kernels (built from row_depths when None;
+                                        # given, the forward makes no host->device copy, so a
+                                        # CUDA graph can capture it)
 
 
 class RMSNorm(nn.Module):
@@ -289,7 +293,9 @@ class AdaptiveLlama(nn.Module):
 
         b, t, d = h.shape
         h_flat = h.reshape(b * t, d).contiguous()                               # (N, D) token rows
-        row_depth = torch.tensor(batch.row_depths, dtype=torch.int32, device=h.device)
+        row_depth = batch.depths
+        if row_depth is None:
+            row_depth = torch.tensor(batch.row_depths, dtype=torch.int32, device=h.device)   # (B,)
         token_depth = row_depth.repeat_interleave(t)                            # (N,)
         for i in range(start, stop):
             layer = self.layers[i]
