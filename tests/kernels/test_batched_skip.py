@@ -9,28 +9,15 @@ from __future__ import annotations
 import importlib.util
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from adadepth.kernels import batched_skip as bs
+from adadepth.kernels import nvrtc_build
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _load_module():
-    try:
-        from adadepth.kernels import batched_skip
-    except ImportError:  # not installed: load the file itself
-        path = REPO / "kernels" / "batched_skip.py"
-        spec = importlib.util.spec_from_file_location("adadepth_batched_skip", path)
-        batched_skip = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = batched_skip  # dataclasses look the module up by name
-        spec.loader.exec_module(batched_skip)
-    return batched_skip
-
-
-bs = _load_module()
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Per-dtype tolerance: the oracle sums squares in another order, which can move a result by
@@ -355,7 +342,7 @@ def test_nvrtc_compiles_for_sm80_and_sm90(tmp_path, monkeypatch):
         if arch == "sm_90":  # second arch: the raw-NVRTC fallback for a missing cuda.core
             if importlib.util.find_spec("cuda.bindings") is None:
                 continue
-            monkeypatch.setattr(bs, "_cuda_core", _raise_import_error)
+            monkeypatch.setattr(nvrtc_build, "_cuda_core", _raise_import_error)
         cubin = bs.load_or_compile_cubin(arch, cache_dir=tmp_path)
         assert cubin[:4] == b"\x7fELF"
         for name in bs.KERNEL_NAMES:  # extern "C" names sit in the ELF symbol table
@@ -366,7 +353,7 @@ def test_nvrtc_compiles_for_sm80_and_sm90(tmp_path, monkeypatch):
     def no_compile(*args, **kwargs):
         raise AssertionError("cache miss: compiled again")
 
-    monkeypatch.setattr(bs, "compile_cubin", no_compile)
+    monkeypatch.setattr(nvrtc_build, "compile_cubin", no_compile)
     assert bs.load_or_compile_cubin("sm_90", cache_dir=tmp_path) in {p.read_bytes() for p in cached}
 
 
