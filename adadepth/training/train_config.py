@@ -43,6 +43,9 @@ class TrainConfig:
     checkpoint_every: int = field(default=0, metadata={"help": "save a resumable checkpoint every N steps (0: off)"})
     resume: str | None = field(default=None, metadata={
         "help": "checkpoint folder to resume from, or 'auto' for the newest under --output"})
+    init_adapter: str | None = field(default=None, metadata={
+        "help": "artifact folder whose LoRA weights start this run (a new run continuing a trained model, e.g. "
+                "adadepth/artifacts/smollm2-135m-sd; same --model, --lora-rank and targets; new optimizer and schedule)"})
     log_every: int = field(default=10, metadata={"help": "steps between log lines (train_log.jsonl)"})
     profile_steps: int = field(default=3, metadata={
         "help": "print a synchronised per-phase time breakdown for this many steps after the first"})
@@ -64,6 +67,8 @@ class TrainConfig:
             raise ValueError("max_seq_len must be >= 16")
         if min(self.max_minutes, self.checkpoint_every, self.max_examples, self.profile_steps) < 0:
             raise ValueError("max_minutes, checkpoint_every, max_examples and profile_steps must be >= 0")
+        if self.init_adapter and self.resume:
+            raise ValueError("--init-adapter starts a new run from trained weights; --resume continues a checkpoint: pick one")
         if self.lr <= 0 or not 0 <= self.warmup_fraction < 1 or self.grad_clip < 0:
             raise ValueError("need lr > 0, warmup_fraction in [0, 1), grad_clip >= 0")
 

@@ -73,6 +73,8 @@ class Trainer:
         self.plan = DepthPlan.load(self.resume_dir) if self.resume_dir else self._layer_order(resolved.plan_dir)
         self.teacher = None
         self.base_state = None
+        if adapter.full_finetune and config.init_adapter:
+            raise ValueError("--init-adapter loads LoRA weights; it does not apply to --full-finetune")
         if adapter.full_finetune:
             keys = set(load_state_dict(resolved.checkpoint_dir))
             self.base_state = {k: v.detach().clone() for k, v in base.state_dict().items() if k in keys}
@@ -85,6 +87,8 @@ class Trainer:
             lora = LoraConfig(r=adapter.lora_rank, lora_alpha=adapter.lora_alpha, lora_dropout=adapter.lora_dropout,
                               target_modules=adapter.target_modules, bias="none", task_type="CAUSAL_LM")
             self.model = get_peft_model(base, lora)
+            if config.init_adapter:
+                self._load_adapter(config.init_adapter)
         self.model.to(self.device).train()
         self.adapter_layers = self._adapter_layers()
         self.inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
@@ -126,6 +130,32 @@ class Trainer:
         except OSError:
             pass  # a read-only model folder: the order still travels with the artifact
         return DepthPlan(n, result.plan.layer_order, result.plan.source)  # bypass maps are refitted after training
+
+    def _load_adapter(self, folder: str) -> None:
+        """Copy an artifact's LoRA weights into this run's (freshly initialised) adapter."""
+        import json
+
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        lora_dir = os.path.join(folder, artifact.LORA_DIR)
+        try:
+            with open(os.path.join(lora_dir, "adapter_config.json")) as f:
+                saved = json.load(f)
+            state = load_file(os.path.join(lora_dir, "adapter_model.safetensors"))
+        except OSError as e:
+            raise FileNotFoundError(f"--init-adapter {folder}: no LoRA adapter there ({e})") from None
+        mine = set(self.adapter.target_modules)
+        if saved.get("r") != self.adapter.lora_rank or set(saved.get("target_modules") or ()) != mine:
+            raise ValueError(f"--init-adapter {folder} has rank {saved.get('r')} on {sorted(saved.get('target_modules') or ())}; "
+                             f"this run has rank {self.adapter.lora_rank} on {sorted(mine)}")
+        if float(saved.get("lora_alpha", 0)) != float(self.adapter.lora_alpha):
+            raise ValueError(f"--init-adapter {folder} has lora_alpha {saved.get('lora_alpha')}, this run {self.adapter.lora_alpha}")
+        result = set_peft_model_state_dict(self.model, {k: v.float() for k, v in state.items()})
+        missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+        if missing or getattr(result, "unexpected_keys", []):
+            raise ValueError(f"--init-adapter {folder} does not fit this model: missing {missing[:3]}, "
+                             f"unexpected {list(getattr(result, 'unexpected_keys', []))[:3]}")
 
     def _batcher(self) -> ChatBatcher:
         cfg = self.config
@@ -233,6 +263,7 @@ class Trainer:
             "time_s": round(elapsed, 1), "tokens_per_s": round(self.tokens / max(elapsed, 1e-9), 1),
             "final_losses": self.last_metrics, "stopped_by": self.stopped_by,
             "layer_order_source": self.plan.source,
+            "init_adapter": self.config.init_adapter and os.path.abspath(self.config.init_adapter),
             "hardware": hardware_name(self.device),
             "versions": self._versions(),
         }

@@ -131,3 +131,25 @@ def test_teacher_is_the_base_model_with_adapters_off(tiny_base, fake_data, train
     assert torch.allclose(teacher[real], ref[real], atol=1e-5)
     assert not torch.allclose(student[real], ref[real], atol=1e-3)  # adapters are back on afterwards
     assert all(p.requires_grad for n, p in t.model.named_parameters() if "lora_" in n)
+
+
+def test_init_adapter_starts_from_the_artifacts_weights(trained, tiny_base, fake_data, train_cache, tmp_path):
+    """One step at a tiny learning rate from `trained`'s adapter lands next to its weights (and
+    far from a fresh run's); the source is recorded; another rank or --resume is refused."""
+    out = str(tmp_path / "cont")
+    train(tiny_base, fake_data, train_cache, out, "--max-steps", "1", "--lr", "1e-9", "--layer-order", trained,
+          "--init-adapter", trained)
+    before = load_file(os.path.join(trained, "lora/adapter_model.safetensors"))
+    after = load_file(os.path.join(out, "lora/adapter_model.safetensors"))
+    assert before.keys() == after.keys()
+    lora_b = [k for k in before if "lora_B" in k]
+    assert lora_b and all(before[k].abs().max() > 0 for k in lora_b)   # a fresh adapter's B is zero
+    for k in before:
+        torch.testing.assert_close(after[k].float(), before[k].float(), atol=1e-6, rtol=1e-5)
+    meta = json.load(open(os.path.join(out, "adadepth.json")))
+    assert meta["train"]["init_adapter"] == os.path.abspath(trained)
+    for extra, message in ((("--lora-rank", "8", "--init-adapter", trained), "has rank 16"),
+                           (("--init-adapter", trained, "--resume", "auto"), "pick one"),
+                           (("--init-adapter", str(tmp_path)), "no LoRA adapter")):
+        with pytest.raises(SystemExit, match=message):   # the CLI's one-line error, no traceback
+            train(tiny_base, fake_data, train_cache, str(tmp_path / "bad"), "--max-steps", "1", *extra)
