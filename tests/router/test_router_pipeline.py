@@ -71,6 +71,24 @@ def test_label_train_eval(model_dir, cache_dir, tmp_path, capsys):
     assert report["timing"]["num_prompts"] == 3 and report["timing"]["engine_matches_offline_decisions"] == 3
     assert out_png.stat().st_size > 0
 
+    # benchmarks/router_feature_study.py on the same labels: every feature set scored on the held-out ones.
+    from adadepth.benchmarks.router_feature_study import FEATURE_SETS, QUALITIES
+    from adadepth.benchmarks.router_feature_study import main as study
+
+    folder = tmp_path / "study"
+    folder.mkdir()
+    shutil.copy(labels, folder / "router_labels.jsonl")
+    shutil.copy(tmp_path / "heldout_labels.jsonl", folder / "router_heldout_labels.jsonl")
+    report = study(["--artifact", str(folder), "--model", model_dir, "--cache-dir", cache_dir,
+                    "--json", str(tmp_path / "study.json")])
+    assert json.loads((tmp_path / "study.json").read_text()) == json.loads(json.dumps(report))
+    assert report["num_fit_prompts"] == 30 and report["num_test_prompts"] == 8
+    assert {tuple(r["features"]) for r in report["feature_sets"]} == set(FEATURE_SETS)
+    for r in report["feature_sets"]:
+        assert [p["quality"] for p in r["sweep"]] == list(QUALITIES)
+        assert all(2 <= p["mean_depth"] <= 6 and 0 <= p["agreement"] <= 1 for p in r["sweep"])
+    assert set(report["correlation_with_agreement"]["first_token_entropy"]) == {"2", "3", "4", "5"}
+
 
 def test_training_on_heldout_prompts_is_refused(model_dir, cache_dir, tmp_path):
     from adadepth.router.label_store import LabelRecord
