@@ -188,8 +188,10 @@ def _open_llm(model: str, config: EvalConfig):
 
 def full_depth_fidelity(model: str, base: str, records: list[PromptRecord], config: EvalConfig) -> dict:
     """How much training changed the full-depth model: `base` greedily continues each prompt
-    (up to max_new_tokens), then `model` at full depth is run teacher-forced on prompt + that
-    continuation; agreement is the share of positions where its argmax is the base's token."""
+    (up to max_new_tokens), then `model` is run teacher-forced on prompt + that continuation;
+    agreement is the share of positions where its argmax is the base's token. At full depth that
+    is the fidelity target; at every evaluated depth (`by_depth`) it separates what a reduced
+    depth shares with the trained full depth from what it still gets right about the base."""
     from adadepth.sampling_params import SamplingParams
 
     base_llm = _open_llm(base, config)
@@ -200,9 +202,14 @@ def full_depth_fidelity(model: str, base: str, records: list[PromptRecord], conf
     items = [(i, prompt_ids[i] + list(o.token_ids), len(prompt_ids[i])) for i, o in zip(run, outs) if o.token_ids]
     del base_llm
     llm = _open_llm(model, config)
-    matches, positions = DepthScorer(llm, [llm.num_layers], config.batch_size).next_token_matches(items, llm.num_layers)
-    return {"base": base, "agreement_with_base_greedy": round(matches / positions, 5) if positions else None,
-            "positions": positions, "num_prompts": len(items)}
+    depths = sorted(set(config.depth_list) | {llm.num_layers})
+    scorer = DepthScorer(llm, depths, config.batch_size)
+    by_depth = {}
+    for depth in depths:
+        matches, positions = scorer.next_token_matches(items, depth)
+        by_depth[str(depth)] = round(matches / positions, 5) if positions else None
+    return {"base": base, "agreement_with_base_greedy": by_depth[str(llm.num_layers)], "by_depth": by_depth,
+            "positions": positions if items else 0, "num_prompts": len(items)}
 
 
 def run_eval(models: list[str], config: EvalConfig) -> dict:

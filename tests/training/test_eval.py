@@ -60,6 +60,10 @@ def test_compare_lists_models_and_keeps_single_shape_at_top(tiny_base, train_cac
     fidelity = report["models"][0]["full_depth_vs_base"]
     assert fidelity["base"] == os.path.abspath(tiny_base) and fidelity["num_prompts"] == 2
     assert fidelity["positions"] > 0 and fidelity["agreement_with_base_greedy"] == 1.0
+    # Same weights and greedy text as the base, so at every depth agreement with the base's
+    # continuation is agreement with its own full depth.
+    assert fidelity["by_depth"] == {str(r["depth"]): r["agreement"] for r in report["models"][0]["results"]}
+    assert fidelity["by_depth"]["4"] < 1.0
     assert "full_depth_vs_base" not in report["models"][1]
 
 
