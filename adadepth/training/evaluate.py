@@ -150,14 +150,15 @@ def aggregate(scores: list[dict[int, DepthScore] | None], depths: list[int]) -> 
 
 def base_of(model: str) -> str | None:
     """The base model an artifact folder names, or None for a plain model."""
-    from adadepth.model.loader import ARTIFACT_FILE
+    from adadepth.model.loader import ARTIFACT_FILE, DEFAULT_ARTIFACT_DIR
 
-    meta = os.path.join(model, ARTIFACT_FILE)
+    folder = DEFAULT_ARTIFACT_DIR if model == "default" else model
+    meta = os.path.join(folder, ARTIFACT_FILE)
     if not os.path.exists(meta):
         return None
     with open(meta) as f:
         base = json.load(f)["base_model"]
-    return base if os.path.isabs(base) or base.startswith("default") else os.path.join(model, base)
+    return base if os.path.isabs(base) or base.startswith("default") else os.path.join(folder, base)
 
 
 def evaluate_model(model: str, records: list[PromptRecord], config: EvalConfig) -> dict:

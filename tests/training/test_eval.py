@@ -74,3 +74,12 @@ def test_per_prompt_agreement(tiny_base, train_cache):
     assert rows[2] is None  # longer than the model's context
     for row in rows[:2]:
         assert set(row) == {2, 6} and row[6] == 1.0 and 0 <= row[2] <= 1
+
+
+def test_compare_finds_the_default_artifacts_base():
+    """`--model default --compare` compares with default-base, as the artifact folder would."""
+    from adadepth.model.loader import DEFAULT_ARTIFACT_DIR
+    from adadepth.training.evaluate import base_of
+
+    assert base_of("default") == base_of(DEFAULT_ARTIFACT_DIR) == "default-base"
+    assert base_of("default-base") is None
