@@ -108,7 +108,11 @@ class ModelRunner:
             depths=self._depths_tensor(row_depths))
 
     # ---- batch preparation ------------------------------------------------------------
-    def _depths_tensor(self, depths: list[int]) -> torch.Tensor:
+    def _depths_tensor(self, depths: list[int]) -> torch.Tensor | None:
+        """(B,) int32 row depths on the device, for the batched-skip path only (the slicing path
+        reads the host list): built here, the forward needs no host->device copy of its own."""
+        if not self.model.use_batched_skip_kernels:
+            return None
         return torch.tensor(depths, dtype=torch.int32).to(self.device)            # (B,)
 
     def _block_table(self, seqs: list[Sequence], num_blocks: int) -> torch.Tensor:
@@ -157,12 +161,12 @@ class ModelRunner:
         rows = torch.arange(len(seqs))
         new_slots = table[rows, positions // bs] * bs + positions % bs          # (B,)
         ids = torch.tensor([s.token_ids[-1] for s in seqs])[:, None]            # (B, 1)
+        depths = [s.depth for s in seqs]
         return ForwardBatch(
             input_ids=ids.to(self.device), positions=positions[:, None].to(self.device),
             slot_mapping=new_slots.to(self.device), context_blocks=table.to(self.device),
-            attn_mask=None,
-            active_rows=self.model.active_rows([s.depth for s in seqs]), row_depths=[s.depth for s in seqs],
-            depths=self._depths_tensor([s.depth for s in seqs]),
+            attn_mask=None, active_rows=self.model.active_rows(depths), row_depths=depths,
+            depths=self._depths_tensor(depths),
             last_index=torch.zeros(len(seqs), dtype=torch.long, device=self.device), block_size=bs,
             context_lens=(positions + 1).to(self.device))
 

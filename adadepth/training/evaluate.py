@@ -210,7 +210,7 @@ def full_depth_fidelity(model: str, base: str, records: list[PromptRecord], conf
         matches, positions = scorer.next_token_matches(items, depth)
         by_depth[str(depth)] = round(matches / positions, 5) if positions else None
     return {"base": base, "agreement_with_base_greedy": by_depth[str(llm.num_layers)], "by_depth": by_depth,
-            "positions": positions if items else 0, "num_prompts": len(items)}
+            "positions": positions, "num_prompts": len(items)}
 
 
 def run_eval(models: list[str], config: EvalConfig) -> dict:

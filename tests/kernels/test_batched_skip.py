@@ -9,15 +9,12 @@ from __future__ import annotations
 import importlib.util
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
 from adadepth.kernels import batched_skip as bs
 from adadepth.kernels import nvrtc_build
-
-REPO = Path(__file__).resolve().parents[2]
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Per-dtype tolerance: the oracle sums squares in another order, which can move a result by
