@@ -80,7 +80,8 @@ def test_label_train_eval(model_dir, cache_dir, tmp_path, capsys):
     shutil.copy(labels, folder / "router_labels.jsonl")
     shutil.copy(tmp_path / "heldout_labels.jsonl", folder / "router_heldout_labels.jsonl")
     report = study(["--artifact", str(folder), "--model", model_dir, "--cache-dir", cache_dir,
-                    "--json", str(tmp_path / "study.json")])
+                    "--json", str(tmp_path / "study.json"), "--plot", str(tmp_path / "study.png")])
+    assert (tmp_path / "study.png").stat().st_size > 0
     assert json.loads((tmp_path / "study.json").read_text()) == json.loads(json.dumps(report))
     assert report["num_fit_prompts"] == 30 and report["num_test_prompts"] == 8
     assert {tuple(r["features"]) for r in report["feature_sets"]} == set(FEATURE_SETS)
