@@ -1,4 +1,4 @@
-"""`adadepth train`, `adadepth calibrate` and `adadepth eval`; flags come from the config dataclasses."""
+"""`adadepth train`, `calibrate`, `distill-data` and `eval`; flags come from the config dataclasses."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +7,7 @@ import json
 from adadepth.cli_args import add_dataclass_args, dataclass_from_args
 from adadepth.config import ModelConfig
 from adadepth.training.calibrate import CalibrateConfig
+from adadepth.training.distill_data import DistillDataConfig
 from adadepth.training.drop_schedule import DropConfig
 from adadepth.training.evaluate import EvalConfig
 from adadepth.training.losses import LossConfig
@@ -36,6 +37,12 @@ def _calibrate(args: argparse.Namespace) -> None:
         "seconds": round(result.seconds, 1)}))
 
 
+def _distill_data(args: argparse.Namespace) -> None:
+    from adadepth.training.distill_data import run_distill_data
+
+    print(json.dumps(run_distill_data(dataclass_from_args(DistillDataConfig, args))))
+
+
 def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -62,6 +69,11 @@ def add_parser(subparsers) -> None:
     calibrate = subparsers.add_parser("calibrate", help="measure the layer order (and bypass maps) on train prompts")
     add_dataclass_args(calibrate, CalibrateConfig)
     calibrate.set_defaults(func=_calibrate)
+
+    distill = subparsers.add_parser("distill-data", help="the teacher's greedy answers to train prompts, "
+                                                         "as a --train-file for sequence-level distillation")
+    add_dataclass_args(distill, DistillDataConfig)
+    distill.set_defaults(func=_distill_data)
 
     evaluate = subparsers.add_parser("eval", help="quality (agreement, KL, exact match, perplexity) versus depth")
     evaluate.add_argument("--model", action="append", default=None,

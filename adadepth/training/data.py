@@ -128,7 +128,7 @@ def load_examples(data_dir: str, split: Split | None, sources: tuple[str, ...] =
     return out
 
 
-def _hash_order(examples: list[Example]) -> list[Example]:
+def hash_order(examples: list[Example]) -> list[Example]:
     """A fixed pseudo-random order (by full sha1 of the prompt): deterministic sampling."""
     return sorted(examples, key=lambda e: hashlib.sha1(("order:" + e.prompt).encode("utf-8")).hexdigest())
 
@@ -139,20 +139,20 @@ def heldout_eval_set(data_dir: str, mix: dict[str, int] = HELDOUT_MIX,
     chosen = []
     for source, count in mix.items():
         pool = [e for e in load_examples(data_dir, Split.HELDOUT, (source,)) if len(e.prompt) <= max_prompt_chars]
-        chosen.extend(_hash_order(pool)[:count])
+        chosen.extend(hash_order(pool)[:count])
     return chosen
 
 
 def calib_set(data_dir: str, count: int | None = None, max_prompt_chars: int = EVAL_MAX_PROMPT_CHARS) -> list[Example]:
     """The router's calibration set (split ``calib``): disjoint from train and heldout."""
     pool = [e for e in load_examples(data_dir, Split.CALIB) if len(e.prompt) <= max_prompt_chars]
-    pool = _hash_order(pool)
+    pool = hash_order(pool)
     return pool if count is None else pool[:count]
 
 
 def sample_examples(data_dir: str, split: Split, count: int) -> list[Example]:
     """`count` examples of one split, mixed over sources, in the fixed hash order."""
-    return _hash_order(load_examples(data_dir, split))[:count]
+    return hash_order(load_examples(data_dir, split))[:count]
 
 
 # ---- prompt files ----------------------------------------------------------------------
@@ -168,6 +168,33 @@ class PromptRecord:
     """One line of a prompts file: `messages` (or a bare `prompt`) and an optional reference."""
     messages: list[dict]
     reference: str | None = None
+
+
+@dataclass(frozen=True)
+class ChatExample:
+    """One line of a training file (`adadepth train --train-file`): a conversation and its answer."""
+    messages: list[dict]
+    completion: str
+
+
+def read_train_file(path: str) -> tuple[list[ChatExample], int]:
+    """(examples, number dropped): every line needs a `completion` (or `answer`) string.
+
+    Lines whose last user message falls in the held-out or calibration split are dropped and
+    counted, so a file can never leak evaluation or router-labelling prompts into training.
+    """
+    examples, dropped = [], 0
+    for i, record in enumerate(read_prompts_jsonl(path)):
+        if record.reference is None:  # "" is a real answer: the teacher ended its turn at once
+            raise ValueError(f"{path} line {i + 1}: a training line needs a 'completion' or 'answer'")
+        user = [m.get("content", "") for m in record.messages if m.get("role") == "user"]
+        if user and split_of(user[-1]) is not Split.TRAIN:
+            dropped += 1
+            continue
+        examples.append(ChatExample(record.messages, record.reference))
+    if not examples:
+        raise ValueError(f"{path}: no training lines (dropped {dropped} in the held-out/calibration splits)")
+    return examples, dropped
 
 
 def read_prompts_jsonl(path: str) -> list[PromptRecord]:

@@ -22,6 +22,9 @@ class TrainConfig:
         "help": "what the artifact records as base_model (default: --model; absolute path for local paths)"})
     cache_dir: str = field(default_factory=_default_cache_dir, metadata={"help": "where converted models are cached"})
     data_dir: str = field(default=DEFAULT_DATA_DIR, metadata={"help": "the shared data folder (train split is used)"})
+    train_file: str | None = field(default=None, metadata={
+        "help": "train on this JSONL (messages/prompt + completion, e.g. from `adadepth distill-data`) instead "
+                "of the shared data's reference answers; prompts in the held-out/calibration splits are dropped"})
     output: str = field(default="runs/stochastic-depth", metadata={"help": "artifact folder to write"})
     layer_order: str = field(default="auto", metadata={
         "help": "order for 'order' drops: auto (the model's calibrated order, else calibrate now), "

@@ -28,7 +28,7 @@ from adadepth.model.depth_plan import DepthPlan
 from adadepth.model.loader import load_state_dict, resolve_model
 from adadepth.training import artifact
 from adadepth.training.chat_batches import Batch, ChatBatcher, tokenize_examples
-from adadepth.training.data import Split, load_examples, sample_examples
+from adadepth.training.data import Split, load_examples, read_train_file, sample_examples
 from adadepth.training.drop_schedule import DropConfig, DropSchedule
 from adadepth.training.losses import LossConfig, chunked_losses, target_positions
 from adadepth.training.stochastic_depth import StochasticDepth
@@ -159,8 +159,15 @@ class Trainer:
 
     def _batcher(self) -> ChatBatcher:
         cfg = self.config
-        examples = (sample_examples(cfg.data_dir, Split.TRAIN, cfg.max_examples) if cfg.max_examples
-                    else load_examples(cfg.data_dir, Split.TRAIN))
+        if cfg.train_file:
+            examples, dropped = read_train_file(cfg.train_file)
+            if dropped:
+                print(f"{cfg.train_file}: dropped {dropped} lines whose prompt is in the held-out/calibration split",
+                      flush=True)
+            examples = examples[: cfg.max_examples or None]
+        else:
+            examples = (sample_examples(cfg.data_dir, Split.TRAIN, cfg.max_examples) if cfg.max_examples
+                        else load_examples(cfg.data_dir, Split.TRAIN))
         chats = tokenize_examples(self.tokenizer, examples, cfg.max_seq_len)
         self.num_examples = len(chats)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
