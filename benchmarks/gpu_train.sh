@@ -31,6 +31,9 @@
 #   CALIB_TRAINED=1 (0: keep the training order, no bypass: saves a minute of device time)
 #   INIT_ADAPTER=<absolute artifact folder: its LoRA starts the run (adadepth train --init-adapter), no
 #     drop-rate ramp; e.g. $PWD/adadepth/artifacts/smollm2-135m-sd to continue the shipped default>
+#   TRAIN_FILE=<absolute JSONL, e.g. from `adadepth distill-data`: train on its answers, not the shared data's>
+#   DISTILL_PROMPTS=<N: first write the teacher's (the base's) greedy answers to N train prompts on the GPU
+#     (adadepth distill-data, DISTILL_TOKENS=128 each) and train on them; the time comes out of MAX_MINUTES' budget>
 #   TRAIN_ARGS="<more flags for adadepth train>"; default: the shipped recipe plus full-depth anchors,
 #     "--ce-weight 0 --order-fraction 0.75 --full-depth-fraction 0.25"
 #   MODEL=<absolute path of a model, e.g. a GGUF already assembled; skips the chunks>
@@ -53,6 +56,7 @@ BATCH_SIZE=${BATCH_SIZE:-64}; SEQ_LEN=${SEQ_LEN:-512}; LR=${LR:-3e-4}; LORA_RANK
 CALIB_METHOD=${CALIB_METHOD:-greedy}; CALIB_PROMPTS=${CALIB_PROMPTS:-48}; CALIB_SEQ=${CALIB_SEQ:-160}
 BYPASS=${BYPASS:-1}; BYPASS_MIN_DEPTH=${BYPASS_MIN_DEPTH:-12}; LOG_EVERY=${LOG_EVERY:-10}
 LAYER_ORDER=${LAYER_ORDER:-}; CALIB_TRAINED=${CALIB_TRAINED:-1}; INIT_ADAPTER=${INIT_ADAPTER:-}
+TRAIN_FILE=${TRAIN_FILE:-}; DISTILL_PROMPTS=${DISTILL_PROMPTS:-0}; DISTILL_TOKENS=${DISTILL_TOKENS:-128}
 TRAIN_ARGS=${TRAIN_ARGS:---ce-weight 0 --order-fraction 0.75 --full-depth-fraction 0.25}
 EVAL=${EVAL:-1}; EVAL_MIN_SECONDS=${EVAL_MIN_SECONDS:-100}; DEADLINE_SECONDS=${DEADLINE_SECONDS:-570}
 CACHE=$WORK/cache; ART=$WORK/artifact
@@ -147,6 +151,18 @@ if [ -n "$INIT_ADAPTER" ]; then
   say "LoRA starts from $INIT_ADAPTER"
   init_args=(--init-adapter "$INIT_ADAPTER" --ramp-fraction 0)
 fi
+if [ "$DISTILL_PROMPTS" -gt 0 ]; then
+  say "distill-data: the base's greedy answers to $DISTILL_PROMPTS train prompts"
+  t_distill=$(elapsed)
+  ad distill-data --model "$MODEL" --cache-dir "$CACHE" --data-dir "$DATA_DIR" --device "$DEVICE" --dtype "$DTYPE" \
+    --num-prompts "$DISTILL_PROMPTS" --max-tokens "$DISTILL_TOKENS" --max-num-seqs 256 --chunk 1024 \
+    --output "$WORK/distill.jsonl" > "$WORK/distill.out" || { say "distill-data failed"; exit 1; }
+  tail -n 1 "$WORK/distill.out" | sed 's/^/{"stage": "distill_data", "report": /; s/$/}/' >> "$OUT/reports.jsonl"
+  TRAIN_FILE=$WORK/distill.jsonl
+  # The generation's minutes come out of the training budget, so the deadline still holds.
+  MAX_MINUTES=$(python3 -c "print(round(max(1.0, $MAX_MINUTES - ($(elapsed) - $t_distill) / 60), 2))")
+fi
+[ -n "$TRAIN_FILE" ] && order_args+=(--train-file "$TRAIN_FILE")
 say "train (max $MAX_MINUTES min)"
 ad train --model "$MODEL" --base-model-name "$MODEL" --cache-dir "$CACHE" --data-dir "$DATA_DIR" --output "$ART" \
   --device "$DEVICE" --dtype "$DTYPE" --batch-size "$BATCH_SIZE" --max-seq-len "$SEQ_LEN" --lr "$LR" \
