@@ -20,7 +20,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str = "") -
             continue
         kind = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_text = f.metadata.get("help", "") + f" (default: {default})"
+        # argparse %-formats help strings: a literal % (in a help text or a default) must be doubled.
+        help_text = (f.metadata.get("help", "") + f" (default: {default})").replace("%", "%%")
         args = typing.get_args(kind)
         optional = isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union
         base = next((a for a in args if a is not type(None)), kind) if optional else kind

@@ -8,6 +8,7 @@ prompts; labels are written (and resumed) batch by batch (`LabelStore`).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -73,9 +74,24 @@ def load_prompt_messages(config: RouterLabelConfig) -> list[list[dict]]:
     return messages[: config.count] if config.count else messages
 
 
+def weights_fingerprint(model) -> str:
+    """A short hash of the loaded weights (every parameter, sampled with a stride).
+
+    Labels belong to one set of weights, not to a model *name*: "default" after a retrained
+    adapter is another model, and resuming or training on its old labels would be silently wrong.
+    """
+    digest = hashlib.sha1()
+    for name, p in sorted(model.named_parameters(), key=lambda item: item[0]):
+        sample = p.detach().reshape(-1)[::4099].float().cpu().contiguous()  # prime stride: every row and column
+        digest.update(name.encode("utf-8"))
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def label_meta(llm, grid: DepthGrid, max_new_tokens: int, model_name: str, prompts: str) -> dict:
     plan = llm.engine.plan
-    return {"model": model_name, "num_layers": llm.num_layers, "layer_order_fingerprint": plan.fingerprint(),
+    return {"model": model_name, "weights_fingerprint": weights_fingerprint(llm.engine.model),
+            "num_layers": llm.num_layers, "layer_order_fingerprint": plan.fingerprint(),
             "plan_source": plan.source, "depth_grid": list(grid.depths), "max_new_tokens": max_new_tokens,
             "prompts": prompts}
 

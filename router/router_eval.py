@@ -74,7 +74,11 @@ def heldout_labels(llm, router: DifficultyRouter, messages: list[list[dict]], co
                    model_name: str):
     store = LabelStore(path)
     meta = label_meta(llm, router.grid, config.max_new_tokens, model_name, config.prompts)
-    done = {r.id: r for r in store.start(meta, resume=True)}
+    try:
+        done = {r.id: r for r in store.start(meta, resume=True)}
+    except ValueError:  # labels of other weights or settings: a stale cache, relabel from scratch
+        print(f"{path}: labelled with other weights or settings; relabelling", flush=True)
+        done = {r.id: r for r in store.start(meta, resume=False)}
     todo = [m for m in messages if prompt_id(m) not in done]
     for start in range(0, len(todo), config.chunk):
         records = [r for r in label_prompts(llm, todo[start: start + config.chunk], router.grid,

@@ -122,6 +122,11 @@ def train_router(model: ModelConfig, config: RouterTrainConfig) -> dict:
     if meta["num_layers"] != plan.num_layers or meta["layer_order_fingerprint"] != plan.fingerprint():
         raise ValueError(f"{labels_path} was labelled for layer order [{meta['layer_order_fingerprint']}], "
                          f"the model's is [{plan.fingerprint()}]: relabel (`adadepth router label`)")
+    from adadepth.router.labeler import weights_fingerprint
+
+    if meta.get("weights_fingerprint", weights_fingerprint(net)) != weights_fingerprint(net):  # older files lack it
+        raise ValueError(f"{labels_path} was labelled with other weights than {model.model}'s (retrained?): "
+                         "relabel (`adadepth router label --no-resume`)")
     check_not_heldout(records)
     records = [r for r in records if r.positions > 0]
     if len(records) < 10:

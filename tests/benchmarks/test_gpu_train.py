@@ -3,6 +3,7 @@ and cannot spend them on a shell bug. Covers the distill-data stage, --train-fil
 calibration of the trained model and the artifact collection."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,11 +13,18 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "gpu_train.sh"
-sys.path.insert(0, str(REPO / "tests" / "training"))
-sys.path.insert(0, str(REPO / "tests"))
 
-from fake_data import build_fake_data  # noqa: E402
-from tiny_model import build_tiny_checkpoint  # noqa: E402
+
+def _load(path: Path):
+    """A helper module of the tests by file (no sys.path change: each test folder has its own conftest)."""
+    spec = importlib.util.spec_from_file_location(f"_gpu_train_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+build_fake_data = _load(REPO / "tests" / "training" / "fake_data.py").build_fake_data
+build_tiny_checkpoint = _load(REPO / "tests" / "tiny_model.py").build_tiny_checkpoint
 
 
 def test_distill_then_train_then_collect_on_cpu(tmp_path):

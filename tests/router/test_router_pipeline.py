@@ -91,6 +91,25 @@ def test_label_train_eval(model_dir, cache_dir, tmp_path, capsys):
     assert set(report["correlation_with_agreement"]["first_token_entropy"]) == {"2", "3", "4", "5"}
 
 
+def test_labels_of_other_weights_are_refused(model_dir, cache_dir, tmp_path):
+    """Labels belong to weights, not to a model name: a retrained model must be relabelled."""
+    common = ["--model", model_dir, "--cache-dir", cache_dir]
+    calib = prompts_file(tmp_path / "calib.jsonl", 12, 0)
+    labels = tmp_path / "labels.jsonl"
+    main(["router", "label", *common, "--prompts", calib, "--count", "0", "--max-new-tokens", "4",
+          "--output", str(labels)])
+    lines = labels.read_text().splitlines()
+    meta = json.loads(lines[0])["meta"]
+    assert len(meta["weights_fingerprint"]) == 16
+    meta["weights_fingerprint"] = "0" * 16  # as if labelled before the adapter was retrained
+    labels.write_text("\n".join([json.dumps({"meta": meta}), *lines[1:]]) + "\n")
+    with pytest.raises(SystemExit, match="other weights"):
+        main(["router", "train", *common, "--labels", str(labels), "--pca-dims", "4", "--hidden-size", "4"])
+    with pytest.raises(SystemExit, match="other settings"):
+        main(["router", "label", *common, "--prompts", calib, "--count", "0", "--max-new-tokens", "4",
+              "--output", str(labels)])
+
+
 def test_training_on_heldout_prompts_is_refused(model_dir, cache_dir, tmp_path):
     from adadepth.router.label_store import LabelRecord
     from adadepth.router.router_trainer import check_not_heldout

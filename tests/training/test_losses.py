@@ -81,7 +81,7 @@ def test_cli_registers_the_training_subcommands(capsys):
     from adadepth.cli import build_parser
 
     parser = build_parser()
-    for command in ("train", "calibrate", "eval"):
+    for command in ("train", "calibrate", "distill-data", "eval"):
         with pytest.raises(SystemExit):
             parser.parse_args([command, "--help"])
         assert "--" in capsys.readouterr().out
