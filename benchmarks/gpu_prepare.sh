@@ -47,6 +47,6 @@ cat <<CALLS
 device call $n (carry [".gpu/$last", ".whl"]; MAX_MINUTES = budget left minus ~2 min of setup and saving):
   rm -rf $(for i in $(seq 0 $((n - 2))); do printf ".gpu/%02d " "$i"; done); GGUF_PARTS_DIR=/tmp/stash \\
   LAYER_ORDER=\$PWD/adadepth/artifacts/smollm2-135m-sd INIT_ADAPTER=\$PWD/adadepth/artifacts/smollm2-135m-sd \\
-  CALIB_TRAINED=0 EVAL=0 MAX_MINUTES=8 bash benchmarks/gpu_train.sh
+  DISTILL_PROMPTS=2048 CALIB_TRAINED=0 EVAL=0 MAX_MINUTES=8 bash benchmarks/gpu_train.sh
 then here: cat <files_at>/artifact.tar.part-* | tar x -C /tmp/new && adadepth eval --model /tmp/new/artifact --compare
 CALLS
