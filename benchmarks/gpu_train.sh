@@ -162,12 +162,13 @@ if [ "$DISTILL_PROMPTS" -gt 0 ]; then
   # The generation's minutes come out of the training budget, so the deadline still holds.
   MAX_MINUTES=$(python3 -c "print(round(max(1.0, $MAX_MINUTES - ($(elapsed) - $t_distill) / 60), 2))")
 fi
-[ -n "$TRAIN_FILE" ] && order_args+=(--train-file "$TRAIN_FILE")
+data_args=()
+[ -n "$TRAIN_FILE" ] && data_args=(--train-file "$TRAIN_FILE")
 say "train (max $MAX_MINUTES min)"
 ad train --model "$MODEL" --base-model-name "$MODEL" --cache-dir "$CACHE" --data-dir "$DATA_DIR" --output "$ART" \
   --device "$DEVICE" --dtype "$DTYPE" --batch-size "$BATCH_SIZE" --max-seq-len "$SEQ_LEN" --lr "$LR" \
   --max-steps "$MAX_STEPS" --max-minutes "$MAX_MINUTES" --lora-rank "$LORA_RANK" --lora-save-dtype float16 \
-  --checkpoint-every 200 --log-every "$LOG_EVERY" --no-progress-bar "${order_args[@]}" "${init_args[@]}" \
+  --checkpoint-every 200 --log-every "$LOG_EVERY" --no-progress-bar "${order_args[@]}" "${data_args[@]}" "${init_args[@]}" \
   --op-profile "$OUT/train_ops.txt" $TRAIN_ARGS > "$WORK/train.out"
 rc=$?
 cat "$WORK/train.out"

@@ -49,6 +49,10 @@ class LabelRecord:
         return next((m["content"] for m in self.messages if m.get("role") == "user"), "")
 
 
+class StaleLabelsError(ValueError):
+    """The file holds labels made with other weights or settings than the run asks for."""
+
+
 class LabelStore:
     """A labels JSONL file: its meta line and records."""
 
@@ -72,7 +76,7 @@ class LabelStore:
             old_meta, records = self.read()
             if old_meta == meta:
                 return records
-            raise ValueError(f"{self.path} holds labels made with other settings ({old_meta}); "
+            raise StaleLabelsError(f"{self.path} holds labels made with other settings ({old_meta}); "
                              "pass --no-resume to overwrite it or choose another --output")
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         with open(self.path, "w", encoding="utf-8") as f:

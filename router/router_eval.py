@@ -21,7 +21,7 @@ import torch
 from adadepth.config import ModelConfig
 from adadepth.router.difficulty_router import DifficultyRouter
 from adadepth.router.feature_extractor import FeatureExtractor
-from adadepth.router.label_store import LabelStore, prompt_id
+from adadepth.router.label_store import LabelStore, StaleLabelsError, prompt_id
 from adadepth.router.labeler import label_meta, label_prompts, open_llm, plan_dir_of
 from adadepth.router.policy_sweep import DEFAULT_QUALITIES, fixed_depth_curve, oracle_sweep, sweep_policy
 from adadepth.training.data import HELDOUT_PROMPTS_FILE
@@ -76,7 +76,7 @@ def heldout_labels(llm, router: DifficultyRouter, messages: list[list[dict]], co
     meta = label_meta(llm, router.grid, config.max_new_tokens, model_name, config.prompts)
     try:
         done = {r.id: r for r in store.start(meta, resume=True)}
-    except ValueError:  # labels of other weights or settings: a stale cache, relabel from scratch
+    except StaleLabelsError:  # labels of other weights or settings: a stale cache, relabel from scratch
         print(f"{path}: labelled with other weights or settings; relabelling", flush=True)
         done = {r.id: r for r in store.start(meta, resume=False)}
     todo = [m for m in messages if prompt_id(m) not in done]

@@ -124,7 +124,8 @@ def train_router(model: ModelConfig, config: RouterTrainConfig) -> dict:
                          f"the model's is [{plan.fingerprint()}]: relabel (`adadepth router label`)")
     from adadepth.router.labeler import weights_fingerprint
 
-    if meta.get("weights_fingerprint", weights_fingerprint(net)) != weights_fingerprint(net):  # older files lack it
+    fingerprint = weights_fingerprint(net)
+    if meta.get("weights_fingerprint", fingerprint) != fingerprint:  # older label files lack it
         raise ValueError(f"{labels_path} was labelled with other weights than {model.model}'s (retrained?): "
                          "relabel (`adadepth router label --no-resume`)")
     check_not_heldout(records)

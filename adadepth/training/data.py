@@ -128,7 +128,7 @@ def load_examples(data_dir: str, split: Split | None, sources: tuple[str, ...] =
     return out
 
 
-def hash_order(examples: list[Example]) -> list[Example]:
+def _hash_order(examples: list[Example]) -> list[Example]:
     """A fixed pseudo-random order (by full sha1 of the prompt): deterministic sampling."""
     return sorted(examples, key=lambda e: hashlib.sha1(("order:" + e.prompt).encode("utf-8")).hexdigest())
 
@@ -139,20 +139,26 @@ def heldout_eval_set(data_dir: str, mix: dict[str, int] = HELDOUT_MIX,
     chosen = []
     for source, count in mix.items():
         pool = [e for e in load_examples(data_dir, Split.HELDOUT, (source,)) if len(e.prompt) <= max_prompt_chars]
-        chosen.extend(hash_order(pool)[:count])
+        chosen.extend(_hash_order(pool)[:count])
     return chosen
+
+
+def prompt_set(data_dir: str, split: Split, count: int | None = None,
+               max_prompt_chars: int = EVAL_MAX_PROMPT_CHARS) -> list[Example]:
+    """The first `count` examples of `split` (None: all) with prompts of at most `max_prompt_chars`,
+    mixed over sources in the fixed hash order."""
+    pool = _hash_order([e for e in load_examples(data_dir, split) if len(e.prompt) <= max_prompt_chars])
+    return pool if count is None else pool[:count]
 
 
 def calib_set(data_dir: str, count: int | None = None, max_prompt_chars: int = EVAL_MAX_PROMPT_CHARS) -> list[Example]:
     """The router's calibration set (split ``calib``): disjoint from train and heldout."""
-    pool = [e for e in load_examples(data_dir, Split.CALIB) if len(e.prompt) <= max_prompt_chars]
-    pool = hash_order(pool)
-    return pool if count is None else pool[:count]
+    return prompt_set(data_dir, Split.CALIB, count, max_prompt_chars)
 
 
 def sample_examples(data_dir: str, split: Split, count: int) -> list[Example]:
     """`count` examples of one split, mixed over sources, in the fixed hash order."""
-    return hash_order(load_examples(data_dir, split))[:count]
+    return _hash_order(load_examples(data_dir, split))[:count]
 
 
 # ---- prompt files ----------------------------------------------------------------------

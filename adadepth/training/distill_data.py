@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 from adadepth.config import _default_cache_dir
-from adadepth.training.data import DEFAULT_DATA_DIR, EVAL_MAX_PROMPT_CHARS, Split, hash_order, load_examples
+from adadepth.training.data import DEFAULT_DATA_DIR, EVAL_MAX_PROMPT_CHARS, Split, prompt_set
 
 
 @dataclass
@@ -58,8 +58,7 @@ def run_distill_data(config: DistillDataConfig) -> dict:
     from adadepth.llm import LLM
     from adadepth.sampling_params import SamplingParams
 
-    pool = [e for e in load_examples(config.data_dir, Split.TRAIN) if len(e.prompt) <= config.max_prompt_chars]
-    chosen = hash_order(pool)[: config.num_prompts]
+    chosen = prompt_set(config.data_dir, Split.TRAIN, config.num_prompts, config.max_prompt_chars)
     done = _done_ids(config.output)
     todo = [e for e in chosen if e.id not in done]
     stats = {"output": config.output, "teacher": config.model, "prompts": len(chosen),
