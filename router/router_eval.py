@@ -38,7 +38,7 @@ class RouterEvalConfig:
         "help": f"held-out labels JSONL, made when missing (default: {HELDOUT_LABELS_FILE} in the model's plan folder)"})
     router: str = field(default="", metadata={"help": "folder with router.json (default: the model's own router)"})
     qualities: str = field(default=",".join(map(str, DEFAULT_QUALITIES)), metadata={"help": "qualities to sweep"})
-    max_prompts: int = field(default=0, metadata={"help": "evaluate the first N prompts only (0: all)"})
+    max_prompts: int = field(default=0, metadata={"help": "evaluate only N prompts, the first of each source in turn (0: all)"})
     max_new_tokens: int = field(default=64, metadata={"help": "full-depth greedy continuation length"})
     batch_size: int = field(default=16, metadata={"help": "sequences per teacher-forced pass"})
     chunk: int = field(default=32, metadata={"help": "prompts labelled (and saved) per round"})
@@ -88,6 +88,16 @@ def heldout_labels(llm, router: DifficultyRouter, messages: list[list[dict]], co
     return [done[prompt_id(m)] for m in messages if prompt_id(m) in done]
 
 
+def fixed_depth_by_source(records: list, source_of: dict, grid) -> dict[str, list[dict]]:
+    """{source: fixed-depth curve over that source's records}; prompts without a source are left out."""
+    groups: dict[str, list] = {}
+    for r in records:
+        source = source_of.get(r.id)
+        if source is not None:
+            groups.setdefault(source, []).append(r)
+    return {source: fixed_depth_curve(rs, grid) for source, rs in sorted(groups.items())}
+
+
 def time_routing(llm, router: DifficultyRouter, prompt_ids: list[list[int]], quality: float) -> dict:
     """Prefill each prompt alone (max_tokens=1) at `quality`: router time vs prefill and TTFT."""
     from adadepth.sampling_params import SamplingParams
@@ -121,7 +131,7 @@ def time_routing(llm, router: DifficultyRouter, prompt_ids: list[list[int]], qua
 
 
 def run_router_eval(model: ModelConfig, config: RouterEvalConfig) -> dict:
-    from adadepth.training.data import read_prompts_jsonl
+    from adadepth.training.data import first_prompts, read_prompts_jsonl
 
     if model.num_threads:
         torch.set_num_threads(model.num_threads)
@@ -137,9 +147,11 @@ def run_router_eval(model: ModelConfig, config: RouterEvalConfig) -> dict:
     if not isinstance(router, DifficultyRouter):
         raise FileNotFoundError(f"model {model.model!r} has no router (router.json beside its layer order); "
                                 "train one with `adadepth router label` + `adadepth router train`, or pass --router")
-    messages = [r.messages for r in read_prompts_jsonl(config.prompts)]
+    chosen = read_prompts_jsonl(config.prompts)
     if config.max_prompts:
-        messages = messages[: config.max_prompts]
+        chosen = first_prompts(chosen, config.max_prompts)
+    messages = [r.messages for r in chosen]
+    source_of = {prompt_id(r.messages): r.source for r in chosen}
     labels_path = config.labels or os.path.join(plan_dir_of(model), HELDOUT_LABELS_FILE)
     records = [r for r in heldout_labels(llm, router, messages, config, labels_path, model.model) if r.positions > 0]
 
@@ -156,6 +168,9 @@ def run_router_eval(model: ModelConfig, config: RouterEvalConfig) -> dict:
         "num_prompts": len(records), "continuation_tokens": config.max_new_tokens,
         "depth_grid": list(router.grid.depths), "feature_layers": router.feature_layers,
         "results": fixed_depth_curve(records, router.grid),
+        # The prompts file mixes sources that skip layers very differently (GSM8K vs T0): per source,
+        # so that a change that helps one and hurts another shows.
+        "results_by_source": fixed_depth_by_source(records, source_of, router.grid),
         "router": routed,
         "oracle": oracle_sweep(records, router.grid, qualities),
         "feature_extraction_s": round(offline_s, 2),

@@ -171,9 +171,37 @@ def write_prompts_jsonl(path: str, examples: list[Example]) -> None:
 
 @dataclass
 class PromptRecord:
-    """One line of a prompts file: `messages` (or a bare `prompt`) and an optional reference."""
+    """One line of a prompts file: `messages` (or a bare `prompt`), an optional reference and
+    the optional `source` it was drawn from (gsm8k, t0, alpaca)."""
     messages: list[dict]
     reference: str | None = None
+    source: str | None = None
+
+
+def first_prompts(records: list[PromptRecord], count: int) -> list[PromptRecord]:
+    """The first `count` records mixed over their sources: one of each source in turn (sources in
+    order of first appearance, each in file order) until `count` are taken or a source runs out.
+
+    Why: `--max-prompts N` must measure the same mix as the whole file. The held-out file lists
+    its sources one after another (92 GSM8K prompts first), so its first 48 lines were all GSM8K.
+    Records without a source form one group, so a plain prompts file keeps its file order.
+    """
+    groups: dict[str | None, list[PromptRecord]] = {}
+    for r in records:
+        groups.setdefault(r.source, []).append(r)
+    queues = [iter(g) for g in groups.values()]
+    chosen: list[PromptRecord] = []
+    while queues and len(chosen) < count:
+        alive = []
+        for q in queues:
+            r = next(q, None)
+            if r is None:
+                continue
+            alive.append(q)
+            if len(chosen) < count:
+                chosen.append(r)
+        queues = alive
+    return chosen
 
 
 @dataclass(frozen=True)
@@ -214,7 +242,7 @@ def read_prompts_jsonl(path: str) -> list[PromptRecord]:
         else:
             raise ValueError(f"{path} line {i + 1}: needs 'messages' or 'prompt'")
         reference = row.get("completion", row.get("answer"))
-        records.append(PromptRecord(messages, reference))
+        records.append(PromptRecord(messages, reference, row.get("source")))
     return records
 
 

@@ -22,7 +22,7 @@ import torch
 
 from adadepth.config import _default_cache_dir
 from adadepth.training.chat_batches import encode_chat, encode_prompt
-from adadepth.training.data import HELDOUT_PROMPTS_FILE, PromptRecord, read_prompts_jsonl
+from adadepth.training.data import HELDOUT_PROMPTS_FILE, PromptRecord, first_prompts, read_prompts_jsonl
 from adadepth.training.depth_scorer import DepthScore, DepthScorer
 
 
@@ -31,7 +31,7 @@ class EvalConfig:
     prompts: str = field(default=HELDOUT_PROMPTS_FILE, metadata={
         "help": "JSONL with 'prompt' or 'messages', optional 'completion'/'answer' (default: the held-out split)"})
     depths: str = field(default="15,18,21,24,27,30", metadata={"help": "comma-separated depths to evaluate"})
-    max_prompts: int = field(default=0, metadata={"help": "evaluate only the first N prompts (0: all)"})
+    max_prompts: int = field(default=0, metadata={"help": "evaluate only N prompts, the first of each source in turn (0: all)"})
     max_new_tokens: int = field(default=64, metadata={"help": "full-depth greedy continuation length"})
     exact_match_tokens: int = field(default=32, metadata={"help": "tokens compared for exact_match"})
     max_reference_tokens: int = field(default=128, metadata={"help": "reference answer tokens scored for perplexity"})
@@ -218,7 +218,7 @@ def run_eval(models: list[str], config: EvalConfig) -> dict:
         torch.set_num_threads(config.num_threads)
     records = read_prompts_jsonl(config.prompts)
     if config.max_prompts:
-        records = records[: config.max_prompts]
+        records = first_prompts(records, config.max_prompts)
     names = list(models)
     if config.compare:
         for m in models:

@@ -23,7 +23,7 @@ def prompts_file(path, count: int, offset: int) -> str:
         text = " ".join(WORDS[(i * k + k) % len(WORDS)] for k in range(1 + i % 7)) + f" {i}?"
         i += 1
         if split_of(text) is not Split.HELDOUT:
-            rows.append({"messages": [{"role": "user", "content": text}]})
+            rows.append({"messages": [{"role": "user", "content": text}], "source": "ab"[len(rows) % 2]})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
 
@@ -64,6 +64,13 @@ def test_label_train_eval(model_dir, cache_dir, tmp_path, capsys):
           "--json", str(out_json), "--plot", str(out_png)])
     report = json.loads(out_json.read_text())
     assert [r["depth"] for r in report["results"]] == [2, 3, 4, 5, 6] and report["results"][-1]["agreement"] == 1.0
+    by_source = report["results_by_source"]
+    assert set(by_source) == {"a", "b"} and [curve[0]["num_prompts"] for curve in by_source.values()] == [4, 4]
+    for i, total in enumerate(report["results"]):  # the sources' positions add up to the whole curve
+        parts = [curve[i] for curve in by_source.values()]
+        assert sum(p["num_positions"] for p in parts) == total["num_positions"]
+        pooled = sum(p["agreement"] * p["num_positions"] for p in parts) / total["num_positions"]
+        assert abs(pooled - total["agreement"]) < 1e-4
     assert [r["quality"] for r in report["router"]] == [0.5, 0.8, 0.9]
     for r in report["router"]:
         assert {"mean_depth", "agreement", "predicted_agreement", "gain_vs_fixed"} <= set(r)

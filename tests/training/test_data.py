@@ -6,7 +6,8 @@ import os
 import pytest
 
 from adadepth.training.chat_batches import ChatBatcher, EncodedChat
-from adadepth.training.data import (HELDOUT_PROMPTS_FILE, Split, calib_set, heldout_eval_set, load_examples,
+from adadepth.training.data import (HELDOUT_PROMPTS_FILE, PromptRecord, Split, calib_set, first_prompts,
+                                    heldout_eval_set, load_examples,
                                     read_prompts_jsonl, split_of, write_prompts_jsonl)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -38,8 +39,27 @@ def test_prompt_file_roundtrip(fake_data, tmp_path):
     records = read_prompts_jsonl(path)
     assert [r.messages[0]["content"] for r in records] == [e.prompt for e in examples]
     assert [r.reference for r in records] == [e.completion for e in examples]
+    assert [r.source for r in records] == [e.source for e in examples]
     calib = calib_set(fake_data)
     assert calib and all(e.split is Split.CALIB for e in calib)
+
+
+def test_first_prompts_takes_each_source_in_turn():
+    records = [PromptRecord([{"role": "user", "content": f"{s}{i}"}], None, s)
+               for s, n in (("gsm8k", 4), ("t0", 3), ("alpaca", 1)) for i in range(n)]
+    names = lambda rs: [r.messages[0]["content"] for r in rs]  # noqa: E731
+    assert names(first_prompts(records, 5)) == ["gsm8k0", "t00", "alpaca0", "gsm8k1", "t01"]
+    # alpaca runs out: the others keep alternating, then gsm8k alone; never more than asked or held
+    assert names(first_prompts(records, 8)) == ["gsm8k0", "t00", "alpaca0", "gsm8k1", "t01", "gsm8k2", "t02", "gsm8k3"]
+    assert len(first_prompts(records, 100)) == 8 and first_prompts(records, 0) == []
+    plain = [PromptRecord([{"role": "user", "content": str(i)}]) for i in range(5)]
+    assert first_prompts(plain, 3) == plain[:3]  # no sources: file order
+
+
+def test_committed_heldout_file_records_sources():
+    records = read_prompts_jsonl(os.path.join(REPO, HELDOUT_PROMPTS_FILE))
+    mix = [r.source for r in first_prompts(records, 48)]
+    assert {s: mix.count(s) for s in set(mix)} == {"gsm8k": 16, "t0": 16, "alpaca": 16}
 
 
 @pytest.mark.skipif(not os.path.isdir(SHARED), reason="shared data not present")
