@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -180,7 +181,7 @@ class PromptRecord:
 
 def first_prompts(records: list[PromptRecord], count: int) -> list[PromptRecord]:
     """The first `count` records mixed over their sources: one of each source in turn (sources in
-    order of first appearance, each in file order) until `count` are taken or a source runs out.
+    order of first appearance, each in file order); a source that runs out drops out of the turn.
 
     Why: `--max-prompts N` must measure the same mix as the whole file. The held-out file lists
     its sources one after another (92 GSM8K prompts first), so its first 48 lines were all GSM8K.
@@ -189,19 +190,8 @@ def first_prompts(records: list[PromptRecord], count: int) -> list[PromptRecord]
     groups: dict[str | None, list[PromptRecord]] = {}
     for r in records:
         groups.setdefault(r.source, []).append(r)
-    queues = [iter(g) for g in groups.values()]
-    chosen: list[PromptRecord] = []
-    while queues and len(chosen) < count:
-        alive = []
-        for q in queues:
-            r = next(q, None)
-            if r is None:
-                continue
-            alive.append(q)
-            if len(chosen) < count:
-                chosen.append(r)
-        queues = alive
-    return chosen
+    turns = itertools.zip_longest(*groups.values())  # one record of each source per turn, None when out
+    return [r for turn in turns for r in turn if r is not None][:count]
 
 
 @dataclass(frozen=True)
