@@ -4,11 +4,16 @@ One JSONL file. The first line is `{"meta": {...}}` (model, layer-order fingerpr
 continuation length); each further line is one prompt:
 
     {"id": "...", "messages": [...], "prompt_token_ids": [...], "positions": 64,
-     "matches": {"12": 31, "15": 40, ..., "30": 64}}
+     "matches": {"12": 31, "15": 40, ..., "30": 64},
+     "match_bits": {"12": "1101...", ...}}
 
 `positions` is the number of scored continuation positions (the full-depth greedy continuation,
 up to 64 tokens) and `matches[d]` how many of them the depth-d argmax agrees on, so a prompt's
 agreement is matches / positions and a pooled agreement is sum(matches) / sum(positions).
+`match_bits[d]` says which positions agree ("1"), in order (label format 2; files of format 1
+lack it): the even and odd positions of one continuation are two independent-ish measurements
+of the same prompt, which tells how much of a prompt's agreement is the prompt and how much is
+the luck of its 64 tokens (`policy_sweep.split_half_oracle`).
 Records are appended batch by batch, so an interrupted labelling run resumes where it stopped.
 """
 from __future__ import annotations
@@ -16,7 +21,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+# 2: records carry per-position match bits. Label metas say it, so a cache of format 1 is stale.
+LABEL_FORMAT = 2
 
 
 def prompt_id(messages: list[dict]) -> str:
@@ -30,18 +38,34 @@ class LabelRecord:
     prompt_token_ids: list[int]
     positions: int
     matches: dict[int, int]  # depth -> agreeing positions
+    match_bits: dict[int, str] = field(default_factory=dict)  # depth -> "1"/"0" per position; may be empty
+
+    def __post_init__(self) -> None:
+        for depth, bits in self.match_bits.items():
+            if len(bits) != self.positions or bits.count("1") != self.matches.get(depth):
+                raise ValueError(f"record {self.id}: match bits at depth {depth} do not add up to "
+                                 f"{self.matches.get(depth)} of {self.positions} positions")
 
     def agreement(self, depth: int) -> float:
         return self.matches[depth] / self.positions if self.positions else float("nan")
 
+    def half(self, depth: int, parity: int) -> tuple[int, int]:
+        """(agreeing, scored) over the even (parity 0) or odd (parity 1) positions at `depth`."""
+        bits = self.match_bits[depth][parity::2]
+        return bits.count("1"), len(bits)
+
     def to_json(self) -> dict:
-        return {"id": self.id, "messages": self.messages, "prompt_token_ids": self.prompt_token_ids,
-                "positions": self.positions, "matches": {str(d): m for d, m in sorted(self.matches.items())}}
+        row = {"id": self.id, "messages": self.messages, "prompt_token_ids": self.prompt_token_ids,
+               "positions": self.positions, "matches": {str(d): m for d, m in sorted(self.matches.items())}}
+        if self.match_bits:
+            row["match_bits"] = {str(d): b for d, b in sorted(self.match_bits.items())}
+        return row
 
     @classmethod
     def from_json(cls, row: dict) -> "LabelRecord":
         return cls(row["id"], row["messages"], list(row["prompt_token_ids"]), int(row["positions"]),
-                   {int(d): int(m) for d, m in row["matches"].items()})
+                   {int(d): int(m) for d, m in row["matches"].items()},
+                   {int(d): str(b) for d, b in row.get("match_bits", {}).items()})
 
     @property
     def user_text(self) -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from adadepth.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from adadepth.router.depth_grid import DepthGrid
-from adadepth.router.label_store import LabelRecord, LabelStore, prompt_id
+from adadepth.router.label_store import LABEL_FORMAT, LabelRecord, LabelStore, prompt_id
 from adadepth.training.data import DEFAULT_DATA_DIR
 
 logger = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def label_meta(llm, grid: DepthGrid, max_new_tokens: int, model_name: str, promp
     return {"model": model_name, "weights_fingerprint": weights_fingerprint(llm.engine.model),
             "num_layers": llm.num_layers, "layer_order_fingerprint": plan.fingerprint(),
             "plan_source": plan.source, "depth_grid": list(grid.depths), "max_new_tokens": max_new_tokens,
-            "prompts": prompts}
+            "prompts": prompts, "label_format": LABEL_FORMAT}
 
 
 def label_prompts(llm, messages: list[list[dict]], grid: DepthGrid, max_new_tokens: int = 64,
@@ -111,7 +111,7 @@ def label_prompts(llm, messages: list[list[dict]], grid: DepthGrid, max_new_toke
             continue
         positions = s[grid.num_layers].positions
         records.append(LabelRecord(prompt_id(m), m, encode_prompt(llm.tokenizer, m), positions,
-                                   {d: s[d].matches for d in grid.depths}))
+                                   {d: s[d].matches for d in grid.depths}, {d: s[d].match_bits for d in grid.depths}))
     return records
 
 

@@ -95,3 +95,56 @@ def oracle_sweep(records: list[LabelRecord], grid: DepthGrid, qualities=DEFAULT_
     # True agreement is not monotone in depth; the policy takes the first depth reaching q anyway.
     return [{k: v for k, v in row.items() if k not in ("predicted_agreement", "calibration_error")}
             for row in sweep_policy(truth, records, grid, qualities)]
+
+
+def _half_records(records: list[LabelRecord], grid: DepthGrid, parity: int) -> list[LabelRecord]:
+    """The records scored on their even (0) or odd (1) continuation positions only."""
+    out = []
+    for r in records:
+        halves = {d: r.half(d, parity) for d in grid.depths}
+        out.append(LabelRecord(r.id, r.messages, r.prompt_token_ids, halves[grid.depths[0]][1],
+                               {d: m for d, (m, _) in halves.items()}))
+    return out
+
+
+def split_half_oracle(records: list[LabelRecord], grid: DepthGrid, qualities=DEFAULT_QUALITIES) -> list[dict]:
+    """The policy with each prompt's agreement on HALF its positions as the prediction, scored on
+    the other half (even -> odd and odd -> even, averaged).
+
+    The oracle of `oracle_sweep` sees the very positions it is scored on, so it also profits from
+    the luck of each prompt's 64 tokens, which no router can know. Here the decision and the score
+    come from disjoint positions of the same continuation: what a router could reach if it knew
+    each prompt's agreement as well as 32 of its own positions tell it (far more than any prefill
+    feature does). Records need `match_bits`; prompts with fewer than 2 positions are left out.
+    """
+    usable = [r for r in records if r.positions >= 2]
+    if not usable or any(not r.match_bits for r in usable):
+        raise ValueError("split_half_oracle needs records with match_bits (label format 2)")
+    runs = []
+    for parity in (0, 1):
+        decide, score = _half_records(usable, grid, parity), _half_records(usable, grid, 1 - parity)
+        truth = torch.tensor([[r.agreement(d) for d in grid.depths[:-1]] + [1.0] for r in decide])
+        runs.append(sweep_policy(truth, score, grid, qualities))
+    keys = ("mean_depth", "agreement", "fixed_depth_agreement_at_mean_depth", "gain_vs_fixed",
+            "mixed_fixed_depths_agreement_at_mean_depth", "gain_vs_mixed_fixed_depths")
+    return [{"quality": a["quality"], **{k: round((a[k] + b[k]) / 2, 5) for k in keys}}
+            for a, b in zip(*runs)]
+
+
+def split_half_reliability(records: list[LabelRecord], grid: DepthGrid, min_half: int = 16) -> dict[str, dict]:
+    """Per partial depth: the correlation across prompts of agreement on even vs odd positions
+    (prompts with >= min_half positions in each half), and the Spearman-Brown reliability of a
+    whole continuation's agreement, 2r / (1 + r): the share of the variance of prompts' labels
+    that belongs to the prompts rather than to their tokens' luck, i.e. the most any
+    predictor's R^2 against these labels can be."""
+    usable = [r for r in records if r.match_bits and r.positions >= 2 * min_half]
+    out = {}
+    for d in grid.depths[:-1]:
+        even = torch.tensor([m / n for m, n in (r.half(d, 0) for r in usable)], dtype=torch.float64)
+        odd = torch.tensor([m / n for m, n in (r.half(d, 1) for r in usable)], dtype=torch.float64)
+        if len(usable) < 3 or even.std() == 0 or odd.std() == 0:
+            continue
+        r = float(torch.corrcoef(torch.stack([even, odd]))[0, 1])
+        out[str(d)] = {"num_prompts": len(usable), "half_correlation": round(r, 4),
+                       "reliability": round(2 * r / (1 + r), 4) if r > -1 else None}
+    return out

@@ -23,7 +23,8 @@ from adadepth.router.difficulty_router import DifficultyRouter
 from adadepth.router.feature_extractor import FeatureExtractor
 from adadepth.router.label_store import LabelStore, StaleLabelsError, prompt_id
 from adadepth.router.labeler import label_meta, label_prompts, open_llm, plan_dir_of
-from adadepth.router.policy_sweep import DEFAULT_QUALITIES, fixed_depth_curve, oracle_sweep, sweep_policy
+from adadepth.router.policy_sweep import (DEFAULT_QUALITIES, fixed_depth_curve, oracle_sweep, split_half_oracle,
+                                         split_half_reliability, sweep_policy)
 from adadepth.training.data import HELDOUT_PROMPTS_FILE
 
 HELDOUT_LABELS_FILE = "router_heldout_labels.jsonl"
@@ -96,6 +97,19 @@ def fixed_depth_by_source(records: list, source_of: dict, grid) -> dict[str, lis
         if source is not None:
             groups.setdefault(source, []).append(r)
     return {source: fixed_depth_curve(rs, grid) for source, rs in sorted(groups.items())}
+
+
+def prediction_fit(predicted: torch.Tensor, records: list, grid) -> dict[str, dict]:
+    """Per partial depth: how well the router's predicted agreement tracks each prompt's label
+    (Pearson r and R^2 = 1 - SSE / SST over prompts), to set beside the labels' reliability."""
+    out = {}
+    for j, d in enumerate(grid.depths[:-1]):
+        y = torch.tensor([r.agreement(d) for r in records], dtype=torch.float64)
+        p = predicted[:, j].double()
+        sst = float(((y - y.mean()) ** 2).sum())
+        r = float(torch.corrcoef(torch.stack([p, y]))[0, 1]) if len(y) > 2 and p.std() > 0 and y.std() > 0 else float("nan")
+        out[str(d)] = {"r": round(r, 4), "r2": round(1 - float(((y - p) ** 2).sum()) / sst, 4) if sst else None}
+    return out
 
 
 def time_routing(llm, router: DifficultyRouter, prompt_ids: list[list[int]], quality: float) -> dict:
@@ -173,9 +187,14 @@ def run_router_eval(model: ModelConfig, config: RouterEvalConfig) -> dict:
         "results_by_source": fixed_depth_by_source(records, source_of, router.grid),
         "router": routed,
         "oracle": oracle_sweep(records, router.grid, qualities),
+        "prediction_fit": prediction_fit(predicted, records, router.grid),
         "feature_extraction_s": round(offline_s, 2),
         "router_config": router.config_dict(),
     }
+    if all(r.match_bits for r in records):
+        # How much of a prompt's agreement is the prompt's at all, and what knowing it would gain.
+        report["label_reliability"] = split_half_reliability(records, router.grid)
+        report["split_half_oracle"] = split_half_oracle(records, router.grid, qualities)
     if config.timing_prompts:
         timing_records = records[: config.timing_prompts]
         timing = time_routing(llm, router, [r.prompt_token_ids for r in timing_records], config.timing_quality)

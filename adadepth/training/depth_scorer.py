@@ -22,6 +22,9 @@ class DepthScore:
     nll_sum: float = 0.0
     ref_tokens: int = 0
     exact_match: bool | None = None
+    # One "1"/"0" per scored continuation position, in order: which positions agree. Split-half
+    # analyses (odd vs even positions) need them; the counts above are their sums.
+    match_bits: str = ""
 
     @property
     def agreement(self) -> float:
@@ -77,11 +80,16 @@ class DepthScorer:
                 match = (logp.argmax(-1) == full_top).double().cpu()               # (n,)
                 kl = (full.exp() * (full - logp)).sum(-1).clamp_min(0).double().cpu()   # (n,)
                 per_row = _per_row(row_of, len(chunk), match, kl, torch.ones_like(match))
+                # Positions are laid out row by row (`_positions_of`), so each row's bits are one slice.
+                bits = "".join("1" if x else "0" for x in match.bool().tolist())
+                offset = 0
                 for (index, _, _), (m, k, count) in zip(chunk, per_row):
                     s = scores[index][depth]
                     s.matches += round(m)
                     s.kl_sum += k
                     s.positions += round(count)
+                    s.match_bits += bits[offset: offset + round(count)]
+                    offset += round(count)
 
     @torch.inference_mode()
     def next_token_matches(self, items: list[tuple[int, list[int], int]], depth: int) -> tuple[int, int]:

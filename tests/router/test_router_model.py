@@ -130,3 +130,50 @@ def test_platt_scaling_corrects_over_confidence_and_round_trips(tmp_path):
     loaded = DifficultyRouter.load(str(tmp_path), PLAN, hidden_size=HIDDEN)
     assert float(loaded.predictor.calib_scale) == pytest.approx(float(predictor.calib_scale))
     assert torch.equal(loaded.predict(feats), router.predict(feats))
+
+
+def _bits_record(name: str, bits: dict[int, str]):
+    from adadepth.router.label_store import LabelRecord
+
+    n = len(next(iter(bits.values())))
+    return LabelRecord(name, [{"role": "user", "content": name}], [1, 2, 3], n,
+                       {d: b.count("1") for d, b in bits.items()}, bits)
+
+
+def test_label_record_match_bits_round_trip_and_halves():
+    from adadepth.router.label_store import LabelRecord
+
+    record = _bits_record("p", {2: "110100", 6: "111111"})
+    assert record.half(2, 0) == (1, 3) and record.half(2, 1) == (2, 3)   # even positions 1,0,0; odd 1,1,0
+    again = LabelRecord.from_json(json.loads(json.dumps(record.to_json())))
+    assert again == record and again.match_bits[2] == "110100"
+    old = {k: v for k, v in record.to_json().items() if k != "match_bits"}   # label format 1
+    assert LabelRecord.from_json(old).match_bits == {}
+    with pytest.raises(ValueError, match="do not add up"):
+        LabelRecord("q", [], [1], 4, {2: 3}, {2: "1100"})
+
+
+def test_split_half_oracle_and_reliability():
+    from adadepth.router.policy_sweep import oracle_sweep, split_half_oracle, split_half_reliability
+
+    grid = DepthGrid((2, 4, 6), 6)
+    # Every position doubled ("1" -> "11"): both halves see the same agreement, so deciding on one
+    # half and scoring on the other is the plain oracle, and the halves correlate perfectly.
+    patterns = ["1011", "0001", "1111", "0110", "0000", "1110", "0111", "1000"]
+    doubled = [_bits_record(f"p{i}", {2: "".join(c * 2 for c in p) + "11", 4: "".join(c * 2 for c in p[::-1]) + "11",
+                                      6: "1" * 10})
+               for i, p in enumerate(patterns)]
+    keys = ("mean_depth", "agreement", "gain_vs_fixed", "gain_vs_mixed_fixed_depths")
+    qualities = (0.3, 0.5, 0.8)
+    for half, full in zip(split_half_oracle(doubled, grid, qualities), oracle_sweep(doubled, grid, qualities)):
+        assert {k: half[k] for k in keys} == pytest.approx({k: full[k] for k in keys}, abs=1e-4)
+    rel = split_half_reliability(doubled, grid, min_half=2)
+    assert rel["2"]["half_correlation"] == pytest.approx(1.0) and rel["2"]["reliability"] == pytest.approx(1.0)
+    # Halves that disagree (even positions all match, odd ones never): deciding on one half picks
+    # depths that the other half scores badly, so the split-half oracle falls below the oracle.
+    split = [_bits_record(f"s{i}", {2: ("10" if i % 2 else "01") * 4, 4: "11111110", 6: "1" * 8}) for i in range(6)]
+    assert split_half_oracle(split, grid, (0.6,))[0]["agreement"] < oracle_sweep(split, grid, (0.6,))[0]["agreement"]
+    from adadepth.router.label_store import LabelRecord
+
+    with pytest.raises(ValueError, match="match_bits"):   # a label-format-1 record
+        split_half_oracle([LabelRecord("y", [], [1], 4, {2: 1, 4: 2, 6: 4})], grid)

@@ -45,6 +45,9 @@ def test_label_train_eval(model_dir, cache_dir, tmp_path, capsys):
     assert meta["depth_grid"] == [2, 3, 4, 5, 6] and meta["layer_order_fingerprint"] == ",".join(map(str, ORDER))
     assert len(records) == 30 and all(r.positions == 8 and r.matches[6] == 8 for r in records)
     assert all(0 <= r.matches[d] <= 8 for r in records for d in (2, 3, 4, 5))
+    # Per-position bits (label format 2) are the counts, position by position.
+    assert meta["label_format"] == 2
+    assert all(len(r.match_bits[d]) == 8 and r.match_bits[d].count("1") == r.matches[d] for r in records for d in r.matches)
     # Resuming finds everything done.
     main(["router", "label", *common, "--prompts", calib, "--count", "0", "--max-new-tokens", "8", "--output", labels])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["new"] == 0
@@ -76,6 +79,10 @@ def test_label_train_eval(model_dir, cache_dir, tmp_path, capsys):
         assert {"mean_depth", "agreement", "predicted_agreement", "gain_vs_fixed"} <= set(r)
         assert 2 <= r["mean_depth"] <= 6
     assert report["timing"]["num_prompts"] == 3 and report["timing"]["engine_matches_offline_decisions"] == 3
+    assert set(report["prediction_fit"]) == {"2", "3", "4", "5"}
+    assert [r["quality"] for r in report["split_half_oracle"]] == [0.5, 0.8, 0.9]
+    assert all(2 <= r["mean_depth"] <= 6 for r in report["split_half_oracle"])
+    assert set(report["label_reliability"]) <= {"2", "3", "4", "5"}
     assert out_png.stat().st_size > 0
 
     # benchmarks/router_feature_study.py on the same labels: every feature set scored on the held-out ones.
