@@ -25,6 +25,9 @@ class LossConfig:
     early_exit_every: int = field(default=4, metadata={
         "help": "early-exit loss on the output of every k-th layer"})
     distill_temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the KL term"})
+    self_distill: bool = field(default=False, metadata={
+        "help": "rows that skip layers learn from the student's own full depth (adapter on, no gradient), "
+                "which is what evaluation scores them against; rows that keep every layer still learn from the base"})
     loss_chunk_tokens: int = field(default=2048, metadata={"help": "tokens per LM-head chunk in the losses"})
 
     def __post_init__(self) -> None:

@@ -220,6 +220,23 @@ class Trainer:
             with self._adapters_off():
                 return self.inner.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
 
+    def _self_teacher_states(self, batch: Batch, decision) -> torch.Tensor:
+        """(B, T, D) teacher states for `self_distill`: rows that skip a layer get the student's
+        own full depth (what `adadepth eval` scores a depth against: without this, reduced depths
+        are pulled towards the base wherever training has moved full depth away from it); rows
+        that keep every layer (full-depth anchors) get the base, so full depth stays near it."""
+        full_rows = decision.keep.all(1)                                            # (B,) host bool
+        if bool(full_rows.all()):
+            return self._teacher_states(batch)
+        with torch.no_grad():
+            own = self.inner.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+            if not bool(full_rows.any()):
+                return own
+            rows = full_rows.nonzero().squeeze(1).to(self.device, non_blocking=True)   # (n_full,)
+            anchors = self._teacher_states(dataclasses.replace(
+                batch, input_ids=batch.input_ids[rows], attention_mask=batch.attention_mask[rows]))   # (n_full, T, D)
+            return own.index_copy(0, rows, anchors.to(own.dtype))                  # (B, T, D)
+
     def micro_step(self, batch: Batch, progress: float) -> dict[str, torch.Tensor]:
         """Forward + backward of one host batch; returns detached device scalars (no sync)."""
         lc, timer = self.losses, self.timer
@@ -231,12 +248,13 @@ class Trainer:
         head, norm = self.inner.lm_head, self.inner.model.norm
         d = self.inner.config.hidden_size
         timer.mark("to_device")
+        decision = self.schedule.sample(batch.input_ids.shape[0], progress, self.generator)
         with self._autocast():
             teacher_h = None
             if lc.needs_teacher:
-                teacher_h = self._teacher_states(batch).reshape(-1, d)[flat]        # (N, D)
+                states = self._self_teacher_states(batch, decision) if lc.self_distill else self._teacher_states(batch)
+                teacher_h = states.reshape(-1, d)[flat]                             # (N, D)
             timer.mark("teacher")
-            decision = self.schedule.sample(batch.input_ids.shape[0], progress, self.generator)
             self.stochastic.capture = [] if lc.early_exit_weight > 0 else None
             with self.stochastic.dropping(decision):
                 h = self.inner.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state

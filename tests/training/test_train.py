@@ -133,6 +133,47 @@ def test_teacher_is_the_base_model_with_adapters_off(tiny_base, fake_data, train
     assert all(p.requires_grad for n, p in t.model.named_parameters() if "lora_" in n)
 
 
+def test_self_distill_teacher_is_own_full_depth_except_on_anchor_rows(tiny_base, fake_data, train_cache, tmp_path):
+    from adadepth.training.chat_batches import collate, EncodedChat
+    from adadepth.training.drop_schedule import DropConfig, DropDecision
+    from adadepth.training.losses import LossConfig
+    from adadepth.training.train_config import AdapterConfig, TrainConfig
+    from adadepth.training.trainer import Trainer
+
+    t = Trainer(TrainConfig(model=tiny_base, data_dir=fake_data, cache_dir=train_cache, output=str(tmp_path),
+                            layer_order="early-exit", max_seq_len=64, progress_bar=False),
+                AdapterConfig(), DropConfig(), LossConfig(self_distill=True))
+    with torch.no_grad():
+        for name, p in t.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    batch = collate([EncodedChat([5, 17, 42, 99, 7, 3], 3), EncodedChat([8, 9, 10, 11], 2),
+                     EncodedChat([12, 13, 14, 15, 16], 2)], pad_id=0)
+    n = t.num_layers
+    keep = torch.ones(3, n, dtype=torch.bool)
+    keep[0, -1] = keep[2, 1] = False                     # rows 0 and 2 skip a layer, row 1 is an anchor
+    decision = DropDecision(keep, torch.ones(3, n))
+    teacher = t._self_teacher_states(batch, decision)
+    base = t._teacher_states(batch)
+    with torch.no_grad():
+        own = t.inner.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    real = batch.attention_mask.bool()
+    for row, expected in ((0, own), (1, base), (2, own)):
+        assert torch.allclose(teacher[row][real[row]], expected[row][real[row]], atol=1e-5), row
+    assert not torch.allclose(own[real], base[real], atol=1e-3)   # the two teachers do differ
+    # All anchors: the base alone; no anchors: the student alone.
+    assert torch.allclose(t._self_teacher_states(batch, DropDecision(torch.ones(3, n, dtype=torch.bool),
+                                                                      torch.ones(3, n)))[real], base[real], atol=1e-5)
+    keep[1, 0] = False
+    assert torch.allclose(t._self_teacher_states(batch, DropDecision(keep, torch.ones(3, n)))[real], own[real], atol=1e-5)
+    # And a training run with it goes through (anchors on, so both teachers are used).
+    out = str(tmp_path / "art")
+    train(tiny_base, fake_data, train_cache, out, "--max-steps", "2", "--layer-order", "early-exit",
+          "--self-distill", "--full-depth-fraction", "0.5", "--ce-weight", "0")
+    log = [json.loads(line) for line in open(os.path.join(out, "train_log.jsonl"))]
+    assert log[-1]["step"] == 2 and log[-1]["kl"] >= 0
+
+
 def test_init_adapter_starts_from_the_artifacts_weights(trained, tiny_base, fake_data, train_cache, tmp_path):
     """One step at a tiny learning rate from `trained`'s adapter lands next to its weights (and
     far from a fresh run's); the source is recorded; another rank or --resume is refused."""
