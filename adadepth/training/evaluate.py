@@ -34,6 +34,8 @@ class EvalConfig:
     max_prompts: int = field(default=0, metadata={"help": "evaluate only N prompts, the first of each source in turn (0: all)"})
     max_new_tokens: int = field(default=64, metadata={"help": "full-depth greedy continuation length"})
     exact_match_tokens: int = field(default=32, metadata={"help": "tokens compared for exact_match"})
+    exact_match: bool = field(default=True, metadata={
+        "help": "measure exact_match_32 (a greedy generation per depth: the slowest part of a CPU run)"})
     max_reference_tokens: int = field(default=128, metadata={"help": "reference answer tokens scored for perplexity"})
     perplexity: bool = field(default=True, metadata={"help": "score reference answers when present"})
     compare: bool = field(default=False, metadata={"help": "also evaluate each artifact's base model"})
@@ -167,7 +169,8 @@ def evaluate_model(model: str, records: list[PromptRecord], config: EvalConfig) 
     references = [r.reference for r in records] if config.perplexity else None
     scores = score_prompts(llm, records, depths, max_new_tokens=config.max_new_tokens,
                            exact_match_tokens=config.exact_match_tokens, references=references,
-                           max_reference_tokens=config.max_reference_tokens, batch_size=config.batch_size)
+                           max_reference_tokens=config.max_reference_tokens, batch_size=config.batch_size,
+                           exact_match=config.exact_match)
     plan = llm.engine.plan
     return {
         "model": model, "num_layers": llm.num_layers, "layer_order": plan.layer_order, "plan_source": plan.source,

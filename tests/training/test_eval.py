@@ -49,8 +49,9 @@ def test_compare_lists_models_and_keeps_single_shape_at_top(tiny_base, train_cac
         json.dump({"base_model": os.path.abspath(tiny_base)}, f)  # an artifact that changes nothing
     out = str(tmp_path / "cmp.json")
     run_eval(["--model", art, "--compare", "--cache-dir", train_cache, "--prompts", prompts_file, "--depths", "4,6",
-              "--max-prompts", "2", "--no-perplexity", "--json", out], capsys)
+              "--max-prompts", "2", "--no-perplexity", "--no-exact-match", "--json", out], capsys)
     report = json.load(open(out))
+    assert all(r["exact_match_32"] is None for m in report["models"] for r in m["results"])
     assert [m["model"] for m in report["models"]] == [art, os.path.abspath(tiny_base)]
     assert report["model"] == art and report["results"] == report["models"][0]["results"]
     for m in report["models"]:
