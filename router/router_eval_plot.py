@@ -30,6 +30,10 @@ def plot_router_eval(report: dict, path: str) -> None:
     if report.get("oracle"):
         ax.plot([r["mean_depth"] for r in report["oracle"]], [r["agreement"] for r in report["oracle"]],
                 linestyle="--", color="tab:green", alpha=0.6, label="oracle (true per-prompt agreement)")
+    if report.get("split_half_oracle"):
+        half = report["split_half_oracle"]
+        ax.plot([r["mean_depth"] for r in half], [r["agreement"] for r in half], linestyle="-.", color="tab:olive",
+                alpha=0.8, label="split-half oracle (decides on other positions)")
     ax.set_xlabel("mean depth (layers)")
     ax.set_ylabel("agreement with full depth")
     ax.set_title(f"{os.path.basename(os.path.normpath(report['model']))}: held-out prompts")
