@@ -229,13 +229,17 @@ class Trainer:
         if bool(full_rows.all()):
             return self._teacher_states(batch)
         with torch.no_grad():
-            own = self.inner.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
             if not bool(full_rows.any()):
-                return own
-            rows = full_rows.nonzero().squeeze(1).to(self.device, non_blocking=True)   # (n_full,)
-            anchors = self._teacher_states(dataclasses.replace(
-                batch, input_ids=batch.input_ids[rows], attention_mask=batch.attention_mask[rows]))   # (n_full, T, D)
-            return own.index_copy(0, rows, anchors.to(own.dtype))                  # (B, T, D)
+                return self.inner.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+            # Each row runs one teacher only: anchors through the base, the rest through the student.
+            anchor = full_rows.nonzero().squeeze(1).to(self.device, non_blocking=True)        # (n_a,)
+            reduced = (~full_rows).nonzero().squeeze(1).to(self.device, non_blocking=True)    # (n_r,)
+            own = self.inner.model(input_ids=batch.input_ids[reduced],
+                                   attention_mask=batch.attention_mask[reduced]).last_hidden_state  # (n_r, T, D)
+            base = self._teacher_states(dataclasses.replace(
+                batch, input_ids=batch.input_ids[anchor], attention_mask=batch.attention_mask[anchor]))  # (n_a, T, D)
+            out = own.new_empty(batch.input_ids.shape[0], *own.shape[1:])                      # (B, T, D)
+            return out.index_copy_(0, reduced, own).index_copy_(0, anchor, base.to(own.dtype))
 
     def micro_step(self, batch: Batch, progress: float) -> dict[str, torch.Tensor]:
         """Forward + backward of one host batch; returns detached device scalars (no sync)."""
