@@ -138,11 +138,13 @@ def split_half_reliability(records: list[LabelRecord], grid: DepthGrid, min_half
     that belongs to the prompts rather than to their tokens' luck, i.e. the most any
     predictor's R^2 against these labels can be."""
     usable = [r for r in records if r.match_bits and r.positions >= 2 * min_half]
-    out = {}
+    out: dict[str, dict] = {}
+    if len(usable) < 3:
+        return out
     for d in grid.depths[:-1]:
         even = torch.tensor([m / n for m, n in (r.half(d, 0) for r in usable)], dtype=torch.float64)
         odd = torch.tensor([m / n for m, n in (r.half(d, 1) for r in usable)], dtype=torch.float64)
-        if len(usable) < 3 or even.std() == 0 or odd.std() == 0:
+        if even.std() == 0 or odd.std() == 0:
             continue
         r = float(torch.corrcoef(torch.stack([even, odd]))[0, 1])
         out[str(d)] = {"num_prompts": len(usable), "half_correlation": round(r, 4),
