@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -103,6 +104,29 @@ def test_label_train_eval(model_dir, cache_dir, tmp_path, capsys):
         assert [p["quality"] for p in r["sweep"]] == list(QUALITIES)
         assert all(2 <= p["mean_depth"] <= 6 and 0 <= p["agreement"] <= 1 for p in r["sweep"])
     assert set(report["correlation_with_agreement"]["first_token_entropy"]) == {"2", "3", "4", "5"}
+
+    # benchmarks/router_prompt_probe.py: the prompt's own agreement, correlated with its labels.
+    from adadepth.benchmarks.router_prompt_probe import main as probe
+
+    probe_json = tmp_path / "probe.json"
+    report = probe(["--labels", str(tmp_path / "heldout_labels.jsonl"), "--model", model_dir, "--cache-dir", cache_dir,
+                    "--json", str(probe_json)])
+    assert json.loads(probe_json.read_text()) == json.loads(json.dumps(report))
+    assert report["num_prompts"] == 8 and [r["depth"] for r in report["correlations"]] == [2, 3, 4, 5]
+    # Each prompt is scored past the template's shared prefix, and keeps at least one position.
+    assert report["shared_prefix_tokens"] > 0 and report["scored_prompt_positions"] >= 8
+    for r in report["correlations"]:
+        assert 0 <= r["mean_prompt_agreement"] <= 1 and 0 <= r["mean_label"] <= 1
+        assert all(math.isnan(r[k]) or -1 <= r[k] <= 1 for k in ("r_prompt_agreement", "r_prompt_kl", "r_log_prompt_tokens"))
+
+
+def test_shared_prefix_len():
+    from adadepth.benchmarks.router_prompt_probe import pearson, shared_prefix_len
+
+    assert shared_prefix_len([[1, 2, 3, 9], [1, 2, 4]]) == 2
+    assert shared_prefix_len([[1, 2], [1, 2, 3]]) == 1  # the shortest prompt keeps a position
+    assert shared_prefix_len([[5, 6, 7]]) == 2
+    assert abs(pearson([1, 2, 3], [2, 4, 7]) - 0.9934) < 1e-3 and math.isnan(pearson([1, 1], [1, 2]))
 
 
 def test_labels_of_other_weights_are_refused(model_dir, cache_dir, tmp_path):
