@@ -19,6 +19,7 @@ import os
 import time
 
 from adadepth.benchmarks.machine import machine_info
+from adadepth.benchmarks.router_feature_study import corr
 from adadepth.router.label_store import LabelStore
 
 ARTIFACT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -33,14 +34,6 @@ def shared_prefix_len(token_ids: list[list[int]]) -> int:
     while n < limit and all(ids[n] == token_ids[0][n] for ids in token_ids):
         n += 1
     return n
-
-
-def pearson(a: list[float], b: list[float]) -> float:
-    n = len(a)
-    ma, mb = sum(a) / n, sum(b) / n
-    cov = sum((x - ma) * (y - mb) for x, y in zip(a, b))
-    va, vb = sum((x - ma) ** 2 for x in a), sum((y - mb) ** 2 for y in b)
-    return cov / math.sqrt(va * vb) if va > 0 and vb > 0 else float("nan")
 
 
 def prompt_scores(llm, records, depths: list[int], batch_size: int = 16) -> tuple[list[dict], int]:
@@ -75,9 +68,9 @@ def main(argv=None) -> dict:
     for d in depths:
         label = [r.agreement(d) for r in records]
         rows.append({"depth": d,
-                     "r_prompt_agreement": round(pearson([s[d].agreement for s in scores], label), 3),
-                     "r_prompt_kl": round(pearson([s[d].kl_sum / s[d].positions for s in scores], label), 3),
-                     "r_log_prompt_tokens": round(pearson(length, label), 3),
+                     "r_prompt_agreement": round(corr([s[d].agreement for s in scores], label), 3),
+                     "r_prompt_kl": round(corr([s[d].kl_sum / s[d].positions for s in scores], label), 3),
+                     "r_log_prompt_tokens": round(corr(length, label), 3),
                      "mean_prompt_agreement": round(sum(s[d].agreement for s in scores) / len(scores), 4),
                      "mean_label": round(sum(label) / len(label), 4)})
         print(f"depth {d}: r(prompt agreement, label) {rows[-1]['r_prompt_agreement']:+.3f}  "

@@ -121,12 +121,12 @@ def test_label_train_eval(model_dir, cache_dir, tmp_path, capsys):
 
 
 def test_shared_prefix_len():
-    from adadepth.benchmarks.router_prompt_probe import pearson, shared_prefix_len
+    from adadepth.benchmarks.router_prompt_probe import corr, shared_prefix_len
 
     assert shared_prefix_len([[1, 2, 3, 9], [1, 2, 4]]) == 2
     assert shared_prefix_len([[1, 2], [1, 2, 3]]) == 1  # the shortest prompt keeps a position
     assert shared_prefix_len([[5, 6, 7]]) == 2
-    assert abs(pearson([1, 2, 3], [2, 4, 7]) - 0.9934) < 1e-3 and math.isnan(pearson([1, 1], [1, 2]))
+    assert abs(corr([1.0, 2.0, 3.0], [2.0, 4.0, 7.0]) - 0.9934) < 1e-3 and math.isnan(corr([1.0, 1.0], [1.0, 2.0]))
 
 
 def test_labels_of_other_weights_are_refused(model_dir, cache_dir, tmp_path):
