@@ -8,7 +8,8 @@ predicted the continuation's agreement, a router could buy them with one reduced
 The probe reports their Pearson correlation with the labels, per grid depth, beside the prompt
 length's. No predictor is fitted: a correlation near zero already rules the feature out.
 
-    python benchmarks/router_prompt_probe.py --json benchmarks/results/router_prompt_probe.json
+    python benchmarks/router_prompt_probe.py --json benchmarks/results/router_prompt_probe.json \
+        --plot benchmarks/results/router_prompt_probe.png
 """
 from __future__ import annotations
 
@@ -47,12 +48,38 @@ def prompt_scores(llm, records, depths: list[int], batch_size: int = 16) -> tupl
     return scores, start
 
 
+def plot_correlations(report: dict, path: str) -> None:
+    """Correlation with the label per grid depth: one line per feature, zero marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["correlations"]
+    depths = [r["depth"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, name in (("r_prompt_agreement", "prompt's own agreement at depth d"),
+                      ("r_prompt_kl", "prompt's own KL(full || depth d)"), ("r_log_prompt_tokens", "log prompt length")):
+        ax.plot(depths, [r[key] for r in rows], marker="o", label=name)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_ylim(-1, 1)
+    ax.set_xlabel("depth (layers)")
+    ax.set_ylabel("Pearson r with the continuation's agreement")
+    ax.set_title(f"Prompt-side features vs router labels ({report['num_prompts']} prompts)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--labels", default=os.path.join(ARTIFACT, "router_heldout_labels.jsonl"))
     ap.add_argument("--model", default="default")
     ap.add_argument("--cache-dir", default=None, help="adadepth's model cache (default: its usual one)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--plot", default=None, help="PNG of the correlations per depth")
     args = ap.parse_args(argv)
     from adadepth import LLM
 
@@ -83,6 +110,8 @@ def main(argv=None) -> dict:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
+    if args.plot:
+        plot_correlations(report, args.plot)
     return report
 
 

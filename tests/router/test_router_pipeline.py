@@ -110,8 +110,9 @@ def test_label_train_eval(model_dir, cache_dir, tmp_path, capsys):
 
     probe_json = tmp_path / "probe.json"
     report = probe(["--labels", str(tmp_path / "heldout_labels.jsonl"), "--model", model_dir, "--cache-dir", cache_dir,
-                    "--json", str(probe_json)])
+                    "--json", str(probe_json), "--plot", str(tmp_path / "probe.png")])
     assert json.loads(probe_json.read_text()) == json.loads(json.dumps(report))
+    assert (tmp_path / "probe.png").stat().st_size > 0
     assert report["num_prompts"] == 8 and [r["depth"] for r in report["correlations"]] == [2, 3, 4, 5]
     # Each prompt is scored past the template's shared prefix, and keeps at least one position.
     assert report["shared_prefix_tokens"] > 0 and report["scored_prompt_positions"] >= 8
