@@ -107,6 +107,25 @@ def _half_records(records: list[LabelRecord], grid: DepthGrid, parity: int) -> l
     return out
 
 
+def _split_half_runs(records: list[LabelRecord], grid: DepthGrid, qualities, predict) -> list[dict]:
+    """The policy deciding on one half of each continuation's positions and scored on the other
+    (even -> odd and odd -> even, averaged). predict(decide, score) -> (n, len(grid)) predictions
+    from the deciding half's (n, len(grid) - 1) agreements; `score` is only there to fit on."""
+    usable = [r for r in records if r.positions >= 2]
+    if not usable or any(not r.match_bits for r in usable):
+        raise ValueError("split-half oracles need records with match_bits (label format 2)")
+    runs = []
+    for parity in (0, 1):
+        decide, score = _half_records(usable, grid, parity), _half_records(usable, grid, 1 - parity)
+        truth = lambda rs: torch.tensor([[r.agreement(d) for d in grid.depths[:-1]] for r in rs],  # noqa: E731
+                                        dtype=torch.float64)                       # (n, len(grid) - 1)
+        partial = predict(truth(decide), truth(score))
+        runs.append(sweep_policy(torch.cat([partial, torch.ones(len(usable), 1, dtype=partial.dtype)], 1),
+                                 score, grid, qualities))
+    keys = [k for k, v in runs[0][0].items() if isinstance(v, float) and k != "quality"]
+    return [{"quality": a["quality"], **{k: round((a[k] + b[k]) / 2, 5) for k in keys}} for a, b in zip(*runs)]
+
+
 def split_half_oracle(records: list[LabelRecord], grid: DepthGrid, qualities=DEFAULT_QUALITIES) -> list[dict]:
     """The policy with each prompt's agreement on HALF its positions as the prediction, scored on
     the other half (even -> odd and odd -> even, averaged).
@@ -117,18 +136,52 @@ def split_half_oracle(records: list[LabelRecord], grid: DepthGrid, qualities=DEF
     each prompt's agreement as well as 32 of its own positions tell it (far more than any prefill
     feature does). Records need `match_bits`; prompts with fewer than 2 positions are left out.
     """
-    usable = [r for r in records if r.positions >= 2]
-    if not usable or any(not r.match_bits for r in usable):
-        raise ValueError("split_half_oracle needs records with match_bits (label format 2)")
-    runs = []
-    for parity in (0, 1):
-        decide, score = _half_records(usable, grid, parity), _half_records(usable, grid, 1 - parity)
-        truth = torch.tensor([[r.agreement(d) for d in grid.depths[:-1]] + [1.0] for r in decide])
-        runs.append(sweep_policy(truth, score, grid, qualities))
+    rows = _split_half_runs(records, grid, qualities, lambda decide, score: decide)
     keys = ("mean_depth", "agreement", "fixed_depth_agreement_at_mean_depth", "gain_vs_fixed",
             "mixed_fixed_depths_agreement_at_mean_depth", "gain_vs_mixed_fixed_depths")
-    return [{"quality": a["quality"], **{k: round((a[k] + b[k]) / 2, 5) for k in keys}}
-            for a, b in zip(*runs)]
+    return [{"quality": r["quality"], **{k: r[k] for k in keys}} for r in rows]
+
+
+def calibrated_half_predictions(decide: torch.Tensor, score: torch.Tensor, folds: int = 5) -> torch.Tensor:
+    """decide, score: (n, D) agreements on the two halves. Per depth, a least-squares line from
+    the deciding half to the scored half, fitted on the other folds' prompts (cross-fitting, so no
+    prompt's prediction has seen its own score), then made monotone in depth as a router's are."""
+    n = decide.shape[0]
+    fold = torch.arange(n) % folds
+    out = torch.empty_like(decide)
+    for f in range(folds):
+        fit, held = fold != f, fold == f
+        if not held.any():
+            continue
+        x, y = decide[fit], score[fit]                                             # (m, D)
+        xc = x - x.mean(0)
+        slope = (xc * (y - y.mean(0))).sum(0) / (xc * xc).sum(0).clamp_min(1e-12)   # (D,)
+        out[held] = y.mean(0) + slope * (decide[held] - x.mean(0))
+    return torch.cummax(out.clamp(0, 1), dim=1).values
+
+
+def calibrated_split_half_oracle(records: list[LabelRecord], grid: DepthGrid, qualities=DEFAULT_QUALITIES,
+                                 folds: int = 5) -> list[dict]:
+    """The split-half oracle held to the router's own standard: calibrated predictions.
+
+    The raw half-agreement is an over-confident prediction (its luck does not repeat on the other
+    half), so `split_half_oracle` spreads prompts over depths more than a calibrated router can.
+    Mapped through `calibrated_half_predictions`, the same knowledge of each prompt (32 of its own
+    positions) becomes what a calibrated router with that much skill would do: the ceiling, for
+    the threshold policy, of any predictor no better than that.
+    """
+    return _split_half_runs(records, grid, qualities,
+                            lambda decide, score: calibrated_half_predictions(decide, score, folds))
+
+
+def sharpen(predicted: torch.Tensor, factor: float) -> torch.Tensor:
+    """predicted: (n, len(grid)), full-depth column = 1. Each partial depth's deviations from its
+    mean over the prompts scaled by `factor`, clipped to [0, 1] and kept monotone in depth. The
+    mean prediction is kept, so calibration on average can survive; the prompts spread over more
+    depths. A counterfactual: how much of a gain over the interpolated curve spread alone buys."""
+    partial = predicted[:, :-1]
+    sharp = (partial.mean(0) + factor * (partial - partial.mean(0))).clamp(0, 1)  # (n, len(grid) - 1)
+    return torch.cat([torch.cummax(sharp, dim=1).values, predicted[:, -1:]], 1)
 
 
 def split_half_reliability(records: list[LabelRecord], grid: DepthGrid, min_half: int = 16) -> dict[str, dict]:

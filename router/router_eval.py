@@ -23,13 +23,17 @@ from adadepth.router.difficulty_router import DifficultyRouter
 from adadepth.router.feature_extractor import FeatureExtractor
 from adadepth.router.label_store import LabelStore, StaleLabelsError, prompt_id
 from adadepth.router.labeler import label_meta, label_prompts, open_llm, plan_dir_of
-from adadepth.router.policy_sweep import (DEFAULT_QUALITIES, fixed_depth_curve, oracle_sweep, split_half_oracle,
-                                         split_half_reliability, sweep_policy)
+from adadepth.router.policy_sweep import (DEFAULT_QUALITIES, calibrated_split_half_oracle, fixed_depth_curve,
+                                         oracle_sweep, sharpen, split_half_oracle, split_half_reliability,
+                                         sweep_policy)
 from adadepth.training.data import HELDOUT_PROMPTS_FILE
 
 HELDOUT_LABELS_FILE = "router_heldout_labels.jsonl"
 # Targets of the router's issue: gain over fixed depth at these qualities, calibration everywhere.
 GAIN_TARGET, GAIN_QUALITIES, CALIBRATION_TARGET, ROUTER_TIME_TARGET = 0.03, (0.8, 0.9), 0.05, 0.01
+# The spread counterfactual (`sharpened_router`): the router's predictions with their deviations
+# from the mean doubled. Not a policy the server uses; it shows what spread alone does to the gain.
+SHARPEN_FACTOR = 2.0
 
 
 @dataclass
@@ -188,6 +192,10 @@ def run_router_eval(model: ModelConfig, config: RouterEvalConfig) -> dict:
         "router": routed,
         "oracle": oracle_sweep(records, router.grid, qualities),
         "prediction_fit": prediction_fit(predicted, records, router.grid),
+        # Spread, not skill: the same predictions pushed apart (mean kept). It beats the interpolated
+        # curve by more, and a blind mix of two depths still beats it.
+        "sharpened_router": {"factor": SHARPEN_FACTOR,
+                             "rows": sweep_policy(sharpen(predicted, SHARPEN_FACTOR), records, router.grid, qualities)},
         "feature_extraction_s": round(offline_s, 2),
         "router_config": router.config_dict(),
     }
@@ -195,6 +203,7 @@ def run_router_eval(model: ModelConfig, config: RouterEvalConfig) -> dict:
         # How much of a prompt's agreement is the prompt's at all, and what knowing it would gain.
         report["label_reliability"] = split_half_reliability(records, router.grid)
         report["split_half_oracle"] = split_half_oracle(records, router.grid, qualities)
+        report["calibrated_split_half_oracle"] = calibrated_split_half_oracle(records, router.grid, qualities)
     if config.timing_prompts:
         timing_records = records[: config.timing_prompts]
         timing = time_routing(llm, router, [r.prompt_token_ids for r in timing_records], config.timing_quality)

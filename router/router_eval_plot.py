@@ -34,6 +34,10 @@ def plot_router_eval(report: dict, path: str) -> None:
         half = report["split_half_oracle"]
         ax.plot([r["mean_depth"] for r in half], [r["agreement"] for r in half], linestyle="-.", color="tab:olive",
                 alpha=0.8, label="split-half oracle (decides on other positions)")
+    if report.get("calibrated_split_half_oracle"):
+        half = report["calibrated_split_half_oracle"]
+        ax.plot([r["mean_depth"] for r in half], [r["agreement"] for r in half], marker="^", linestyle="-.",
+                color="tab:purple", alpha=0.8, label="split-half oracle, calibrated")
     ax.set_xlabel("mean depth (layers)")
     ax.set_ylabel("agreement with full depth")
     ax.set_title(f"{os.path.basename(os.path.normpath(report['model']))}: held-out prompts")

@@ -177,3 +177,62 @@ def test_split_half_oracle_and_reliability():
 
     with pytest.raises(ValueError, match="match_bits"):   # a label-format-1 record
         split_half_oracle([LabelRecord("y", [], [1], 4, {2: 1, 4: 2, 6: 4})], grid)
+
+
+def test_calibrated_half_predictions_cross_fit():
+    from adadepth.router.policy_sweep import calibrated_half_predictions
+
+    # The scored half is an exact line of the deciding half: every fold's fit recovers it.
+    decide = torch.tensor([[0.1 * i, 0.1 * i + 0.05] for i in range(10)], dtype=torch.float64)
+    score = 0.2 + 0.5 * decide
+    assert torch.allclose(calibrated_half_predictions(decide, score), score)
+    # No relation at all: each prompt gets (close to) the mean of the OTHER prompts, never its own
+    # score; a prompt's own value cannot leak into its prediction.
+    score = torch.tensor([[1.0, 1.0] if i % 2 else [0.0, 0.0] for i in range(10)], dtype=torch.float64)
+    flat = torch.full((10, 2), 0.5, dtype=torch.float64)
+    predicted = calibrated_half_predictions(flat, score, folds=2)   # fold = i % 2: fits only on the other parity
+    assert torch.allclose(predicted, 1 - score)
+    # Monotone in depth even when a depth's line would dip.
+    decide = torch.rand(20, 3, dtype=torch.float64)
+    score = torch.stack([decide[:, 0], 0.5 * decide[:, 1], decide[:, 2]], 1)
+    out = calibrated_half_predictions(decide, score)
+    assert (out[:, 1:] >= out[:, :-1]).all() and ((out >= 0) & (out <= 1)).all()
+
+
+def test_calibrated_split_half_oracle():
+    from adadepth.router.policy_sweep import calibrated_split_half_oracle, split_half_oracle
+
+    grid = DepthGrid((2, 4, 6), 6)
+    # Both halves identical and the rows monotone: the fitted line is the identity, so the
+    # calibrated oracle makes the raw oracle's decisions, and is calibrated (error 0).
+    patterns = [("1011", "1111"), ("0001", "0011"), ("1111", "1111"), ("0110", "0111"), ("0000", "0101"),
+                ("1110", "1111"), ("0111", "1111"), ("1000", "1100"), ("0100", "1101"), ("0010", "0111")]
+    doubled = [_bits_record(f"p{i}", {2: "".join(c * 2 for c in a), 4: "".join(c * 2 for c in b), 6: "1" * 8})
+               for i, (a, b) in enumerate(patterns)]
+    qualities = (0.3, 0.5, 0.8)
+    calibrated, raw = calibrated_split_half_oracle(doubled, grid, qualities), split_half_oracle(doubled, grid, qualities)
+    for c, r in zip(calibrated, raw):
+        assert {k: c[k] for k in r} == pytest.approx(r, abs=1e-4)
+        assert c["calibration_error"] == pytest.approx(0, abs=1e-4)
+    # Halves unrelated at depth 2 (every (even, odd) combination equally often, and each fold of
+    # the cross-fit holds one of each): the raw half sends half the prompts to depth 2 and is
+    # wrong there half the time; the calibrated one predicts the mean (0.5 < 0.6) for every prompt,
+    # so all go to depth 4, where they do reach 0.6, and it is calibrated.
+    combos = ("11", "10", "01", "00")                                 # (even, odd) bit at depth 2
+    unrelated = [_bits_record(f"u{i}", {2: combos[i // 5] * 4, 4: "11111110", 6: "1" * 8}) for i in range(20)]
+    row = calibrated_split_half_oracle(unrelated, grid, (0.6,))[0]
+    assert row["mean_depth"] == 4 and row["calibration_error"] == pytest.approx(0, abs=1e-4)
+    assert split_half_oracle(unrelated, grid, (0.6,))[0]["mean_depth"] == 3
+
+
+def test_sharpen_keeps_the_mean_and_spreads():
+    from adadepth.router.policy_sweep import sharpen
+
+    predicted = torch.tensor([[0.5, 0.7, 1.0], [0.6, 0.8, 1.0], [0.7, 0.9, 1.0]])
+    assert torch.allclose(sharpen(predicted, 1.0), predicted)
+    twice = sharpen(predicted, 2.0)
+    assert torch.allclose(twice[:, :-1].mean(0), predicted[:, :-1].mean(0))
+    assert torch.allclose(twice[:, 0], torch.tensor([0.4, 0.6, 0.8])) and (twice[:, -1] == 1).all()
+    assert torch.allclose(sharpen(predicted, 0.0)[:, :-1], predicted[:, :-1].mean(0).expand(3, 2))
+    clipped = sharpen(predicted, 10.0)
+    assert ((clipped >= 0) & (clipped <= 1)).all() and (clipped[:, 1:] >= clipped[:, :-1]).all()
