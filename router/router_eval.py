@@ -180,6 +180,7 @@ def run_router_eval(model: ModelConfig, config: RouterEvalConfig) -> dict:
     offline_s = time.perf_counter() - t0
     qualities = config.quality_list
     routed = sweep_policy(predicted, records, router.grid, qualities)
+    sharpened = sharpen(predicted, SHARPEN_FACTOR)
     report = {
         "model": model.model, "num_layers": llm.num_layers, "layer_order": llm.engine.plan.layer_order,
         "plan_source": llm.engine.plan.source, "prompts": config.prompts, "labels": labels_path,
@@ -193,9 +194,10 @@ def run_router_eval(model: ModelConfig, config: RouterEvalConfig) -> dict:
         "oracle": oracle_sweep(records, router.grid, qualities),
         "prediction_fit": prediction_fit(predicted, records, router.grid),
         # Spread, not skill: the same predictions pushed apart (mean kept). It beats the interpolated
-        # curve by more, and a blind mix of two depths still beats it.
-        "sharpened_router": {"factor": SHARPEN_FACTOR,
-                             "rows": sweep_policy(sharpen(predicted, SHARPEN_FACTOR), records, router.grid, qualities)},
+        # curve by more, a blind mix of two depths still beats it, and each prompt's prediction gets
+        # worse (same r, lower R^2): a request no longer gets about the quality it asked for.
+        "sharpened_router": {"factor": SHARPEN_FACTOR, "rows": sweep_policy(sharpened, records, router.grid, qualities),
+                             "prediction_fit": prediction_fit(sharpened, records, router.grid)},
         "feature_extraction_s": round(offline_s, 2),
         "router_config": router.config_dict(),
     }

@@ -87,6 +87,7 @@ def test_label_train_eval(model_dir, cache_dir, tmp_path, capsys):
     assert all(abs(r["calibration_error"]) <= 1 for r in report["calibrated_split_half_oracle"])
     assert report["sharpened_router"]["factor"] == 2.0
     assert [r["quality"] for r in report["sharpened_router"]["rows"]] == [0.5, 0.8, 0.9]
+    assert set(report["sharpened_router"]["prediction_fit"]) == {"2", "3", "4", "5"}
     assert set(report["label_reliability"]) <= {"2", "3", "4", "5"}
     assert out_png.stat().st_size > 0
 
