@@ -7,6 +7,7 @@ curve (`fixed_depth_curve`) and the router's points are directly comparable.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from adadepth.router.depth_grid import DepthGrid
@@ -142,22 +143,43 @@ def split_half_oracle(records: list[LabelRecord], grid: DepthGrid, qualities=DEF
     return [{"quality": r["quality"], **{k: r[k] for k in keys}} for r in rows]
 
 
+def isotonic_fit(x: np.ndarray, y: np.ndarray):
+    """The non-decreasing least-squares fit of y on x (pool adjacent violators over x's distinct
+    values, ties pooled first), as a function that interpolates linearly between those values and
+    is flat outside them. Agreements are fractions of a few positions, so ties are the rule."""
+    ux, inv = np.unique(x, return_inverse=True)
+    weights = np.bincount(inv).astype(np.float64)
+    means = np.bincount(inv, weights=y) / weights
+    blocks: list[list[float]] = []                                   # [value, weight, distinct x's]
+    for m, w in zip(means, weights):
+        blocks.append([m, w, 1])
+        while len(blocks) > 1 and blocks[-2][0] >= blocks[-1][0]:
+            m2, w2, n2 = blocks.pop()
+            m1, w1, n1 = blocks[-1]
+            blocks[-1] = [(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2, n1 + n2]
+    fitted = np.repeat([b[0] for b in blocks], [b[2] for b in blocks])   # one value per distinct x
+    return lambda z: np.interp(z, ux, fitted)
+
+
 def calibrated_half_predictions(decide: torch.Tensor, score: torch.Tensor, folds: int = 5) -> torch.Tensor:
-    """decide, score: (n, D) agreements on the two halves. Per depth, a least-squares line from
-    the deciding half to the scored half, fitted on the other folds' prompts (cross-fitting, so no
-    prompt's prediction has seen its own score), then made monotone in depth as a router's are."""
-    n = decide.shape[0]
-    fold = torch.arange(n) % folds
-    out = torch.empty_like(decide)
+    """decide, score: (n, D) agreements on the two halves. Per depth, the isotonic map from the
+    deciding half's agreement to the scored half's, fitted on the other folds' prompts
+    (cross-fitting, so no prompt's prediction has seen its own score), then made monotone in
+    depth as a router's predictions are. Isotonic because it assumes only that more agreement on
+    one half means no less on the other. (On the session-10 held-out labels a line, a quadratic
+    and 5 or 10 bins gave +0.021..+0.022 over fixed depth at q = 0.8 and +0.009..+0.018 at
+    q = 0.9; the isotonic map +0.022 / +0.017.)"""
+    x_all, y_all = decide.double().numpy(), score.double().numpy()
+    n = x_all.shape[0]
+    fold = np.arange(n) % folds
+    out = np.empty_like(x_all)                                                     # (n, D)
     for f in range(folds):
         fit, held = fold != f, fold == f
         if not held.any():
             continue
-        x, y = decide[fit], score[fit]                                             # (m, D)
-        xc = x - x.mean(0)
-        slope = (xc * (y - y.mean(0))).sum(0) / (xc * xc).sum(0).clamp_min(1e-12)   # (D,)
-        out[held] = y.mean(0) + slope * (decide[held] - x.mean(0))
-    return torch.cummax(out.clamp(0, 1), dim=1).values
+        for j in range(x_all.shape[1]):
+            out[held, j] = isotonic_fit(x_all[fit, j], y_all[fit, j])(x_all[held, j])
+    return torch.cummax(torch.from_numpy(out).clamp(0, 1), dim=1).values
 
 
 def calibrated_split_half_oracle(records: list[LabelRecord], grid: DepthGrid, qualities=DEFAULT_QUALITIES,

@@ -182,10 +182,14 @@ def test_split_half_oracle_and_reliability():
 def test_calibrated_half_predictions_cross_fit():
     from adadepth.router.policy_sweep import calibrated_half_predictions
 
-    # The scored half is an exact line of the deciding half: every fold's fit recovers it.
+    # The scored half is an increasing line of the deciding half: every fold's fit recovers it
+    # inside the range of the prompts it was fitted on (prompts 0 and 9 lie outside their fold's
+    # range, so they get the nearest fitted value: flat outside, as isotonic maps are).
     decide = torch.tensor([[0.1 * i, 0.1 * i + 0.05] for i in range(10)], dtype=torch.float64)
     score = 0.2 + 0.5 * decide
-    assert torch.allclose(calibrated_half_predictions(decide, score), score)
+    predicted = calibrated_half_predictions(decide, score)
+    assert torch.allclose(predicted[1:9], score[1:9])
+    assert torch.allclose(predicted[0], score[1]) and torch.allclose(predicted[9], score[8])
     # No relation at all: each prompt gets (close to) the mean of the OTHER prompts, never its own
     # score; a prompt's own value cannot leak into its prediction.
     score = torch.tensor([[1.0, 1.0] if i % 2 else [0.0, 0.0] for i in range(10)], dtype=torch.float64)
@@ -199,16 +203,29 @@ def test_calibrated_half_predictions_cross_fit():
     assert (out[:, 1:] >= out[:, :-1]).all() and ((out >= 0) & (out <= 1)).all()
 
 
+def test_isotonic_fit_pools_violators_and_ties():
+    import numpy as np
+
+    from adadepth.router.policy_sweep import isotonic_fit
+
+    # x = 1 twice (ties pooled first: mean 0.5), then a drop at x = 2 that pools with them.
+    fit = isotonic_fit(np.array([1.0, 1.0, 2.0, 3.0]), np.array([0.2, 0.8, 0.2, 0.9]))
+    assert np.allclose(fit(np.array([0.0, 1.0, 2.0, 2.5, 3.0, 4.0])), [0.4, 0.4, 0.4, 0.65, 0.9, 0.9])
+    x = np.random.default_rng(0).random(50)
+    assert np.all(np.diff(isotonic_fit(x, np.sin(6 * x))(np.sort(x))) >= 0)   # never decreasing
+
+
 def test_calibrated_split_half_oracle():
     from adadepth.router.policy_sweep import calibrated_split_half_oracle, split_half_oracle
 
     grid = DepthGrid((2, 4, 6), 6)
-    # Both halves identical and the rows monotone: the fitted line is the identity, so the
-    # calibrated oracle makes the raw oracle's decisions, and is calibrated (error 0).
+    # Both halves identical, the rows monotone, and every prompt twinned with one in another fold:
+    # each fold's fitted map is the identity at every value it is asked about, so the calibrated
+    # oracle makes the raw oracle's decisions, and is exactly calibrated.
     patterns = [("1011", "1111"), ("0001", "0011"), ("1111", "1111"), ("0110", "0111"), ("0000", "0101"),
                 ("1110", "1111"), ("0111", "1111"), ("1000", "1100"), ("0100", "1101"), ("0010", "0111")]
     doubled = [_bits_record(f"p{i}", {2: "".join(c * 2 for c in a), 4: "".join(c * 2 for c in b), 6: "1" * 8})
-               for i, (a, b) in enumerate(patterns)]
+               for i, (a, b) in enumerate(p for p in patterns for _ in range(2))]   # folds i % 5: twins differ
     qualities = (0.3, 0.5, 0.8)
     calibrated, raw = calibrated_split_half_oracle(doubled, grid, qualities), split_half_oracle(doubled, grid, qualities)
     for c, r in zip(calibrated, raw):
