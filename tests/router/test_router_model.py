@@ -190,13 +190,13 @@ def test_calibrated_half_predictions_cross_fit():
     predicted = calibrated_half_predictions(decide, score)
     assert torch.allclose(predicted[1:9], score[1:9])
     assert torch.allclose(predicted[0], score[1]) and torch.allclose(predicted[9], score[8])
-    # No relation at all: each prompt gets (close to) the mean of the OTHER prompts, never its own
+    # No relation at all: each prompt gets the mean of the OTHER prompts, never its own
     # score; a prompt's own value cannot leak into its prediction.
     score = torch.tensor([[1.0, 1.0] if i % 2 else [0.0, 0.0] for i in range(10)], dtype=torch.float64)
     flat = torch.full((10, 2), 0.5, dtype=torch.float64)
     predicted = calibrated_half_predictions(flat, score, folds=2)   # fold = i % 2: fits only on the other parity
     assert torch.allclose(predicted, 1 - score)
-    # Monotone in depth even when a depth's line would dip.
+    # Monotone in depth even when one depth's fit lies below the one before it.
     decide = torch.rand(20, 3, dtype=torch.float64)
     score = torch.stack([decide[:, 0], 0.5 * decide[:, 1], decide[:, 2]], 1)
     out = calibrated_half_predictions(decide, score)

@@ -84,7 +84,9 @@ def test_label_train_eval(model_dir, cache_dir, tmp_path, capsys):
     assert [r["quality"] for r in report["split_half_oracle"]] == [0.5, 0.8, 0.9]
     assert all(2 <= r["mean_depth"] <= 6 for r in report["split_half_oracle"])
     assert [r["quality"] for r in report["calibrated_split_half_oracle"]] == [0.5, 0.8, 0.9]
-    assert all(abs(r["calibration_error"]) <= 1 for r in report["calibrated_split_half_oracle"])
+    for r in report["calibrated_split_half_oracle"]:   # decisions on grid depths, predictions of agreements
+        assert 2 <= r["mean_depth"] <= 6 and 0 <= r["predicted_agreement"] <= 1
+        assert r["calibration_error"] == pytest.approx(r["predicted_agreement"] - r["agreement"], abs=2e-5)
     assert report["sharpened_router"]["factor"] == 2.0
     assert [r["quality"] for r in report["sharpened_router"]["rows"]] == [0.5, 0.8, 0.9]
     assert set(report["sharpened_router"]["prediction_fit"]) == {"2", "3", "4", "5"}
