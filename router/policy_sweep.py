@@ -115,11 +115,12 @@ def _split_half_runs(records: list[LabelRecord], grid: DepthGrid, qualities, pre
     usable = [r for r in records if r.positions >= 2]
     if not usable or any(not r.match_bits for r in usable):
         raise ValueError("split-half oracles need records with match_bits (label format 2)")
+    def truth(rs: list[LabelRecord]) -> torch.Tensor:                               # (n, len(grid) - 1)
+        return torch.tensor([[r.agreement(d) for d in grid.depths[:-1]] for r in rs], dtype=torch.float64)
+
     runs = []
     for parity in (0, 1):
         decide, score = _half_records(usable, grid, parity), _half_records(usable, grid, 1 - parity)
-        truth = lambda rs: torch.tensor([[r.agreement(d) for d in grid.depths[:-1]] for r in rs],  # noqa: E731
-                                        dtype=torch.float64)                       # (n, len(grid) - 1)
         partial = predict(truth(decide), truth(score))
         runs.append(sweep_policy(torch.cat([partial, torch.ones(len(usable), 1, dtype=partial.dtype)], 1),
                                  score, grid, qualities))
