@@ -19,24 +19,33 @@ class ModelConfig:
         "'default' (SmolLM2-135M-Instruct with the shipped stochastic-depth artifact), 'default-base' "
         "(the untrained base), a local Hugging Face Llama-family checkpoint folder, or an adadepth artifact folder")})
     cache_dir: str = field(default_factory=_default_cache_dir, metadata={"help": "where converted models are cached"})
-    dtype: str = field(default="float32", metadata={"help": "compute dtype: float32, bfloat16, float16"})
+    dtype: str = field(default="auto", metadata={"help": (
+        "compute dtype: auto (bfloat16 on GPUs and on CPUs with AVX512-BF16 or AMX, float32 on other CPUs), "
+        "float32, bfloat16, float16")})
     device: str = field(default="cpu", metadata={"help": "cpu or cuda[:N]"})
     served_model_name: str | None = field(default=None, metadata={"help": "model name reported by the API"})
     num_threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 keeps torch's default"})
     cpu_weight_prepack: bool = field(default=True, metadata={"help": (
-        "on CPU in float32, run matmuls through oneDNN on weights packed once at load "
-        "(faster small-batch decode than the default MKL path)")})
-    cpu_paged_attention: bool = field(default=True, metadata={"help": (
-        "on CPU in float32, run decode attention through a C++ kernel that reads the paged KV cache "
-        "in place (compiled once per machine into the cache folder; falls back to PyTorch if it cannot be built)")})
+        "on CPU in float32 or bfloat16, run matmuls through oneDNN on weights packed once at load "
+        "(faster small-batch decode than the default path)")})
+    cpu_kernels: bool = field(default=True, metadata={"help": (
+        "on CPU in float32 or bfloat16, run decode attention (read from the paged KV cache in place) and "
+        "each layer's norms, RoPE, KV write and SiLU through fused C++ kernels (compiled once per machine "
+        "into the cache folder; the PyTorch references run if they cannot be built)")})
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("float32", "bfloat16", "float16", "float64"):
-            raise ValueError(f"dtype must be float32, bfloat16, float16 or float64, got {self.dtype!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16", "float64"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16, float16 or float64, got {self.dtype!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.num_threads < 0:
             raise ValueError("num_threads must be >= 0")
+
+    def resolved_dtype(self) -> str:
+        """The dtype the engine runs: `dtype`, with auto decided by the machine (adadepth.hardware)."""
+        from adadepth.hardware import auto_dtype
+
+        return auto_dtype(self.device) if self.dtype == "auto" else self.dtype
 
 
 @dataclass

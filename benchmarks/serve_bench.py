@@ -1,10 +1,11 @@
 """`adadepth bench serve`: latency and throughput of a running OpenAI-compatible server.
 
-Sends the same chat requests (GSM8K questions, the LAST ones of the file: the first ones are
-training data elsewhere) at each concurrency level, streaming, with a fixed output length
+Sends the same chat requests at each concurrency level, streaming, with a fixed output length
 (ignore_eos), and reports what vLLM's serving benchmark reports: TTFT, TPOT, ITL and end-to-end
-latency percentiles, and output tokens per second. Works against vLLM as well as adadepth
-(the depth fields are simply ignored there).
+latency percentiles, and output tokens per second; each level can be repeated (median, min and
+max). The default prompts ship with the repository: the held-out split (GSM8K, T0 and Alpaca
+prompts never trained on), taken one source after another. Works against vLLM as well as
+adadepth (the depth fields are simply ignored there).
 """
 from __future__ import annotations
 
@@ -29,7 +30,9 @@ class ServeBenchConfig:
     base_url: str = field(default="http://127.0.0.1:8000", metadata={"help": "server address (without /v1)"})
     model: str = field(default="default", metadata={"help": "model name sent in requests"})
     concurrency: str = field(default="1,4,16", metadata={"help": "comma-separated concurrency levels"})
-    num_requests: int = field(default=32, metadata={"help": "requests per concurrency level"})
+    num_requests: int = field(default=0, metadata={
+        "help": "requests per concurrency level; 0: twice the concurrency, at least 8"})
+    repeats: int = field(default=1, metadata={"help": "runs of each level (median, min and max reported)"})
     max_tokens: int = field(default=128, metadata={"help": "output tokens per request (EOS ignored)"})
     depth: str | None = field(default=None, metadata={
         "help": "adadepth depth: layers (int) or fraction of layers (float in (0, 1]); none: server default"})
@@ -37,8 +40,9 @@ class ServeBenchConfig:
     temperature: float = field(default=0.0, metadata={"help": "sampling temperature"})
     label: str = field(default="default", metadata={"help": "name of this run, used in the output file name"})
     out: str | None = field(default=None, metadata={"help": "JSON output (default: benchmarks/results/serve_<label>.json)"})
-    data: str = field(default="../shared/data/gsm8k_train.jsonl", metadata={
-        "help": "GSM8K jsonl; a relative path is taken from the repository root"})
+    data: str = field(default="benchmarks/data/heldout_prompts.jsonl", metadata={
+        "help": ("prompts jsonl (lines with 'messages' or 'prompt', mixed over their 'source'; or GSM8K lines "
+                 "with 'question', the last ones taken); a relative path is taken from the repository root")})
     warmup: int = field(default=1, metadata={"help": "requests sent (and not measured) before the first level"})
     api_key: str | None = field(default=None, metadata={"help": "bearer token (default: $ADADEPTH_API_KEY)"})
     timeout_s: float = field(default=600.0, metadata={"help": "per-request timeout in seconds"})
@@ -47,13 +51,16 @@ class ServeBenchConfig:
         self.levels = [int(c) for c in self.concurrency.split(",") if c.strip()]
         if not self.levels or any(c < 1 for c in self.levels):
             raise ValueError(f"concurrency must be comma-separated integers >= 1, got {self.concurrency!r}")
-        if self.num_requests < 1 or self.max_tokens < 1 or self.warmup < 0:
-            raise ValueError("num_requests and max_tokens must be >= 1, warmup >= 0")
+        if self.num_requests < 0 or self.max_tokens < 1 or self.warmup < 0 or self.repeats < 1:
+            raise ValueError("num_requests must be >= 0, max_tokens and repeats >= 1, warmup >= 0")
         self.depth_value = None if self.depth is None else (float(self.depth) if "." in self.depth else int(self.depth))
         if self.out is None:
             self.out = str(REPO_ROOT / "benchmarks" / "results" / f"serve_{self.label}.json")
         if self.api_key is None:
             self.api_key = os.environ.get("ADADEPTH_API_KEY") or None
+
+    def requests_at(self, concurrency: int) -> int:
+        return self.num_requests or max(8, 2 * concurrency)
 
     def data_path(self) -> Path:
         path = Path(self.data)
@@ -80,6 +87,7 @@ class RequestResult:
 
 
 def load_questions(path: Path, count: int) -> list[str]:
+    """GSM8K lines: the LAST `count` questions (the first ones are training data elsewhere)."""
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     if len(rows) < count:
@@ -87,8 +95,23 @@ def load_questions(path: Path, count: int) -> list[str]:
     return [row["question"] for row in rows[-count:]]
 
 
-def _payload(cfg: ServeBenchConfig, question: str) -> dict:
-    payload = {"model": cfg.model, "messages": [{"role": "user", "content": question}],
+def load_conversations(path: Path, count: int) -> list[list[dict]]:
+    """`count` chat conversations from a prompts file (messages/prompt lines, mixed over their
+    sources) or a GSM8K file (question lines)."""
+    from adadepth.training.data import first_prompts, read_prompts_jsonl
+
+    with open(path) as f:
+        first = json.loads(next(line for line in f if line.strip()))
+    if "question" in first:
+        return [[{"role": "user", "content": q}] for q in load_questions(path, count)]
+    records = first_prompts(read_prompts_jsonl(str(path)), count)
+    if len(records) < count:
+        raise ValueError(f"{path} has {len(records)} prompts, {count} requested")
+    return [r.messages for r in records]
+
+
+def _payload(cfg: ServeBenchConfig, messages: list[dict]) -> dict:
+    payload = {"model": cfg.model, "messages": messages,
                "max_tokens": cfg.max_tokens, "temperature": cfg.temperature, "ignore_eos": True,
                "stream": True, "stream_options": {"include_usage": True}}
     if cfg.depth_value is not None:
@@ -98,7 +121,7 @@ def _payload(cfg: ServeBenchConfig, question: str) -> dict:
     return payload
 
 
-async def _one_request(client, cfg: ServeBenchConfig, question: str) -> RequestResult:
+async def _one_request(client, cfg: ServeBenchConfig, question: list[dict]) -> RequestResult:
     result = RequestResult(ok=False)
     start = time.perf_counter()
     last = None
@@ -150,10 +173,10 @@ def _stats(values: list[float]) -> dict:
     return {"mean": float(arr.mean()), **{f"p{p}": float(np.percentile(arr, p)) for p in PERCENTILES}}
 
 
-async def _run_level(client, cfg: ServeBenchConfig, questions: list[str], concurrency: int) -> dict:
+async def _run_level(client, cfg: ServeBenchConfig, questions: list[list[dict]], concurrency: int) -> dict:
     gate = asyncio.Semaphore(concurrency)
 
-    async def limited(question: str) -> RequestResult:
+    async def limited(question: list[dict]) -> RequestResult:
         async with gate:
             return await _one_request(client, cfg, question)
 
@@ -180,16 +203,32 @@ async def _run_level(client, cfg: ServeBenchConfig, questions: list[str], concur
     }
 
 
+def _repeated_level(runs: list[dict]) -> dict:
+    """One level run `repeats` times: the run with the median throughput, plus every run and the
+    median/min/max of the headline figures."""
+    import numpy as np
+
+    by_throughput = sorted(runs, key=lambda r: r["output_throughput_tok_s"])
+    level = dict(by_throughput[(len(runs) - 1) // 2])
+    figures = {
+        "output_throughput_tok_s": [r["output_throughput_tok_s"] for r in runs],
+        "ttft_p50_ms": [r["ttft_ms"]["p50"] for r in runs], "ttft_p99_ms": [r["ttft_ms"]["p99"] for r in runs],
+        "itl_p50_ms": [r["itl_ms"]["p50"] for r in runs], "itl_p99_ms": [r["itl_ms"]["p99"] for r in runs],
+    }
+    level["repeats"] = {
+        name: {"median": float(np.median(v)), "min": min(v), "max": max(v), "values": v}
+        for name, v in figures.items() if all(x is not None for x in v)}
+    level["runs"] = runs
+    return level
+
+
 def machine_info() -> dict:
     """Where the client ran (usually the server's machine too); the load says how shared it was."""
+    from adadepth.hardware import cpu_model, isa_summary
+
     info = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "machine": platform.machine(),
-            "python": platform.python_version(), "hostname": socket.gethostname(), "cpu": platform.processor()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        info["cpu"] = names[0] if names else info["cpu"]
-    except OSError:
-        pass
+            "python": platform.python_version(), "hostname": socket.gethostname(), "cpu": cpu_model(),
+            "isa": isa_summary()}
     try:
         info["loadavg_at_start"] = os.getloadavg()
     except OSError:
@@ -200,7 +239,7 @@ def machine_info() -> dict:
 async def run_benchmark(cfg: ServeBenchConfig) -> dict:
     import httpx
 
-    questions = load_questions(cfg.data_path(), cfg.num_requests)
+    questions = load_conversations(cfg.data_path(), max(cfg.requests_at(c) for c in cfg.levels))
     machine = machine_info()
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
@@ -212,7 +251,10 @@ async def run_benchmark(cfg: ServeBenchConfig) -> dict:
             warm = await _one_request(client, cfg, question)
             if not warm.ok:
                 raise RuntimeError(f"warm-up request failed: {warm.error}")
-        levels = [await _run_level(client, cfg, questions, c) for c in cfg.levels]
+        levels = []
+        for c in cfg.levels:
+            runs = [await _run_level(client, cfg, questions[:cfg.requests_at(c)], c) for _ in range(cfg.repeats)]
+            levels.append(runs[0] if cfg.repeats == 1 else _repeated_level(runs))
     config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "api_key"}
     config["depth"] = cfg.depth_value
     return {
@@ -235,6 +277,10 @@ def format_table(report: dict) -> str:
     lines = [f"serve benchmark '{report['label']}' ({report['config']['model']}, "
              f"{report['config']['max_tokens']} output tokens, depth {report['config']['depth']})", header]
     for r in report["results"]:
+        if "repeats" in r:
+            tput = r["repeats"]["output_throughput_tok_s"]
+            lines.append(f"{r['concurrency']:>4} {len(tput['values'])} runs: out tok/s median {tput['median']:.1f} "
+                         f"(min {tput['min']:.1f}, max {tput['max']:.1f}); the median run:")
         lines.append(f"{r['concurrency']:>4} {r['completed']:>2}/{r['num_requests']:<2} "
                      f"{r['request_throughput_req_s']:>7.2f} {r['output_throughput_tok_s']:>9.1f}  "
                      f"{cell(r['ttft_ms']):>19}  {cell(r['tpot_ms']):>19}  {cell(r['itl_ms']):>19}  "

@@ -1,5 +1,5 @@
-"""Custom kernels and their PyTorch references: CUDA ones compiled at run time with NVRTC, a CPU
-one compiled once per machine with torch.utils.cpp_extension."""
+"""Custom kernels and their PyTorch references: CUDA ones compiled at run time with NVRTC, CPU
+ones compiled once per machine with torch.utils.cpp_extension."""
 
 # Relative, so that the folder stays importable even when a tool run from the repository root
 # finds it as a top-level `kernels` (transformers probes for a PyPI package of that name).
@@ -13,7 +13,9 @@ from .batched_skip import (
     scatter_residual_add,
     scatter_residual_add_ref,
 )
-from .paged_attention import load_cpu_paged_attention, paged_decode_attention_ref
+from .cpu_ops import load_cpu_ops
+from .layer_ops import LayerOps, add_rms_norm_ref, rms_norm_ref, rope_write_kv_ref, silu_and_mul_ref
+from .paged_attention import paged_decode_attention_ref
 
 __all__ = [
     "BatchedSkipKernels",
@@ -22,8 +24,13 @@ __all__ = [
     "gather_rmsnorm",
     "gather_rmsnorm_ref",
     "get_kernels",
-    "load_cpu_paged_attention",
+    "LayerOps",
+    "add_rms_norm_ref",
+    "load_cpu_ops",
     "paged_decode_attention_ref",
+    "rms_norm_ref",
+    "rope_write_kv_ref",
+    "silu_and_mul_ref",
     "scatter_residual_add",
     "scatter_residual_add_ref",
 ]

@@ -6,26 +6,15 @@ those blocks into a dense (n, S, Hkv, Dh) tensor and runs SDPA; on the 2-core de
 that gather (a copy of every row's context, per layer, per step) plus SDPA took ~1.5-2 ms of
 a ~6 ms decode layer at batch 16. `paged_attention_cpu.cpp` reads the blocks in place instead.
 
-The C++ source is compiled once per machine by `torch.utils.cpp_extension` (a C++ compiler is
-needed; ~15 s) into the adadepth cache folder and registered as `torch.ops.adadepth.paged_decode_attention`.
-`load_cpu_paged_attention` returns None when that is not possible, and callers keep the reference path.
+The C++ kernel is built with the other CPU kernels (cpu_ops.py) and registered as
+`torch.ops.adadepth.paged_decode_attention`.
 """
 from __future__ import annotations
 
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import sys
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-
-SOURCE_PATH = Path(__file__).with_name("paged_attention_cpu.cpp")
-logger = logging.getLogger(__name__)
 
 PagedAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
@@ -47,65 +36,3 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         q[:, :, None], keys.transpose(1, 2), values.transpose(1, 2),           # (n, H, 1, Dh), (n, Hkv, S, Dh)
         attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=num_heads != num_kv_heads)
     return out[:, :, 0]                                                         # (n, H, Dh)
-
-
-def _cpu_tag() -> str:
-    """Short id of this CPU's instruction set: a cache folder shared by machines of different
-    CPUs (a mounted volume) must not hand one the other's -march=native build."""
-    flags = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), flags)
-    except OSError:
-        pass
-    return hashlib.sha256(flags.encode()).hexdigest()[:10]
-
-
-def load_cpu_paged_attention(build_root: str) -> PagedAttention | None:
-    """Compile (first time on this machine) and load the C++ kernel; None if that fails.
-
-    The op is registered process-wide by the first load; later calls (any build_root) find it
-    registered and return it without building or loading a second copy."""
-    from torch.utils import cpp_extension
-
-    _put_ninja_on_path()
-    registered = _registered_op()
-    if registered is not None:
-        return registered
-    name = "adadepth_paged_attention_cpu"
-    build_dir = os.path.join(build_root, f"torch-{torch.__version__}-{_cpu_tag()}", name)
-    try:
-        os.makedirs(build_dir, exist_ok=True)
-        # -march=native: the build runs on (and is cached for) the machine that uses it;
-        # -fno-math-errno lets `omp simd` vectorise expf (errno is never read).
-        cpp_extension.load(name, [str(SOURCE_PATH)], extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"],
-                           extra_ldflags=["-fopenmp"], build_directory=build_dir, is_python_module=False)
-    except Exception as exc:  # no compiler, no ninja, a read-only cache: the reference path still works
-        logger.warning("CPU paged-attention kernel unavailable (%s); decode attention uses the PyTorch path",
-                       str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        return None
-    return _registered_op()
-
-
-def _put_ninja_on_path() -> None:
-    """cpp_extension runs `ninja` from PATH; the pip-installed one sits in the venv's bin folder
-    (or the ninja package's), which is not on PATH when the venv's python is run directly."""
-    if shutil.which("ninja"):
-        return
-    folders = [os.path.dirname(sys.executable)]
-    try:
-        import ninja
-
-        folders.append(ninja.BIN_DIR)
-    except (ImportError, AttributeError):
-        pass
-    found = next((f for f in folders if shutil.which("ninja", path=f)), None)
-    if found:
-        os.environ["PATH"] = found + os.pathsep + os.environ.get("PATH", "")
-
-
-def _registered_op() -> PagedAttention | None:
-    try:
-        return torch.ops.adadepth.paged_decode_attention
-    except (AttributeError, RuntimeError):
-        return None

@@ -1,4 +1,4 @@
-// Decode attention straight from the paged KV cache, on CPU (fp32).
+// Decode attention straight from the paged KV cache, on CPU (float32 or bfloat16; math in float32).
 //
 // Why: the PyTorch path first gathers every row's context blocks into a fresh (n, S, Hkv, Dh)
 // tensor per layer (index_select: a copy of the whole context, plus a large allocation), then runs
@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -24,31 +25,37 @@ namespace {
 
 // Ask for a whole block ahead of use: blocks of a row are scattered over the cache, so the
 // hardware prefetcher, which follows sequential runs, stalls at every block boundary.
-inline void prefetch_block(const float* p, int64_t floats) {
+template <typename scalar_t>
+inline void prefetch_block(const scalar_t* p, int64_t elems) {
   const char* c = reinterpret_cast<const char*>(p);
-  for (int64_t off = 0; off < floats * static_cast<int64_t>(sizeof(float)); off += 64) __builtin_prefetch(c + off);
+  for (int64_t off = 0; off < elems * static_cast<int64_t>(sizeof(scalar_t)); off += 64) __builtin_prefetch(c + off);
 }
 
 // Calls visit(s, row) for each context position s in [0, len) of one row, `row` pointing at that
 // position's (Hkv, Dh) slot in `cache`, block by block with the next block prefetched.
-template <typename Visit>
-inline void for_each_context_slot(const float* cache, const int64_t* row_blocks, int64_t len, int64_t bs,
+template <typename scalar_t, typename Visit>
+inline void for_each_context_slot(const scalar_t* cache, const int64_t* row_blocks, int64_t len, int64_t bs,
                                   int64_t tok_stride, Visit&& visit) {
   const int64_t blk_stride = bs * tok_stride, num_ctx_blocks = (len + bs - 1) / bs;
   for (int64_t b = 0; b < num_ctx_blocks; ++b) {
-    const float* blk = cache + row_blocks[b] * blk_stride;
+    const scalar_t* blk = cache + row_blocks[b] * blk_stride;
     if (b + 1 < num_ctx_blocks) prefetch_block(cache + row_blocks[b + 1] * blk_stride, blk_stride);
     const int64_t tokens = std::min(bs, len - b * bs);
     for (int64_t t = 0; t < tokens; ++t) visit(b * bs + t, blk + t * tok_stride);
   }
 }
 
+template <typename scalar_t>
+void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const int64_t* bt,
+            const int64_t* lens, int64_t nblk, double scale, at::Tensor& out);
+
 at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& block_table, const at::Tensor& context_lens, double scale) {
   TORCH_CHECK(q_in.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
               "expected q (n, H, Dh) and k/v_cache (num_blocks, bs, Hkv, Dh)");
-  TORCH_CHECK(q_in.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat &&
-                  v_cache.scalar_type() == at::kFloat, "paged_decode_attention is fp32 only");
+  TORCH_CHECK((q_in.scalar_type() == at::kFloat || q_in.scalar_type() == at::kBFloat16) &&
+                  k_cache.scalar_type() == q_in.scalar_type() && v_cache.scalar_type() == q_in.scalar_type(),
+              "paged_decode_attention takes float32 or bfloat16, q and cache alike");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "k/v_cache must be contiguous");
   TORCH_CHECK(block_table.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong,
               "block_table and context_lens must be int64");
@@ -61,7 +68,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
   TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "num_heads must be a multiple of num_kv_heads");
   TORCH_CHECK(table.dim() == 2 && table.size(0) == n && lens_t.numel() == n,
               "block_table must be (n, nblk) and context_lens (n,)");
-  const int64_t G = H / Hkv, nblk = table.size(1);
+  const int64_t nblk = table.size(1);
   const int64_t* bt = table.data_ptr<int64_t>();
   const int64_t* lens = lens_t.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i) {
@@ -72,10 +79,23 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
     }
   }
   at::Tensor out = at::empty({n, H, Dh}, q.options());
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k_cache.data_ptr<float>();
-  const float* vp = v_cache.data_ptr<float>();
-  float* op = out.data_ptr<float>();
+  if (q.scalar_type() == at::kFloat) {
+    attend<float>(q, k_cache, v_cache, bt, lens, nblk, scale, out);
+  } else {
+    attend<c10::BFloat16>(q, k_cache, v_cache, bt, lens, nblk, scale, out);
+  }
+  return out;
+}
+
+template <typename scalar_t>
+void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const int64_t* bt,
+            const int64_t* lens, int64_t nblk, double scale, at::Tensor& out) {
+  const int64_t n = q.size(0), H = q.size(1), Dh = q.size(2);
+  const int64_t bs = k_cache.size(1), Hkv = k_cache.size(2), G = H / Hkv;
+  const scalar_t* qp = q.data_ptr<scalar_t>();
+  const scalar_t* kp = k_cache.data_ptr<scalar_t>();
+  const scalar_t* vp = v_cache.data_ptr<scalar_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
   const int64_t tok_stride = Hkv * Dh;
   const float fscale = static_cast<float>(scale);
   // A task is one row and a range of its kv heads. Whole rows when there are enough of them: a
@@ -89,24 +109,27 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
     std::vector<float> scores;       // (heads, len): scores, then softmax numerators
     std::vector<float> acc;          // (heads, Dh): unnormalised output
     std::vector<float> denom;
+    std::vector<float> qf;           // (heads, Dh): this task's queries in float32
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task / splits, kh0 = (task % splits) * heads_per_task;
       const int64_t h0 = kh0 * G, nh = heads_per_task * G;   // query heads [h0, h0 + nh)
       const int64_t len = lens[i];
       const int64_t* row_blocks = bt + i * nblk;
-      const float* qi = qp + (i * H + h0) * Dh;              // (nh, Dh)
+      qf.resize(nh * Dh);
+      for (int64_t e = 0; e < nh * Dh; ++e) qf[e] = static_cast<float>(qp[(i * H + h0) * Dh + e]);
+      const float* qi = qf.data();                           // (nh, Dh)
       scores.resize(nh * len);
       acc.assign(nh * Dh, 0.f);
       denom.resize(nh);
       // Pass 1: scores = scale * q . k.
-      for_each_context_slot(kp, row_blocks, len, bs, tok_stride, [&](int64_t s, const float* krow) {
+      for_each_context_slot(kp, row_blocks, len, bs, tok_stride, [&](int64_t s, const scalar_t* krow) {
         krow += kh0 * Dh;
         for (int64_t h = 0; h < nh; ++h) {
           const float* qh = qi + h * Dh;
-          const float* kh = krow + (h / G) * Dh;
+          const scalar_t* kh = krow + (h / G) * Dh;
           float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < Dh; ++d) dot += qh[d] * kh[d];
+          for (int64_t d = 0; d < Dh; ++d) dot += qh[d] * static_cast<float>(kh[d]);
           scores[h * len + s] = dot * fscale;
         }
       });
@@ -122,24 +145,23 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
         denom[h] = sum;
       }
       // Pass 2: acc += p * v.
-      for_each_context_slot(vp, row_blocks, len, bs, tok_stride, [&](int64_t s, const float* vrow) {
+      for_each_context_slot(vp, row_blocks, len, bs, tok_stride, [&](int64_t s, const scalar_t* vrow) {
         vrow += kh0 * Dh;
         for (int64_t h = 0; h < nh; ++h) {
           const float w = scores[h * len + s];
-          const float* vh = vrow + (h / G) * Dh;
+          const scalar_t* vh = vrow + (h / G) * Dh;
           float* a = acc.data() + h * Dh;
 #pragma omp simd
-          for (int64_t d = 0; d < Dh; ++d) a[d] += w * vh[d];
+          for (int64_t d = 0; d < Dh; ++d) a[d] += w * static_cast<float>(vh[d]);
         }
       });
       for (int64_t h = 0; h < nh; ++h) {
-        float* o = op + (i * H + h0 + h) * Dh;
+        scalar_t* o = op + (i * H + h0 + h) * Dh;
         const float inv = 1.f / denom[h];
-        for (int64_t d = 0; d < Dh; ++d) o[d] = acc[h * Dh + d] * inv;
+        for (int64_t d = 0; d < Dh; ++d) o[d] = static_cast<scalar_t>(acc[h * Dh + d] * inv);
       }
     }
   });
-  return out;
 }
 
 }  // namespace

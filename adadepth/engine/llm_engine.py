@@ -63,19 +63,22 @@ class LLMEngine:
         if resolved.artifact_dir:
             state = apply_artifact(state, resolved.artifact_dir)
         plan = load_plan(resolved.plan_dir, hf_config.num_hidden_layers)
-        self.dtype = DTYPES[mc.dtype]
+        self.dtype = DTYPES[mc.resolved_dtype()]
         self.device = torch.device(mc.device)
+        if mc.dtype == "auto":
+            logger.info("dtype auto: %s on this %s", self.dtype, mc.device)
         model = AdaptiveLlama.from_state_dict(hf_config, plan, state)
         del state
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.model.inv_freq = self.model.inv_freq.float()  # rope angles stay fp32 whatever the dtype
         self.model.use_batched_skip_kernels = self.device.type == "cuda"
-        if mc.cpu_weight_prepack and self.device.type == "cpu" and self.dtype == torch.float32:
+        cpu_fast_dtype = self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16)
+        if mc.cpu_weight_prepack and cpu_fast_dtype:
             self.model.pack_linears()
-        if mc.cpu_paged_attention and self.device.type == "cpu" and self.dtype == torch.float32:
-            from adadepth.kernels.paged_attention import load_cpu_paged_attention
+        if mc.cpu_kernels and cpu_fast_dtype:
+            from adadepth.kernels.cpu_ops import load_cpu_ops
 
-            self.model.use_paged_attention(load_cpu_paged_attention(os.path.join(mc.cache_dir, "extensions")))
+            self.model.use_ops(load_cpu_ops(os.path.join(mc.cache_dir, "extensions")))
         if not DepthPlan.exists(resolved.plan_dir):
             self._store_heuristic_plan(resolved.plan_dir)
 

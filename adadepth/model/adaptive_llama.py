@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adadepth.kernels.paged_attention import paged_decode_attention_ref
+from adadepth.kernels.layer_ops import LayerOps
 from adadepth.model.depth_plan import DepthPlan
-from adadepth.model.rope import apply_rope, rope_parameters
+from adadepth.model.rope import rope_parameters
 
 
 @dataclass
@@ -77,38 +77,39 @@ class DecoderLayer(nn.Module):
         self.gate_up_proj = nn.Linear(d, 2 * config.intermediate_size, bias=bool(getattr(config, "mlp_bias", False)))
         self.down_proj = nn.Linear(config.intermediate_size, d, bias=bool(getattr(config, "mlp_bias", False)))
         self.scale = 1.0 / math.sqrt(self.head_dim)
-        # Decode attention over the paged cache: the PyTorch reference (gather the context blocks,
-        # then SDPA) unless the model is given a kernel (`AdaptiveLlama.use_paged_attention`).
-        self.paged_attention = paged_decode_attention_ref
+        # Norms, RoPE + KV write, SiLU-and-multiply and paged decode attention: the PyTorch
+        # references unless the model is given fused kernels (`AdaptiveLlama.use_ops`).
+        self.ops = LayerOps()
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        """h: (n, T, D) active rows; returns the layer output for them. k/v_cache: (num_slots, Hkv, Dh)."""
-        h = h + self.attention(self.input_layernorm(h), cos, sin, batch, k_cache, v_cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        """h: (n, T, D) active rows; returns the layer output for them (h is not modified).
+        cos/sin: (n, T, Dh/2) float32; k/v_cache: (num_slots, Hkv, Dh)."""
+        ops = self.ops
+        x = ops.rms_norm(h, self.input_layernorm.weight, self.input_layernorm.eps)
+        attn = self.attention(x, cos, sin, batch, k_cache, v_cache)
+        # The residual add and the next norm in one pass over the rows.
+        h, x = ops.add_rms_norm(h, attn, self.post_attention_layernorm.weight, self.post_attention_layernorm.eps)
+        return h + self.mlp(x)
 
     def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
                   k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         """x: (n, T, D) normed input of the active rows -> (n, T, D) attention output (after o_proj)."""
         n, t, _ = x.shape
         qkv = self.qkv_proj(x)                                                  # (n, T, q + 2kv)
-        # Rotate q and k in one pass (they sit side by side in qkv): half the small ops per layer.
-        qk = qkv[..., : self.q_size + self.kv_size].view(n, t, self.num_heads + self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=2)
-        # q: (n, T, H, Dh), k: (n, T, Hkv, Dh)
-        v = qkv[..., self.q_size + self.kv_size:].view(n, t, self.num_kv_heads, self.head_dim)   # (n, T, Hkv, Dh)
-
-        # Write this step's keys/values into the cache (padding tokens land in scratch slot 0).
-        slots = batch.slot_mapping[: n * t]
-        k_cache.index_copy_(0, slots, k.reshape(n * t, self.num_kv_heads, self.head_dim))
-        v_cache.index_copy_(0, slots, v.reshape(n * t, self.num_kv_heads, self.head_dim))
+        # Rotate q and k in place and write this step's keys/values into the cache (padding
+        # tokens land in scratch slot 0), all in one op.
+        self.ops.rope_write_kv(qkv, cos, sin, k_cache, v_cache, batch.slot_mapping, self.num_heads, self.num_kv_heads)
+        q = qkv[..., : self.q_size].view(n, t, self.num_heads, self.head_dim)  # (n, T, H, Dh)
         if batch.context_blocks is not None:
             # Decode: one new token per row, its context in the paged cache.
             shape = (-1, batch.block_size, self.num_kv_heads, self.head_dim)
-            attn = self.paged_attention(q.reshape(n, self.num_heads, self.head_dim), k_cache.view(shape),
-                                        v_cache.view(shape), batch.context_blocks[:n], batch.context_lens[:n],
-                                        self.scale)                             # (n, H, Dh)
+            attn = self.ops.paged_attention(q.reshape(n, self.num_heads, self.head_dim), k_cache.view(shape),
+                                            v_cache.view(shape), batch.context_blocks[:n], batch.context_lens[:n],
+                                            self.scale)                         # (n, H, Dh)
             return self.o_proj(attn.view(n, t, self.q_size))                    # (n, T=1, D)
+        k = qkv[..., self.q_size: self.q_size + self.kv_size].view(n, t, self.num_kv_heads, self.head_dim)
+        v = qkv[..., self.q_size + self.kv_size:].view(n, t, self.num_kv_heads, self.head_dim)   # (n, T, Hkv, Dh)
         attn = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),            # (n, H|Hkv, T, Dh)
             attn_mask=batch.attn_mask[:n], scale=self.scale,
@@ -117,8 +118,7 @@ class DecoderLayer(nn.Module):
         return self.o_proj(attn)
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)                        # (..., I) each
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))     # (..., 2I) -> (..., I) -> (..., D)
 
 
 class AdaptiveLlama(nn.Module):
@@ -152,21 +152,23 @@ class AdaptiveLlama(nn.Module):
         self.bypass_ops: list[nn.Module | None] = [
             self.bypass[str(i)] if str(i) in self.bypass else None for i in range(self.num_layers)]
 
-    def use_paged_attention(self, op) -> None:
-        """Decode attention through `op` (same semantics as paged_decode_attention_ref), or through
-        that reference when op is None."""
+    def use_ops(self, ops: LayerOps | None) -> None:
+        """Every layer calls `ops` (same semantics as the references), or the references when None."""
         for layer in self.layers:
-            layer.paged_attention = op or paged_decode_attention_ref
+            layer.ops = ops or LayerOps()
+
+    @property
+    def ops(self) -> LayerOps:
+        return self.layers[0].ops
 
     @property
     def reads_unwritten_kv_slots(self) -> bool:
-        """Whether a forward pass may read KV-cache slots no token has written yet: the reference
-        decode attention gathers whole blocks (masked, but 0 * NaN is NaN, so the cache must start
-        zeroed); the paged kernel reads only each row's context. Prefill never reads the cache."""
-        return any(layer.paged_attention is paged_decode_attention_ref for layer in self.layers)
+        """Whether a forward pass may read KV-cache slots no token has written yet (see
+        LayerOps.reads_unwritten_kv_slots). Prefill never reads the cache."""
+        return any(layer.ops.reads_unwritten_kv_slots for layer in self.layers)
 
     def pack_linears(self) -> int:
-        """Run every matmul through oneDNN on pre-packed weights (CPU fp32; see packed_linear)."""
+        """Run every matmul through oneDNN on pre-packed weights (CPU fp32/bf16; see packed_linear)."""
         from adadepth.model.packed_linear import pack_linears
 
         count = pack_linears(self)
@@ -223,10 +225,11 @@ class AdaptiveLlama(nn.Module):
                     layer.down_proj.bias.copy_(take(p + "mlp.down_proj.bias"))
 
     # ---- forward -----------------------------------------------------------------------
-    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin: (B, T, Dh/2) float32 whatever the model's dtype (angles need the precision);
+        Llama's rotate-half uses each frequency for both halves of a head."""
         freqs = positions.float()[..., None] * self.inv_freq                   # (B, T, Dh/2)
-        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]                  # (B, T, 1, Dh)
-        return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
+        return freqs.cos() * self.attention_scaling, freqs.sin() * self.attention_scaling
 
     def active_rows(self, row_depths: list[int]) -> list[int]:
         """Per layer, how many leading rows run it. row_depths must be sorted descending."""
@@ -253,7 +256,7 @@ class AdaptiveLlama(nn.Module):
     def run_layers(self, h: torch.Tensor, batch: ForwardBatch, kv_cache: torch.Tensor, start: int, stop: int,
                    capture: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Run layers [start, stop) on h (B, T, D), each over its active rows; returns h."""
-        cos, sin = self.rope(batch.positions, h.dtype)                          # (B, T, 1, Dh)
+        cos, sin = self.rope(batch.positions)                                   # (B, T, Dh/2) each
         if self.use_batched_skip_kernels:
             h = self._run_layers_batched_skip(h, cos, sin, batch, kv_cache, start, stop, capture)
         else:

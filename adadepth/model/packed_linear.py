@@ -11,8 +11,11 @@ Inductor's CPU "weight prepack" does; here it is applied to the plain model by h
 Parameter objects, so `state_dict()` keys and values are unchanged. A packed copy is made
 lazily and rebuilt if the weight is modified in place (tracked through `weight._version`),
 so loading new weights can never leave a stale packed copy behind. Anything the packed path
-does not cover (autograd, non-fp32 dtypes, non-CPU tensors, builds without oneDNN) falls back
-to `F.linear`.
+does not cover (autograd, dtypes other than fp32 and bf16, mixed dtypes, non-CPU tensors, builds
+without oneDNN) falls back to `F.linear`.
+
+bf16: on CPUs with AVX512-BF16 or AMX, oneDNN's bf16 inner product on packed weights reads half the
+bytes of fp32 and accumulates in fp32 (a decode step is bound by reading the weights).
 """
 from __future__ import annotations
 
@@ -38,8 +41,9 @@ class PackedLinear(nn.Module):
 
     def _can_pack(self, x: torch.Tensor) -> bool:
         w = self.weight
-        return (x.device.type == "cpu" and w.device.type == "cpu" and x.dtype == torch.float32
-                and w.dtype == torch.float32 and not (torch.is_grad_enabled() and w.requires_grad))
+        return (x.device.type == "cpu" and w.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+                and w.dtype == x.dtype and (self.bias is None or self.bias.dtype == x.dtype)
+                and not (torch.is_grad_enabled() and w.requires_grad))
 
     def packed_weight(self) -> torch.Tensor:
         w = self.weight

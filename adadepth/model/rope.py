@@ -1,4 +1,4 @@
-"""Rotary position embedding: the frequencies a config asks for, and their application to q/k."""
+"""Rotary position embedding: the frequencies a config asks for (applied by LayerOps.rope_write_kv)."""
 from __future__ import annotations
 
 import torch
@@ -19,9 +19,3 @@ def rope_parameters(config) -> tuple[torch.Tensor, float]:
     base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
     dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (n, T, H, Dh); cos/sin: (n, T, 1, Dh). Llama's rotate-half convention."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin

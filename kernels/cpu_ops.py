@@ -1,0 +1,90 @@
+"""The fused C++ CPU kernels (paged decode attention and the small layer ops), built once per machine.
+
+The C++ sources are compiled by `torch.utils.cpp_extension` (a C++ compiler is needed; ~20 s the
+first time) into the adadepth cache folder and registered as `torch.ops.adadepth.*`.
+`load_cpu_ops` returns None when that is not possible, and callers keep the PyTorch references.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from .layer_ops import LayerOps
+
+SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention_cpu.cpp", "layer_ops_cpu.cpp")]
+logger = logging.getLogger(__name__)
+
+
+def _cpu_tag() -> str:
+    """Short id of this CPU's instruction set and of the sources: a cache folder shared by machines
+    of different CPUs (a mounted volume) must not hand one the other's -march=native build."""
+    flags = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), flags)
+    except OSError:
+        pass
+    digest = hashlib.sha256(flags.encode())
+    for source in SOURCES:
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:10]
+
+
+def load_cpu_ops(build_root: str) -> LayerOps | None:
+    """Compile (first time on this machine) and load the C++ kernels; None if that fails.
+
+    The ops are registered process-wide by the first load; later calls (any build_root) find them
+    registered and return them without building or loading a second copy."""
+    from torch.utils import cpp_extension
+
+    _put_ninja_on_path()
+    registered = _registered_ops()
+    if registered is not None:
+        return registered
+    name = "adadepth_cpu_ops"
+    build_dir = os.path.join(build_root, f"torch-{torch.__version__}-{_cpu_tag()}", name)
+    try:
+        os.makedirs(build_dir, exist_ok=True)
+        # -march=native: the build runs on (and is cached for) the machine that uses it;
+        # -fno-math-errno lets `omp simd` vectorise expf (errno is never read).
+        cpp_extension.load(name, [str(s) for s in SOURCES],
+                           extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"],
+                           extra_ldflags=["-fopenmp"], build_directory=build_dir, is_python_module=False)
+    except Exception as exc:  # no compiler, no ninja, a read-only cache: the references still work
+        logger.warning("CPU kernels unavailable (%s); the layers use their PyTorch references",
+                       str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return None
+    return _registered_ops()
+
+
+def _put_ninja_on_path() -> None:
+    """cpp_extension runs `ninja` from PATH; the pip-installed one sits in the venv's bin folder
+    (or the ninja package's), which is not on PATH when the venv's python is run directly."""
+    if shutil.which("ninja"):
+        return
+    folders = [os.path.dirname(sys.executable)]
+    try:
+        import ninja
+
+        folders.append(ninja.BIN_DIR)
+    except (ImportError, AttributeError):
+        pass
+    found = next((f for f in folders if shutil.which("ninja", path=f)), None)
+    if found:
+        os.environ["PATH"] = found + os.pathsep + os.environ.get("PATH", "")
+
+
+def _registered_ops() -> LayerOps | None:
+    try:
+        ops = torch.ops.adadepth
+        return LayerOps(rms_norm=ops.rms_norm, add_rms_norm=ops.add_rms_norm, rope_write_kv=ops.rope_write_kv,
+                        silu_and_mul=ops.silu_and_mul, paged_attention=ops.paged_decode_attention)
+    except (AttributeError, RuntimeError):
+        return None

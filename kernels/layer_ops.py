@@ -1,0 +1,78 @@
+"""The small ops of a decoder layer, as PyTorch references, and the set a model runs with.
+
+`LayerOps` names the five ops a layer calls besides its matmuls. Its defaults are the PyTorch
+references below, which define the semantics (and run on any device and dtype); `load_cpu_ops`
+(cpu_ops.py) returns the same set backed by the fused C++ kernels. Math runs in float32 (float64
+for float64 tensors) and is rounded once to the tensor's dtype, so a bfloat16 model keeps its
+norms, rotations and softmax in float32.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .paged_attention import paged_decode_attention_ref
+
+
+def _acc(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: (..., D) -> x * rsqrt(mean(x^2) + eps) * weight, same shape and dtype."""
+    xf = x.to(_acc(x))
+    out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.to(xf.dtype)
+    return out.to(x.dtype)
+
+
+def add_rms_norm_ref(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + delta, rms_norm(h + delta)); the norm reads the sum as rounded to h's dtype, which is
+    what the next layer sees. Neither input is modified."""
+    total = (h.to(_acc(h)) + delta.to(_acc(h))).to(h.dtype)
+    return total, rms_norm_ref(total, weight, eps)
+
+
+def rope_write_kv_ref(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int) -> None:
+    """Rotate q and k inside qkv in place (Llama's rotate-half), then write k and v to the cache.
+
+    qkv: (..., (H + 2 Hkv) * Dh) contiguous, N tokens in all; cos/sin: (N, Dh/2) float32, already
+    scaled by the rope's attention scaling; k/v_cache: (slots, Hkv, Dh); slot_mapping: (N,) long.
+    """
+    head_dim = k_cache.shape[-1]
+    half = head_dim // 2
+    rows = qkv.view(-1, num_heads + 2 * num_kv_heads, head_dim)                  # (N, H + 2Hkv, Dh)
+    n = rows.shape[0]
+    qk = rows[:, : num_heads + num_kv_heads].to(_acc(qkv))                      # (N, H + Hkv, Dh)
+    x1, x2 = qk[..., :half], qk[..., half:]
+    c, s = cos.view(n, 1, half).to(qk.dtype), sin.view(n, 1, half).to(qk.dtype)
+    rows[:, : num_heads + num_kv_heads] = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(qkv.dtype)
+    slots = slot_mapping[:n]
+    k_cache.index_copy_(0, slots, rows[:, num_heads: num_heads + num_kv_heads])
+    v_cache.index_copy_(0, slots, rows[:, num_heads + num_kv_heads:])
+
+
+def silu_and_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up: (..., 2I) -> silu(gate) * up, (..., I)."""
+    gate, up = gate_up.to(_acc(gate_up)).chunk(2, dim=-1)
+    return (F.silu(gate) * up).to(gate_up.dtype)
+
+
+@dataclass(frozen=True)
+class LayerOps:
+    """What a decoder layer calls besides its matmuls (each with its reference's semantics)."""
+    rms_norm: Callable = rms_norm_ref
+    add_rms_norm: Callable = add_rms_norm_ref
+    rope_write_kv: Callable = rope_write_kv_ref
+    silu_and_mul: Callable = silu_and_mul_ref
+    paged_attention: Callable = paged_decode_attention_ref
+
+    @property
+    def reads_unwritten_kv_slots(self) -> bool:
+        """The reference decode attention gathers whole blocks (masked, but 0 * NaN is NaN, so the
+        cache must start zeroed); the kernel reads only each row's context."""
+        return self.paged_attention is paged_decode_attention_ref
