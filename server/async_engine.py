@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from adadepth.engine.llm_engine import LLMEngine
+from adadepth.hardware import release_openmp_threads
 from adadepth.outputs import RequestOutput
 from adadepth.sampling_params import SamplingParams
 from adadepth.server.metrics import ServerMetrics
@@ -86,6 +87,9 @@ class AsyncEngine:
         if self._thread is not None:
             raise RuntimeError("the engine thread is already running")
         self._loop = asyncio.get_running_loop()
+        # From here on only the engine thread computes: drop the OpenMP pool that loading the model
+        # gave this thread, or every parallel op of the engine thread pays for the extra threads.
+        release_openmp_threads()
         self._thread = threading.Thread(target=self._run, name="adadepth-engine", daemon=True)
         self._thread.start()
 
