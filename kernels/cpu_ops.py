@@ -19,6 +19,7 @@ import torch
 from .layer_ops import LayerOps
 
 SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention_cpu.cpp", "layer_ops_cpu.cpp")]
+HEADERS = [Path(__file__).with_name("cpu_math.h")]
 logger = logging.getLogger(__name__)
 
 
@@ -32,7 +33,7 @@ def _cpu_tag() -> str:
     except OSError:
         pass
     digest = hashlib.sha256(flags.encode())
-    for source in SOURCES:
+    for source in SOURCES + HEADERS:
         digest.update(source.read_bytes())
     return digest.hexdigest()[:10]
 
@@ -53,9 +54,10 @@ def load_cpu_ops(build_root: str) -> LayerOps | None:
     try:
         os.makedirs(build_dir, exist_ok=True)
         # -march=native: the build runs on (and is cached for) the machine that uses it;
-        # -fno-math-errno lets `omp simd` vectorise expf (errno is never read).
+        # -fno-math-errno -fno-trapping-math: errno and FP exceptions are never read, and without
+        # them GCC vectorises the exp and rounding in `omp simd` loops (~10x faster SiLU).
         cpp_extension.load(name, [str(s) for s in SOURCES],
-                           extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"],
+                           extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"],
                            extra_ldflags=["-fopenmp"], build_directory=build_dir, is_python_module=False)
     except Exception as exc:  # no compiler, no ninja, a read-only cache: the references still work
         logger.warning("CPU kernels unavailable (%s); the layers use their PyTorch references",

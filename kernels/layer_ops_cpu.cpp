@@ -21,6 +21,8 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "cpu_math.h"
+
 #include <cmath>
 #include <tuple>
 #include <vector>
@@ -147,15 +149,19 @@ template <typename scalar_t>
 void silu_and_mul_rows(const scalar_t* in, scalar_t* out, int64_t rows, int64_t I) {
   using acc_t = at::opmath_type<scalar_t>;
   at::parallel_for(0, rows, grain_rows(2 * I), [&](int64_t begin, int64_t end) {
+    // Widen into plain buffers first, so that the exp loop vectorises (see cpu_math.h).
+    std::vector<acc_t> g(I), u(I);
     for (int64_t r = begin; r < end; ++r) {
-      const scalar_t* g = in + r * 2 * I;
-      const scalar_t* u = g + I;
-      scalar_t* o = out + r * I;
+      const scalar_t* gr = in + r * 2 * I;
+      const scalar_t* ur = gr + I;
+      for (int64_t i = 0; i < I; ++i) g[i] = static_cast<acc_t>(gr[i]);
+      for (int64_t i = 0; i < I; ++i) u[i] = static_cast<acc_t>(ur[i]);
+      acc_t* gp = g.data();
+      const acc_t* up = u.data();
 #pragma omp simd
-      for (int64_t i = 0; i < I; ++i) {
-        const acc_t x = static_cast<acc_t>(g[i]);
-        o[i] = static_cast<scalar_t>(x / (acc_t(1) + std::exp(-x)) * static_cast<acc_t>(u[i]));
-      }
+      for (int64_t i = 0; i < I; ++i) gp[i] = gp[i] / (acc_t(1) + adadepth_cpu::vexp(-gp[i])) * up[i];
+      scalar_t* o = out + r * I;
+      for (int64_t i = 0; i < I; ++i) o[i] = static_cast<scalar_t>(gp[i]);
     }
   });
 }

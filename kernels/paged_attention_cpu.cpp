@@ -17,6 +17,8 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "cpu_math.h"
+
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -139,7 +141,7 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
         float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t s = 0; s < len; ++s) {
-          sh[s] = std::exp(sh[s] - m);
+          sh[s] = adadepth_cpu::vexp(sh[s] - m);
           sum += sh[s];
         }
         denom[h] = sum;
