@@ -47,9 +47,21 @@ inline void for_each_context_slot(const scalar_t* cache, const int64_t* row_bloc
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int DH>
 void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const int64_t* bt,
             const int64_t* lens, int64_t nblk, double scale, at::Tensor& out);
+
+// The head dim as a compile-time constant where it is a common one (64, 128): the dot products
+// and updates then unroll into a few full-width vector ops with no loop tail. DH = 0: any head dim.
+template <typename scalar_t>
+void attend_any(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const int64_t* bt,
+                const int64_t* lens, int64_t nblk, double scale, at::Tensor& out) {
+  switch (q.size(2)) {
+    case 64: attend<scalar_t, 64>(q, k_cache, v_cache, bt, lens, nblk, scale, out); break;
+    case 128: attend<scalar_t, 128>(q, k_cache, v_cache, bt, lens, nblk, scale, out); break;
+    default: attend<scalar_t, 0>(q, k_cache, v_cache, bt, lens, nblk, scale, out); break;
+  }
+}
 
 at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& block_table, const at::Tensor& context_lens, double scale) {
@@ -82,17 +94,17 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
   }
   at::Tensor out = at::empty({n, H, Dh}, q.options());
   if (q.scalar_type() == at::kFloat) {
-    attend<float>(q, k_cache, v_cache, bt, lens, nblk, scale, out);
+    attend_any<float>(q, k_cache, v_cache, bt, lens, nblk, scale, out);
   } else {
-    attend<c10::BFloat16>(q, k_cache, v_cache, bt, lens, nblk, scale, out);
+    attend_any<c10::BFloat16>(q, k_cache, v_cache, bt, lens, nblk, scale, out);
   }
   return out;
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int DH>
 void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const int64_t* bt,
             const int64_t* lens, int64_t nblk, double scale, at::Tensor& out) {
-  const int64_t n = q.size(0), H = q.size(1), Dh = q.size(2);
+  const int64_t n = q.size(0), H = q.size(1), Dh = DH > 0 ? DH : q.size(2);
   const int64_t bs = k_cache.size(1), Hkv = k_cache.size(2), G = H / Hkv;
   const scalar_t* qp = q.data_ptr<scalar_t>();
   const scalar_t* kp = k_cache.data_ptr<scalar_t>();
@@ -112,6 +124,7 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
     std::vector<float> acc;          // (heads, Dh): unnormalised output
     std::vector<float> denom;
     std::vector<float> qf;           // (heads, Dh): this task's queries in float32
+    std::vector<float> widened(DH > 0 ? 0 : Dh);  // one K or V row in float32 (any head dim)
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task / splits, kh0 = (task % splits) * heads_per_task;
       const int64_t h0 = kh0 * G, nh = heads_per_task * G;   // query heads [h0, h0 + nh)
@@ -126,13 +139,24 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
       // Pass 1: scores = scale * q . k.
       for_each_context_slot(kp, row_blocks, len, bs, tok_stride, [&](int64_t s, const scalar_t* krow) {
         krow += kh0 * Dh;
-        for (int64_t h = 0; h < nh; ++h) {
-          const float* qh = qi + h * Dh;
-          const scalar_t* kh = krow + (h / G) * Dh;
-          float dot = 0.f;
+        for (int64_t kh = 0; kh < heads_per_task; ++kh) {
+          // This slot's key, widened once for its G query heads.
+          float k_fixed[DH > 0 ? DH : 1];
+          const float* kf = k_fixed;
+          if constexpr (DH > 0) {
+            for (int64_t d = 0; d < DH; ++d) k_fixed[d] = static_cast<float>(krow[kh * DH + d]);
+          } else {
+            for (int64_t d = 0; d < Dh; ++d) widened[d] = static_cast<float>(krow[kh * Dh + d]);
+            kf = widened.data();
+          }
+          for (int64_t g = 0; g < G; ++g) {
+            const int64_t h = kh * G + g;
+            const float* qh = qi + h * Dh;
+            float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < Dh; ++d) dot += qh[d] * static_cast<float>(kh[d]);
-          scores[h * len + s] = dot * fscale;
+            for (int64_t d = 0; d < Dh; ++d) dot += qh[d] * kf[d];
+            scores[h * len + s] = dot * fscale;
+          }
         }
       });
       for (int64_t h = 0; h < nh; ++h) {
@@ -149,12 +173,23 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
       // Pass 2: acc += p * v.
       for_each_context_slot(vp, row_blocks, len, bs, tok_stride, [&](int64_t s, const scalar_t* vrow) {
         vrow += kh0 * Dh;
-        for (int64_t h = 0; h < nh; ++h) {
-          const float w = scores[h * len + s];
-          const scalar_t* vh = vrow + (h / G) * Dh;
-          float* a = acc.data() + h * Dh;
+        for (int64_t kh = 0; kh < heads_per_task; ++kh) {
+          // This slot's value, widened once for its G query heads.
+          float v_fixed[DH > 0 ? DH : 1];
+          const float* vf = v_fixed;
+          if constexpr (DH > 0) {
+            for (int64_t d = 0; d < DH; ++d) v_fixed[d] = static_cast<float>(vrow[kh * DH + d]);
+          } else {
+            for (int64_t d = 0; d < Dh; ++d) widened[d] = static_cast<float>(vrow[kh * Dh + d]);
+            vf = widened.data();
+          }
+          for (int64_t g = 0; g < G; ++g) {
+            const int64_t h = kh * G + g;
+            const float w = scores[h * len + s];
+            float* a = acc.data() + h * Dh;
 #pragma omp simd
-          for (int64_t d = 0; d < Dh; ++d) a[d] += w * static_cast<float>(vh[d]);
+            for (int64_t d = 0; d < Dh; ++d) a[d] += w * vf[d];
+          }
         }
       });
       for (int64_t h = 0; h < nh; ++h) {
