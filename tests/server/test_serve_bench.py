@@ -34,7 +34,8 @@ def test_config_validation():
 def test_bench_serve_cli_against_the_test_server(server, questions, tmp_path, capsys):
     out = tmp_path / "serve_tiny.json"
     main(["bench", "serve", "--base-url", server.base_url, "--model", server.model, "--concurrency", "1,2",
-          "--num-requests", "3", "--max-tokens", "4", "--depth", "3", "--label", "tiny", "--data", str(questions),
+          "--num-requests", "3", "--repeats", "2", "--max-tokens", "4", "--depth", "3", "--label", "tiny",
+          "--data", str(questions),
           "--out", str(out)])
     report = json.loads(out.read_text())
     assert report["label"] == "tiny" and report["config"]["depth"] == 3
@@ -42,7 +43,7 @@ def test_bench_serve_cli_against_the_test_server(server, questions, tmp_path, ca
     assert report["server"]["data"][0]["id"] == server.model
     assert [r["concurrency"] for r in report["results"]] == [1, 2]
     for level in report["results"]:
-        assert level["completed"] == 3 and level["failed"] == 0
+        assert level["completed"] == 3 and level["failed"] == 0 and len(level["runs"]) == 2
         assert level["total_output_tokens"] == 12
         assert level["output_throughput_tok_s"] > 0
         assert level["depths"] == [3] and level["mean_layers_per_token"] == 3.0
@@ -59,3 +60,39 @@ def test_bench_is_extensible():
     parser = build_parser()
     args = parser.parse_args(["bench", "serve", "--num-requests", "2"])
     assert args.bench_command == "serve" and args.num_requests == 2
+
+
+def test_prompt_files_are_taken_one_source_after_another(tmp_path):
+    from adadepth.benchmarks.serve_bench import load_conversations
+
+    path = tmp_path / "prompts.jsonl"
+    rows = ([{"messages": [{"role": "user", "content": f"g{i}"}], "source": "gsm8k"} for i in range(3)]
+            + [{"prompt": f"t{i}", "source": "t0"} for i in range(2)])
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = [m[-1]["content"] for m in load_conversations(path, 5)]
+    assert got == ["g0", "t0", "g1", "t1", "g2"]
+    with pytest.raises(ValueError, match="6 requested"):
+        load_conversations(path, 6)
+
+
+def test_the_shipped_prompts_serve_every_default_level():
+    from adadepth.benchmarks.serve_bench import load_conversations
+
+    cfg = ServeBenchConfig(concurrency="1,16,64")
+    assert [cfg.requests_at(c) for c in cfg.levels] == [8, 32, 128]
+    chats = load_conversations(cfg.data_path(), 128)
+    assert len(chats) == 128 and all(c[-1]["role"] == "user" and c[-1]["content"] for c in chats)
+
+
+def test_repeats_report_the_median_run_and_the_spread():
+    from adadepth.benchmarks.serve_bench import _repeated_level
+
+    def run(tok_s, itl):
+        stats = {"mean": itl, "p50": itl, "p90": itl, "p99": 3 * itl}
+        return {"concurrency": 4, "output_throughput_tok_s": tok_s, "ttft_ms": stats, "itl_ms": stats}
+
+    level = _repeated_level([run(10.0, 5.0), run(30.0, 7.0), run(20.0, 6.0)])
+    assert level["output_throughput_tok_s"] == 20.0 and level["itl_ms"]["p50"] == 6.0     # the median run
+    assert level["repeats"]["output_throughput_tok_s"] == {"median": 20.0, "min": 10.0, "max": 30.0,
+                                                           "values": [10.0, 30.0, 20.0]}
+    assert level["repeats"]["itl_p99_ms"]["max"] == 21.0 and len(level["runs"]) == 3

@@ -1,0 +1,162 @@
+"""`adadepth bench step`: where a decode step's time goes, per op (torch.profiler), at batch 1, 16
+and 64 at full depth and in a mixed-depth batch, on the engine alone (no HTTP).
+
+For each case: the prompts are prefilled, a few decode steps warm up, then `--steps` decode steps
+are timed one by one (median, min and max) and a few more are profiled (the profiler slows the
+steps it records, so its table tells shares, the timed steps tell time). The prompts are the
+shipped held-out ones, each row a different prompt (so rows have different context lengths).
+Uses only the offline API, so the same script measures older versions of the engine too.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CASES = {  # name: (batch, depths as fractions of the layers, cycled over the rows: 30/24/21/18 of 30)
+    "batch1": (1, [1.0]), "batch16": (16, [1.0]), "batch64": (64, [1.0]), "mixed16": (16, [1.0, 0.8, 0.7, 0.6]),
+}
+
+
+def load_chats(path: Path, count: int) -> list[list[dict]]:
+    """`count` conversations, one source after another (as the serving benchmark takes them)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    by_source: dict[str, list] = {}
+    for row in rows:
+        by_source.setdefault(row.get("source"), []).append(row["messages"])
+    mixed = [m for turn in itertools.zip_longest(*by_source.values()) for m in turn if m is not None]
+    if len(mixed) < count:
+        raise ValueError(f"{path} has {len(mixed)} prompts, {count} needed")
+    return mixed[:count]
+
+
+def profile_case(llm, chats: list[list[dict]], fractions: list[float], steps: int, profiled: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    from adadepth import SamplingParams
+
+    engine = llm.engine
+    num_layers = llm.num_layers
+    # Token ids without a second BOS: the chat template already holds the special tokens.
+    ids = [llm.tokenizer.encode(llm.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False),
+                                add_special_tokens=False) for c in chats]
+    row_depths = [max(1, round(fractions[i % len(fractions)] * num_layers)) for i in range(len(ids))]
+    budget = steps + profiled + 8
+    for i, (prompt, depth) in enumerate(zip(ids, row_depths)):
+        engine.add_request(f"step-profile-{time.monotonic_ns()}-{i}", prompt,
+                           SamplingParams(max_tokens=budget, temperature=0, ignore_eos=True, depth=depth))
+    while engine.scheduler.waiting or any(not s.output_token_ids for s in engine.scheduler.running):
+        engine.step()                                                           # prefill
+    for _ in range(3):
+        engine.step()                                                           # warm decode steps
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t0)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(profiled):
+            engine.step()
+    total = sum(e.self_cpu_time_total for e in prof.key_averages())
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    table = [{"op": e.key, "self_ms_per_step": e.self_cpu_time_total / 1000 / profiled,
+              "share": e.self_cpu_time_total / total, "calls_per_step": e.count / profiled} for e in ops[:14]]
+    while engine.has_unfinished_requests():
+        for seq in list(engine.seqs):
+            engine.abort_request(seq)
+        engine.step()
+    median = statistics.median(times)
+    return {"batch": len(ids), "depths": sorted(set(row_depths), reverse=True),
+            "mean_depth": sum(row_depths) / len(row_depths),
+            "step_ms": {"median": 1000 * median, "min": 1000 * min(times), "max": 1000 * max(times)},
+            "decode_tok_s": len(ids) / median, "profiled_steps": profiled,
+            "profiled_ms_per_step": total / 1000 / profiled, "ops": table}
+
+
+@dataclass
+class StepProfileConfig:
+    model: str = field(default="default", metadata={"help": "model to profile"})
+    dtype: str | None = field(default=None, metadata={"help": "engine dtype (none: the engine's default)"})
+    cases: str = field(default=",".join(CASES), metadata={"help": f"comma-separated, of {', '.join(CASES)}"})
+    steps: int = field(default=24, metadata={"help": "timed decode steps per case"})
+    profiled_steps: int = field(default=6, metadata={"help": "decode steps recorded by torch.profiler per case"})
+    prompts: str = field(default="benchmarks/data/heldout_prompts.jsonl", metadata={
+        "help": "prompts jsonl (messages lines); a relative path is taken from the repository root"})
+    label: str = field(default="", metadata={"help": "names this run in the JSON (e.g. the version measured)"})
+    out: str = field(default="benchmarks/results/step_profile.json", metadata={"help": "JSON output"})
+
+    def __post_init__(self) -> None:
+        self.case_list = [c.strip() for c in self.cases.split(",") if c.strip()]
+        unknown = [c for c in self.case_list if c not in CASES]
+        if unknown or not self.case_list:
+            raise ValueError(f"unknown cases {unknown}; known: {', '.join(CASES)}")
+        if self.steps < 1 or self.profiled_steps < 1:
+            raise ValueError("steps and profiled_steps must be >= 1")
+
+
+def run(cfg: StepProfileConfig) -> dict:
+    import torch
+
+    from adadepth import LLM
+
+    cases = cfg.case_list
+    options = {"num_kv_tokens": 65536}
+    if cfg.dtype:
+        options["dtype"] = cfg.dtype
+    llm = LLM(cfg.model, **options)
+    prompts = Path(cfg.prompts)
+    chats = load_chats(prompts if prompts.is_absolute() else REPO_ROOT / prompts, max(CASES[c][0] for c in cases))
+    results = {}
+    for name in cases:
+        batch, depths = CASES[name]
+        results[name] = profile_case(llm, chats[:batch], depths, cfg.steps, cfg.profiled_steps)
+        r = results[name]
+        print(f"{name:>8}: step {r['step_ms']['median']:7.2f} ms (min {r['step_ms']['min']:.2f}, max "
+              f"{r['step_ms']['max']:.2f}), {r['decode_tok_s']:7.1f} tok/s; top ops: "
+              + ", ".join(f"{o['op']} {100 * o['share']:.0f}%" for o in r["ops"][:4]), flush=True)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = None
+    from adadepth.benchmarks.serve_bench import machine_info
+
+    report = {"benchmark": "step_profile", "label": cfg.label,
+              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": commit,
+              "config": dataclasses.asdict(cfg), "machine": machine_info(), "torch": torch.__version__,
+              "torch_threads": torch.get_num_threads(), "dtype": str(llm.engine.dtype), "cases": results}
+    out = Path(cfg.out)
+    out = out if out.is_absolute() else REPO_ROOT / out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {out}")
+    return report
+
+
+def _run(args) -> None:
+    from adadepth.cli_args import dataclass_from_args
+
+    run(dataclass_from_args(StepProfileConfig, args))
+
+
+def add_parser(bench_subparsers) -> None:
+    from adadepth.cli_args import add_dataclass_args
+
+    parser = bench_subparsers.add_parser("step", help="decode step time per op (torch.profiler), engine only")
+    add_dataclass_args(parser, StepProfileConfig)
+    parser.set_defaults(func=_run)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from adadepth.cli_args import add_dataclass_args, dataclass_from_args
+
+    cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_dataclass_args(cli, StepProfileConfig)
+    run(dataclass_from_args(StepProfileConfig, cli.parse_args()))
