@@ -4,7 +4,8 @@ from __future__ import annotations
 import importlib
 
 # Benchmarks that may be absent from a checkout (written separately); skipped quietly if so.
-OPTIONAL_BENCHMARKS = ("adadepth.benchmarks.depth_bench", "adadepth.benchmarks.step_profile")
+OPTIONAL_BENCHMARKS = ("adadepth.benchmarks.depth_bench", "adadepth.benchmarks.step_profile",
+                       "adadepth.benchmarks.dtype_agreement")
 
 
 def add_parser(subparsers) -> None:
