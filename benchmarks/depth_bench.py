@@ -17,7 +17,8 @@ from adadepth.benchmarks.machine import machine_info
 @dataclass
 class DepthBenchConfig:
     model: str = field(default="default-base", metadata={"help": "model to benchmark"})
-    data: str = field(default="../shared/data/gsm8k_train.jsonl", metadata={"help": "GSM8K jsonl for prompts"})
+    data: str = field(default="benchmarks/data/heldout_prompts.jsonl", metadata={
+        "help": "prompts jsonl (messages lines, or GSM8K question lines); a relative path is taken from the repository root"})
     batch_sizes: str = field(default="1,16", metadata={"help": "comma-separated batch sizes"})
     fractions: str = field(default="1.0,0.9,0.8,0.7,0.6,0.5", metadata={"help": "depths as fractions of L"})
     max_tokens: int = field(default=128, metadata={"help": "output tokens per request"})
@@ -34,11 +35,14 @@ class DepthBenchConfig:
 
 
 def load_prompts(path: str, n: int, tokenizer) -> list[str]:
-    # The last questions of the file: the training/calibration code draws from the front.
-    with open(path) as f:
-        questions = [json.loads(line)["question"] for line in f if line.strip()][-n:]
-    return [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                          add_generation_prompt=True) for q in questions]
+    """n chat prompts, as `adadepth bench serve` takes them (the shipped held-out prompts by default)."""
+    from pathlib import Path
+
+    from adadepth.benchmarks.serve_bench import REPO_ROOT, load_conversations
+
+    file = Path(path) if Path(path).is_absolute() else REPO_ROOT / path
+    return [tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            for chat in load_conversations(file, n)]
 
 
 def flop_model(config, context_len: int = 0) -> tuple[float, float]:

@@ -13,7 +13,7 @@
    device-to-device copy bandwidth measured in the same run (target: >= 70 % for large N);
 3. the mixed-depth decode step of the default model (adadepth.benchmarks.gpu_model_step.
    run(out_dir)). Without the package installed, adadepth is imported through a shim of
-   symlinks (`ensure_adadepth`): session 3's device run skipped this step for want of it.
+   symlinks (`ensure_adadepth`): without them a device run once skipped this step.
 
 Prints a table, writes DIR/gpu_check.json, exits 1 if a correctness check fails.
 With --dry-run-cpu the reference stands in for the kernels on small CPU shapes and timing uses

@@ -11,7 +11,7 @@ import torch
 
 from adadepth.benchmarks.gpu_check_correctness import DTYPE_NAMES, EPS, MAX_DEPTH, ReferenceAsKernels, check_case
 
-BW_TARGET = 0.70  # kernels' share of the copy bandwidth for large N (issue #6)
+BW_TARGET = 0.70  # kernels' share of the copy bandwidth for large N (the kernels' target)
 
 class Timer:
     """Seconds per call of fn(i): CUDA events over CUDA-graph replays (GPU time without the

@@ -5,7 +5,7 @@ A decode step at batch 64 reads every layer's weights once however many rows run
 row's K and V per layer it runs: the weights make a mixed step cost as much as a full one, the
 KV reads scale with the rows. So the step is timed at two context lengths (256 and 2048 prompt
 tokens), each eagerly (what the engine does today) and replayed from a CUDA graph (the same GPU
-work without Python's launch overhead, which dominated the eager step on an H200 in session 1).
+work without Python's launch overhead, which dominated the eager step on an H200, gpu_model_step_h200.json).
 At the first length it also times the same rows as one packed prefill forward (compute-bound,
 where skipping rows should save FLOP-proportional time). Beside each it prints the roofline
 bound of the decode ratio from this card's measured copy bandwidth and bf16 matmul rate.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepares, on the development machine, what a GPU session's training run carries, and prints
+# Prepares, on the development machine, what a GPU machine's training run carries, and prints
 # the `device` calls that run it. The device tool copies at most 64 MiB a call (tracked files
 # included) and the default model's GGUF is 98 MB, so it travels xz-compressed (90 MB) in
 # chunks: each call but the last stashes one chunk (the first also the data); the last, within

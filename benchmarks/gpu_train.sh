@@ -35,8 +35,8 @@
 #   DISTILL_PROMPTS=<N: first write the teacher's (the base's) greedy answers to N train prompts on the GPU
 #     (adadepth distill-data, DISTILL_TOKENS=128 each) and train on them; the time comes out of MAX_MINUTES' budget>
 #   TRAIN_ARGS="<more flags for adadepth train>"; default: the shipped recipe plus full-depth anchors and
-#     self-distillation (session 8, CPU: +0.015 to +0.044 over the base teacher at every reduced depth for the
-#     same 252k tokens; session 9's continuation of it fell back, so the gain is small and unconfirmed),
+#     self-distillation (paired CPU runs: +0.015 to +0.044 over the base teacher at every reduced depth for the
+#     same 252k tokens; a second continuation of it fell back, so the gain is small and unconfirmed),
 #     "--ce-weight 0 --order-fraction 0.75 --full-depth-fraction 0.25 --self-distill"
 #   MODEL=<absolute path of a model, e.g. a GGUF already assembled; skips the chunks>
 #   DATA_DIR=<absolute data folder> WORK=/tmp/adadepth-run OUT=/tmp/adadepth-out (set by the device tool)

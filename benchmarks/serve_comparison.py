@@ -207,13 +207,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--meta", help="JSON with the run's machine, versions, commands and environment")
     parser.add_argument("--model-dir", help="the full export, to count the weight bytes a token reads")
     parser.add_argument("--bytes-per-param", type=int, default=2, help="of adadepth's dtype (2: bfloat16)")
+    parser.add_argument("--read-bandwidth-gb-s", type=float, help="the run's measured read bandwidth (default: measure now)")
     parser.add_argument("--out", default="benchmarks/results/serve_comparison.json")
     args = parser.parse_args(argv)
     meta = json.loads(Path(args.meta).read_text()) if args.meta else {}
     from adadepth.benchmarks.serve_bench import machine_info
 
     meta.setdefault("machine", machine_info())
-    meta["read_bandwidth_gb_s"] = measure_read_bandwidth()
+    meta["read_bandwidth_gb_s"] = args.read_bandwidth_gb_s or measure_read_bandwidth()
     if args.model_dir:
         meta["weight_bytes_per_token"] = weight_bytes_per_token(args.model_dir, args.bytes_per_param)
     report = summarise(Path(args.runs), [int(d) for d in args.depths.split(",")], meta)

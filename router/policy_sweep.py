@@ -167,7 +167,7 @@ def calibrated_half_predictions(decide: torch.Tensor, score: torch.Tensor, folds
     deciding half's agreement to the scored half's, fitted on the other folds' prompts
     (cross-fitting, so no prompt's prediction has seen its own score), then made monotone in
     depth as a router's predictions are. Isotonic because it assumes only that more agreement on
-    one half means no less on the other. (On the session-10 held-out labels a line, a quadratic
+    one half means no less on the other. (On the shipped held-out labels a line, a quadratic
     and 5 or 10 bins gave +0.021..+0.022 over fixed depth at q = 0.8 and +0.009..+0.018 at
     q = 0.9; the isotonic map +0.022 / +0.017.)"""
     x_all, y_all = decide.double().numpy(), score.double().numpy()

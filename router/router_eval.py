@@ -29,7 +29,7 @@ from adadepth.router.policy_sweep import (DEFAULT_QUALITIES, calibrated_split_ha
 from adadepth.training.data import HELDOUT_PROMPTS_FILE
 
 HELDOUT_LABELS_FILE = "router_heldout_labels.jsonl"
-# Targets of the router's issue: gain over fixed depth at these qualities, calibration everywhere.
+# The router's targets: gain over fixed depth at these qualities, calibration everywhere.
 GAIN_TARGET, GAIN_QUALITIES, CALIBRATION_TARGET, ROUTER_TIME_TARGET = 0.03, (0.8, 0.9), 0.05, 0.01
 # The spread counterfactual (`sharpened_router`): the router's predictions with their deviations
 # from the mean doubled. Not a policy the server uses; it shows what spread alone does to the gain.

@@ -113,7 +113,8 @@ def load_examples(data_dir: str, split: Split | None, sources: tuple[str, ...] =
     identical prompt can never sit on two sides of a split with different answers.
     """
     if not os.path.isdir(data_dir):
-        raise FileNotFoundError(f"data folder {data_dir!r} not found (see /work/shared/data/README.md)")
+        raise FileNotFoundError(f"data folder {data_dir!r} not found: pass --data-dir, a folder holding the "
+                                f"source files ({', '.join(SOURCES)})")
     unknown = set(sources) - set(SOURCES)
     if unknown:
         raise ValueError(f"unknown data sources {sorted(unknown)}; known: {sorted(SOURCES)}")

@@ -368,7 +368,7 @@ class Trainer:
                 if budget and elapsed >= budget:
                     self.stopped_by = "max_minutes"
                     break
-                # Steps 2.. of this session (after warm-up) get a synchronised time breakdown.
+                # Steps 2.. of this run (after warm-up) get a synchronised time breakdown.
                 self.timer.active = 0 < self.step - step_start <= cfg.profile_steps
                 self.timer.ms = {}
                 ops.step(self.timer.active)

@@ -10,7 +10,7 @@ from adadepth.benchmarks.gpu_model_step import SMOLLM2_135M, flop_share, rooflin
 CONFIG = LlamaConfig(**SMOLLM2_135M)
 
 
-H200 = {"copy_bytes_per_s": 4.27e12, "bf16_flop_per_s": 7e14}   # session 1's measured copy rate
+H200 = {"copy_bytes_per_s": 4.27e12, "bf16_flop_per_s": 7e14}   # the measured copy rate (gpu_check_h200.json)
 
 
 def share(full, mixed):
@@ -43,7 +43,7 @@ def test_compute_bound_step_scales_with_flops():
 
 def test_kv_reads_scale_with_rows_so_context_lowers_the_bound():
     """Weights are read once per layer, each row's K and V per layer it runs: at the context of
-    session 1's H200 measurement (~290 tokens) the bound is already under the 1.1 target. With a
+    the H200 measurement's context (~290 tokens) the bound is already under the 1.1 target. With a
     long context the KV reads dominate; they scale with the rows a little faster than the FLOPs
     do (the LM head's FLOPs are the same in both steps), so the bound even dips under 1 before
     settling at 1 once attention is all there is."""

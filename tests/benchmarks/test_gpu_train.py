@@ -1,4 +1,4 @@
-"""benchmarks/gpu_train.sh, end to end on the CPU with a tiny model: a GPU session has 15 minutes
+"""benchmarks/gpu_train.sh, end to end on the CPU with a tiny model: a lent GPU machine has 15 minutes
 and cannot spend them on a shell bug. Covers the distill-data stage, --train-file, --init-adapter,
 calibration of the trained model and the artifact collection."""
 from __future__ import annotations
