@@ -148,7 +148,8 @@ def run(cfg: DepthBenchConfig) -> dict:
 
         resolved = resolve_model(cfg.model, llm.engine.config.model.cache_dir)
         # Speed does not depend on weight values: the base checkpoint stands for any artifact on it.
-        hf = AutoModelForCausalLM.from_pretrained(resolved.checkpoint_dir, dtype=torch.float32).eval()
+        # The same dtype as the engine's (like for like).
+        hf = AutoModelForCausalLM.from_pretrained(resolved.checkpoint_dir, dtype=llm.engine.dtype).eval()
         for b in batch_sizes:
             time_hf(hf, llm.tokenizer, prompts_all[:b], 4, 1)  # warm-up at this batch size
             r = time_hf(hf, llm.tokenizer, prompts_all[:b], cfg.max_tokens, cfg.repeats)
@@ -157,6 +158,7 @@ def run(cfg: DepthBenchConfig) -> dict:
 
     summary = summarize(rows, L, layer_flops, head_flops, batch_sizes)
     result = {"benchmark": "depth", "machine": machine_info(), "config": dataclasses.asdict(cfg),
+              "dtype": {"adadepth": str(llm.engine.dtype), "transformers": str(llm.engine.dtype)},
               "model": cfg.model, "num_layers": L, "layer_order": llm.engine.plan.layer_order,
               "flops_per_token": {"layer": layer_flops, "outside_layers": head_flops},
               "rows": rows, "summary": summary}

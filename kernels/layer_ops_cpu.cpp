@@ -2,8 +2,8 @@
 //
 // Why: in a decode step each layer's matmuls touch a few rows, so the layer's time outside them
 // is per-op overhead, not arithmetic. Composed from PyTorch ops, RMSNorm, RoPE, the KV-cache write
-// and SiLU-and-multiply took ~30 small ops (each ~3-50 us) per layer: about 8 ms of a 48 ms
-// batch-1 step over 30 layers. Here each is one op with one pass over its rows.
+// and SiLU-and-multiply took ~30 small ops per layer (benchmarks/results/step_profile_before.json
+// has their counts and times). Here each is one op with one pass over its rows.
 //
 // Semantics (the PyTorch references in layer_ops.py compute the same; math in float32, or
 // float64 for float64 tensors, rounded once to the tensor's dtype):

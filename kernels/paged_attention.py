@@ -2,9 +2,8 @@
 
 In a decode step every row has one new token and attends to its whole context, which lives in
 KV-cache blocks scattered over the cache (the row's `block_table`). The reference below gathers
-those blocks into a dense (n, S, Hkv, Dh) tensor and runs SDPA; on the 2-core development CPU
-that gather (a copy of every row's context, per layer, per step) plus SDPA took ~1.5-2 ms of
-a ~6 ms decode layer at batch 16. `paged_attention_cpu.cpp` reads the blocks in place instead.
+those blocks into a dense (n, S, Hkv, Dh) tensor and runs SDPA: a copy of every row's context,
+per layer, per step. `paged_attention_cpu.cpp` reads the blocks in place instead.
 
 The C++ kernel is built with the other CPU kernels (cpu_ops.py) and registered as
 `torch.ops.adadepth.paged_decode_attention`.

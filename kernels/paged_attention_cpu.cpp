@@ -101,6 +101,19 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
   return out;
 }
 
+// One K or V row (Dh values) in float32: into `fixed` when the head dim is a compile-time constant
+// (the loop then unrolls), else into `widened`.
+template <typename scalar_t, int DH>
+inline const float* widen_row(const scalar_t* row, int64_t Dh, float* fixed, std::vector<float>& widened) {
+  if constexpr (DH > 0) {
+    for (int64_t d = 0; d < DH; ++d) fixed[d] = static_cast<float>(row[d]);
+    return fixed;
+  } else {
+    for (int64_t d = 0; d < Dh; ++d) widened[d] = static_cast<float>(row[d]);
+    return widened.data();
+  }
+}
+
 template <typename scalar_t, int DH>
 void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const int64_t* bt,
             const int64_t* lens, int64_t nblk, double scale, at::Tensor& out) {
@@ -140,15 +153,8 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
       for_each_context_slot(kp, row_blocks, len, bs, tok_stride, [&](int64_t s, const scalar_t* krow) {
         krow += kh0 * Dh;
         for (int64_t kh = 0; kh < heads_per_task; ++kh) {
-          // This slot's key, widened once for its G query heads.
-          float k_fixed[DH > 0 ? DH : 1];
-          const float* kf = k_fixed;
-          if constexpr (DH > 0) {
-            for (int64_t d = 0; d < DH; ++d) k_fixed[d] = static_cast<float>(krow[kh * DH + d]);
-          } else {
-            for (int64_t d = 0; d < Dh; ++d) widened[d] = static_cast<float>(krow[kh * Dh + d]);
-            kf = widened.data();
-          }
+          float k_fixed[DH > 0 ? DH : 1];  // this slot's key, widened once for its G query heads
+          const float* kf = widen_row<scalar_t, DH>(krow + kh * Dh, Dh, k_fixed, widened);
           for (int64_t g = 0; g < G; ++g) {
             const int64_t h = kh * G + g;
             const float* qh = qi + h * Dh;
@@ -174,15 +180,8 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
       for_each_context_slot(vp, row_blocks, len, bs, tok_stride, [&](int64_t s, const scalar_t* vrow) {
         vrow += kh0 * Dh;
         for (int64_t kh = 0; kh < heads_per_task; ++kh) {
-          // This slot's value, widened once for its G query heads.
-          float v_fixed[DH > 0 ? DH : 1];
-          const float* vf = v_fixed;
-          if constexpr (DH > 0) {
-            for (int64_t d = 0; d < DH; ++d) v_fixed[d] = static_cast<float>(vrow[kh * DH + d]);
-          } else {
-            for (int64_t d = 0; d < Dh; ++d) widened[d] = static_cast<float>(vrow[kh * Dh + d]);
-            vf = widened.data();
-          }
+          float v_fixed[DH > 0 ? DH : 1];  // this slot's value, widened once for its G query heads
+          const float* vf = widen_row<scalar_t, DH>(vrow + kh * Dh, Dh, v_fixed, widened);
           for (int64_t g = 0; g < G; ++g) {
             const int64_t h = kh * G + g;
             const float w = scores[h * len + s];

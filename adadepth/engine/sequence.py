@@ -18,8 +18,7 @@ class SequenceStatus(enum.Enum):
 
 
 # eq=False: a sequence is an entity, compared by identity. The generated field-by-field __eq__
-# made every `seq in running` build and compare tuples of all fields: O(batch^2) of them per step,
-# ~5 ms of a batch-64 decode step.
+# made every `seq in running` build and compare tuples of all fields: O(batch^2) of them per step.
 @dataclass(eq=False)
 class Sequence:
     request_id: str

@@ -1,11 +1,9 @@
 """CPU matmuls through oneDNN with weights packed once, instead of MKL's sgemm on every call.
 
 Why: a decode step multiplies a handful of rows (M = batch size) by every weight matrix. For
-such skinny products, PyTorch's default fp32 CPU path (MKL sgemm, re-reading the plain
-row-major weight each call) reached 15-45 GFLOP/s on the 2-core development machine (AVX2),
-while oneDNN's inner-product on a weight reordered into its blocked layout ran the same
-products 1.4-3.4x faster (the 576x49152 LM head: 46 ms -> 17 ms at M = 16). This is what
-Inductor's CPU "weight prepack" does; here it is applied to the plain model by hand.
+such skinny products PyTorch's default CPU path re-reads the plain row-major weight on every call,
+while oneDNN's inner product on a weight reordered once into its blocked layout runs them faster.
+This is what Inductor's CPU "weight prepack" does; here it is applied to the plain model by hand.
 
 `pack_linears(model)` swaps each `nn.Linear` for a `PackedLinear` that shares the very same
 Parameter objects, so `state_dict()` keys and values are unchanged. A packed copy is made

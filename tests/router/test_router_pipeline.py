@@ -99,7 +99,7 @@ def test_label_train_eval(model_dir, cache_dir, tmp_path, capsys):
     assert report["sharpened_router"]["factor"] == 2.0
     assert [r["quality"] for r in report["sharpened_router"]["rows"]] == [0.5, 0.8, 0.9]
     assert set(report["sharpened_router"]["prediction_fit"]) == {"2", "3", "4", "5"}
-    assert set(report["label_reliability"]) == {"2", "3", "4", "5"}
+    assert report["label_reliability"] == {}   # 8-token labels: below the 16 positions per half it needs
     assert_png(out_png)
 
     # benchmarks/router_feature_study.py on the same labels: every feature set scored on the held-out ones.
