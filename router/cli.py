@@ -61,7 +61,9 @@ def add_parser(subparsers) -> None:
         parser = sub.add_parser(name, help=text, description=text)
         add_dataclass_args(parser, ModelConfig)
         add_dataclass_args(parser, cls)
-        parser.set_defaults(func=func)
+        # Labels are quality measurements, made in float32 like `adadepth eval`'s; the labels' weights
+        # fingerprint is taken in the run's dtype, so a bf16 run would not reuse float32 labels.
+        parser.set_defaults(func=func, dtype="float32")
 
 
 def _log() -> None:

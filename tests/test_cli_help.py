@@ -26,3 +26,11 @@ def test_every_subcommand_help_renders(capsys):
             build_parser().parse_args([*command, "--help"])
         assert exit_info.value.code == 0, command
         assert "usage:" in capsys.readouterr().out, command
+
+
+def test_router_commands_measure_in_float32_and_serving_picks_the_machines_dtype():
+    parse = build_parser().parse_args
+    for command in ("label", "train", "eval"):
+        assert parse(["router", command]).dtype == "float32"       # the shipped labels' dtype
+    assert parse(["router", "eval", "--dtype", "auto"]).dtype == "auto"
+    assert parse(["serve"]).dtype == "auto" and parse(["generate", "hi"]).dtype == "auto"
