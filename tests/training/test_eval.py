@@ -39,7 +39,34 @@ def test_single_model_json_and_full_depth_agreement(tiny_base, train_cache, prom
     full = report["results"][-1]
     assert full["agreement"] == 1.0 and full["kl"] == 0.0 and full["exact_match_32"] == 1.0
     assert full["perplexity"] > 1 and 0 <= report["results"][0]["agreement"] <= 1
-    assert os.path.getsize(plot) > 0
+    with open(plot, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_skipping_layers_that_do_nothing_agrees_everywhere(tiny_base, train_cache, prompts_file, tmp_path, capsys):
+    """Constructed so that the answer is known: layers 3-5 write nothing into the residual stream
+    (o_proj and down_proj zeroed), so depth 3 (layers 0-2 by the stored order) computes exactly
+    what full depth does, and depth 2 does not."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from adadepth.model.depth_plan import DepthPlan
+
+    folder = tmp_path / "idle-layers"
+    shutil.copytree(tiny_base, folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    for layer in (3, 4, 5):
+        for name in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
+            weights[f"model.layers.{layer}.{name}"].zero_()
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    DepthPlan(6, list(range(6)), source="test").save(str(folder))
+    out = str(tmp_path / "idle.json")
+    run_eval(["--model", str(folder), "--cache-dir", train_cache, "--prompts", prompts_file, "--depths", "2,3,6",
+              "--no-exact-match", "--json", out], capsys)
+    by_depth = {r["depth"]: r for r in json.load(open(out))["results"]}
+    assert by_depth[3]["agreement"] == 1.0 and by_depth[3]["kl"] == pytest.approx(0.0, abs=1e-9)
+    assert by_depth[2]["agreement"] < 1.0 and by_depth[2]["kl"] > 1e-4
 
 
 def test_compare_lists_models_and_keeps_single_shape_at_top(tiny_base, train_cache, prompts_file, tmp_path, capsys):
