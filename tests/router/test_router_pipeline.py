@@ -36,6 +36,10 @@ def model_dir(router_ckpt, tmp_path):
     return str(folder)
 
 
+def nondecreasing(values: list[float]) -> bool:
+    return all(a <= b + 1e-9 for a, b in zip(values, values[1:]))
+
+
 def assert_png(path) -> None:
     """A real picture: a PNG that decodes to an image of plot size."""
     import matplotlib.image
@@ -87,14 +91,15 @@ def test_label_train_eval(model_dir, cache_dir, tmp_path, capsys):
     assert [r["quality"] for r in report["router"]] == [0.5, 0.8, 0.9]
     for r in report["router"]:
         assert {"mean_depth", "agreement", "predicted_agreement", "gain_vs_fixed"} <= set(r)
-        assert 2 <= r["mean_depth"] <= 6
+    # Asking for more quality never buys fewer layers, for the router and for every oracle or sweep.
+    assert nondecreasing([r["mean_depth"] for r in report["router"]])
     assert report["timing"]["num_prompts"] == 3 and report["timing"]["engine_matches_offline_decisions"] == 3
     assert set(report["prediction_fit"]) == {"2", "3", "4", "5"}
     assert [r["quality"] for r in report["split_half_oracle"]] == [0.5, 0.8, 0.9]
-    assert all(2 <= r["mean_depth"] <= 6 for r in report["split_half_oracle"])
+    assert nondecreasing([r["mean_depth"] for r in report["split_half_oracle"]])
     assert [r["quality"] for r in report["calibrated_split_half_oracle"]] == [0.5, 0.8, 0.9]
-    for r in report["calibrated_split_half_oracle"]:   # decisions on grid depths, predictions of agreements
-        assert 2 <= r["mean_depth"] <= 6 and 0 <= r["predicted_agreement"] <= 1
+    assert nondecreasing([r["mean_depth"] for r in report["calibrated_split_half_oracle"]])
+    for r in report["calibrated_split_half_oracle"]:
         assert r["calibration_error"] == pytest.approx(r["predicted_agreement"] - r["agreement"], abs=2e-5)
     assert report["sharpened_router"]["factor"] == 2.0
     assert [r["quality"] for r in report["sharpened_router"]["rows"]] == [0.5, 0.8, 0.9]
@@ -118,7 +123,7 @@ def test_label_train_eval(model_dir, cache_dir, tmp_path, capsys):
     assert {tuple(r["features"]) for r in report["feature_sets"]} == set(FEATURE_SETS)
     for r in report["feature_sets"]:
         assert [p["quality"] for p in r["sweep"]] == list(QUALITIES)
-        assert all(2 <= p["mean_depth"] <= 6 and 0 <= p["agreement"] <= 1 for p in r["sweep"])
+        assert nondecreasing([p["mean_depth"] for p in r["sweep"]])
     assert set(report["correlation_with_agreement"]["first_token_entropy"]) == {"2", "3", "4", "5"}
 
     # benchmarks/router_prompt_probe.py: the prompt's own agreement, correlated with its labels.

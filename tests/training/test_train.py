@@ -50,12 +50,13 @@ def test_artifact_layout_and_metadata(trained, tiny_base):
     meta = json.load(open(os.path.join(trained, "adadepth.json")))
     assert meta["base_model"] == os.path.abspath(tiny_base) and meta["lora"] == "lora"
     t = meta["train"]
-    assert t["steps"] == 3 and t["tokens"] > 0 and t["stopped_by"] == "max_steps"
+    assert t["steps"] == 3 and t["stopped_by"] == "max_steps"
     assert t["config"]["drops"]["drop_mode"] == "mixed" and t["config"]["adapter"]["lora_rank"] == 16
     assert set(t["final_losses"]) >= {"loss", "ce", "kl", "early_exit"} and t["final_losses"]["early_exit"] > 0
     assert DepthPlan.load(trained).layer_order == list(range(6))
     log = [json.loads(line) for line in open(os.path.join(trained, "train_log.jsonl"))]
     assert [r["step"] for r in log] == [1, 2, 3]
+    assert t["tokens"] == log[-1]["tokens"] and log[0]["tokens"] < log[1]["tokens"] < log[2]["tokens"]
     keys = load_file(os.path.join(trained, "lora/adapter_model.safetensors"))
     assert any(".mlp.down_proj.lora_A." in k for k in keys) and any(".self_attn.q_proj.lora_B." in k for k in keys)
 
@@ -172,7 +173,7 @@ def test_self_distill_teacher_is_own_full_depth_except_on_anchor_rows(tiny_base,
     train(tiny_base, fake_data, train_cache, out, "--max-steps", "2", "--layer-order", "early-exit",
           "--self-distill", "--full-depth-fraction", "0.5", "--ce-weight", "0")
     log = [json.loads(line) for line in open(os.path.join(out, "train_log.jsonl"))]
-    assert log[-1]["step"] == 2 and log[-1]["kl"] >= 0
+    assert log[-1]["step"] == 2 and log[-1]["loss"] == pytest.approx(log[-1]["kl"])   # --ce-weight 0: KL only
 
 
 def test_init_adapter_starts_from_the_artifacts_weights(trained, tiny_base, fake_data, train_cache, tmp_path):
