@@ -127,7 +127,7 @@ def test_label_train_eval(model_dir, cache_dir, tmp_path, capsys):
     assert set(report["correlation_with_agreement"]["first_token_entropy"]) == {"2", "3", "4", "5"}
 
     # benchmarks/router_prompt_probe.py: the prompt's own agreement, correlated with its labels.
-    from adadepth.benchmarks.router_prompt_probe import main as probe
+    from adadepth.benchmarks.router_prompt_probe import corr, main as probe
 
     probe_json = tmp_path / "probe.json"
     report = probe(["--labels", str(tmp_path / "heldout_labels.jsonl"), "--model", model_dir, "--cache-dir", cache_dir,
@@ -142,7 +142,12 @@ def test_label_train_eval(model_dir, cache_dir, tmp_path, capsys):
     for r in report["correlations"]:
         assert 0 <= r["mean_prompt_agreement"] <= 1
         assert r["mean_label"] == pytest.approx(sum(x.agreement(r["depth"]) for x in records) / len(records), abs=1e-4)
-        assert all(math.isnan(r[k]) or -1 <= r[k] <= 1 for k in ("r_prompt_agreement", "r_prompt_kl", "r_log_prompt_tokens"))
+        labels = [x.agreement(r["depth"]) for x in records]
+        lengths = [math.log(len(x.prompt_token_ids)) for x in records]
+        want = corr(lengths, labels)                       # the probe's length correlation, recomputed
+        assert (math.isnan(want) and math.isnan(r["r_log_prompt_tokens"])) or r["r_log_prompt_tokens"] == pytest.approx(want, abs=1e-3)
+        if len(set(labels)) > 1:                           # labels that vary: every correlation is a number
+            assert all(-1 <= r[k] <= 1 for k in ("r_prompt_agreement", "r_prompt_kl"))
 
 
 def test_shared_prefix_len():
