@@ -1,5 +1,5 @@
-"""oneDNN packed matmuls (CPU fp32) must compute what nn.Linear computes, never go stale when
-weights change, and leave the model's state dict exactly as it was."""
+"""oneDNN packed matmuls (CPU fp32 and bf16) must compute what nn.Linear computes, never go stale
+when weights change, and leave the model's state dict exactly as it was."""
 from __future__ import annotations
 
 import pytest
@@ -24,6 +24,34 @@ def test_matches_nn_linear(shape, bias):
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert packed._packed is not None, "fp32 CPU inference must take the packed path"
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [1, 16, 300])
+def test_bf16_matches_float32_math_on_the_same_values(rows, bias):
+    """bf16 weights and inputs, float32 accumulation: against F.linear in float32 on the very same
+    bf16 values, the only difference left is the output's rounding to bf16 (and summation order)."""
+    torch.manual_seed(1)
+    linear = nn.Linear(576, 192, bias=bias).bfloat16()
+    packed = PackedLinear(linear)
+    x = torch.randn(rows, 576).bfloat16()
+    with torch.inference_mode():
+        got = packed(x)
+        want = torch.nn.functional.linear(x.float(), linear.weight.float(),
+                                          None if linear.bias is None else linear.bias.float())
+    assert got.dtype == torch.bfloat16 and packed._packed is not None, "bf16 CPU inference must take the packed path"
+    torch.testing.assert_close(got.float(), want, rtol=1 / 64, atol=1 / 32)
+
+
+def test_mixed_dtypes_are_not_packed_and_fail_as_nn_linear_does():
+    linear = nn.Linear(16, 8).bfloat16()
+    packed = PackedLinear(linear)
+    x = torch.randn(2, 16)                                                      # fp32 input, bf16 weight
+    with torch.inference_mode(), pytest.raises(RuntimeError):
+        linear(x)
+    with torch.inference_mode(), pytest.raises(RuntimeError):
+        packed(x)
+    assert packed._packed is None
 
 
 def test_strided_rows_are_read_correctly():
