@@ -62,10 +62,9 @@ def release_openmp_threads() -> bool:
     Why: GNU OpenMP gives every thread that starts a parallel region its own pool of workers. Once
     the main thread has one (loading a model runs parallel ops) and another thread computes too
     (the server's engine thread), there are more OpenMP threads than cores, and libgomp stops
-    letting idle workers spin: every parallel op then waits for a sleeping worker to wake. On the
-    2-core development machine that made each small parallel op ~2.5x slower and a decode step
-    ~1.5-2x slower in the server than offline. Call it from the main thread before another thread
-    takes over the compute."""
+    letting idle workers spin: every parallel op then waits for a sleeping worker to wake, and on a
+    2-core machine a served decode step ran far slower than the same step offline. Call it from the
+    main thread before another thread takes over the compute."""
     import ctypes
     import glob
     import os

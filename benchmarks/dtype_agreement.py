@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,12 +82,12 @@ def run(cfg: DtypeAgreementConfig) -> dict:
         counts = per_source.setdefault(r.source or "all", [0, 0])
         counts[0], counts[1] = counts[0] + hits, counts[1] + len(c)
     identical = sum(a == b for a, b in zip(ref_out, low_out))
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
-    from adadepth.benchmarks.serve_bench import machine_info
+    from adadepth.benchmarks.machine import machine_info
 
+    machine = machine_info()
     report = {
-        "benchmark": "dtype_agreement", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": commit,
-        "config": dataclasses.asdict(cfg), "machine": machine_info(), "num_prompts": len(records),
+        "benchmark": "dtype_agreement", "date": machine["date"], "commit": machine["commit"],
+        "config": dataclasses.asdict(cfg), "machine": machine, "num_prompts": len(records),
         "teacher_forced_positions": total,
         "teacher_forced_agreement": same / total if total else None,
         "teacher_forced_agreement_by_source": {s: h / n for s, (h, n) in per_source.items() if n},

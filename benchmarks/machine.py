@@ -5,29 +5,28 @@ import os
 import platform
 
 
+def git_commit() -> str | None:
+    """The checkout's commit, where it is a git checkout."""
+    import subprocess
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip() or None
+    except OSError:
+        return None
+
+
 def machine_info() -> dict:
     import datetime
-    import subprocess
 
     import torch
 
-    from adadepth.hardware import isa_summary
+    from adadepth.hardware import cpu_model, isa_summary
 
     info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "isa": isa_summary(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    try:
-        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
-                                        text=True).stdout.strip() or None
-    except OSError:
-        info["commit"] = None
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        info["cpu"] = names[0] if names else platform.processor()
-    except OSError:
-        info["cpu"] = platform.processor()
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cpu": cpu_model(),
+            "isa": isa_summary(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": git_commit()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     try:

@@ -224,16 +224,9 @@ def _repeated_level(runs: list[dict]) -> dict:
 
 def machine_info() -> dict:
     """Where the client ran (usually the server's machine too); the load says how shared it was."""
-    from adadepth.hardware import cpu_model, isa_summary
+    from adadepth.benchmarks import machine
 
-    info = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "machine": platform.machine(),
-            "python": platform.python_version(), "hostname": socket.gethostname(), "cpu": cpu_model(),
-            "isa": isa_summary()}
-    try:
-        info["loadavg_at_start"] = os.getloadavg()
-    except OSError:
-        pass
-    return info
+    return {**machine.machine_info(), "machine": platform.machine(), "hostname": socket.gethostname()}
 
 
 async def run_benchmark(cfg: ServeBenchConfig) -> dict:

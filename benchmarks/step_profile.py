@@ -13,7 +13,6 @@ import dataclasses
 import itertools
 import json
 import statistics
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,8 +100,6 @@ class StepProfileConfig:
 
 
 def run(cfg: StepProfileConfig) -> dict:
-    import torch
-
     from adadepth import LLM
 
     cases = cfg.case_list
@@ -120,16 +117,11 @@ def run(cfg: StepProfileConfig) -> dict:
         print(f"{name:>8}: step {r['step_ms']['median']:7.2f} ms (min {r['step_ms']['min']:.2f}, max "
               f"{r['step_ms']['max']:.2f}), {r['decode_tok_s']:7.1f} tok/s; top ops: "
               + ", ".join(f"{o['op']} {100 * o['share']:.0f}%" for o in r["ops"][:4]), flush=True)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = None
-    from adadepth.benchmarks.serve_bench import machine_info
+    from adadepth.benchmarks.machine import machine_info
 
-    report = {"benchmark": "step_profile", "label": cfg.label,
-              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": commit,
-              "config": dataclasses.asdict(cfg), "machine": machine_info(), "torch": torch.__version__,
-              "torch_threads": torch.get_num_threads(), "dtype": str(llm.engine.dtype), "cases": results}
+    machine = machine_info()
+    report = {"benchmark": "step_profile", "label": cfg.label, "date": machine["date"], "commit": machine["commit"],
+              "config": dataclasses.asdict(cfg), "machine": machine, "dtype": str(llm.engine.dtype), "cases": results}
     out = Path(cfg.out)
     out = out if out.is_absolute() else REPO_ROOT / out
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
 // exp that the compiler can vectorise: glibc declares its vector expf (libmvec) only under
-// -ffast-math, so a plain std::exp in an `omp simd` loop stays a scalar call (~4 ns per value).
+// -ffast-math, so a plain std::exp in an `omp simd` loop stays a scalar call.
 #pragma once
 
 #include <algorithm>

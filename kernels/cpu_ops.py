@@ -1,7 +1,7 @@
 """The fused C++ CPU kernels (paged decode attention and the small layer ops), built once per machine.
 
-The C++ sources are compiled by `torch.utils.cpp_extension` (a C++ compiler is needed; ~20 s the
-first time) into the adadepth cache folder and registered as `torch.ops.adadepth.*`.
+The C++ sources are compiled by `torch.utils.cpp_extension` (a C++ compiler is needed) the first
+time, into the adadepth cache folder, and registered as `torch.ops.adadepth.*`.
 `load_cpu_ops` returns None when that is not possible, and callers keep the PyTorch references.
 """
 from __future__ import annotations
@@ -55,7 +55,7 @@ def load_cpu_ops(build_root: str) -> LayerOps | None:
         os.makedirs(build_dir, exist_ok=True)
         # -march=native: the build runs on (and is cached for) the machine that uses it;
         # -fno-math-errno -fno-trapping-math: errno and FP exceptions are never read, and without
-        # them GCC vectorises the exp and rounding in `omp simd` loops (~10x faster SiLU).
+        # them GCC vectorises the exp and rounding in `omp simd` loops.
         cpp_extension.load(name, [str(s) for s in SOURCES],
                            extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"],
                            extra_ldflags=["-fopenmp"], build_directory=build_dir, is_python_module=False)

@@ -10,13 +10,8 @@ The C++ kernel is built with the other CPU kernels (cpu_ops.py) and registered a
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
-
-PagedAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
-
 
 def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_table: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:

@@ -158,10 +158,6 @@ class AdaptiveLlama(nn.Module):
             layer.ops = ops or LayerOps()
 
     @property
-    def ops(self) -> LayerOps:
-        return self.layers[0].ops
-
-    @property
     def reads_unwritten_kv_slots(self) -> bool:
         """Whether a forward pass may read KV-cache slots no token has written yet (see
         LayerOps.reads_unwritten_kv_slots). Prefill never reads the cache."""

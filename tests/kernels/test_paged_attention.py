@@ -2,7 +2,7 @@
 the reference against a per-row loop written from the definition, bad input, and the engine
 generating the same tokens with the CPU kernels as without them.
 
-The kernels are built here with the machine's C++ compiler (~20 s, once per test run). A
+The kernels are built here with the machine's C++ compiler (once per test run). A
 failed build is a test failure, not a skip: the engine would silently fall back otherwise.
 """
 from __future__ import annotations
