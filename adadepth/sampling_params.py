@@ -5,7 +5,45 @@ The field names follow vLLM's `SamplingParams` so that users feel at home; `dept
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
+
+# The kinds of constraint one request may carry (exactly one), as vLLM's StructuredOutputsParams.
+CONSTRAINT_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """Constrain the output to a JSON schema, a regex, one of some strings, an EBNF grammar or any
+    JSON object (vLLM's `structured_outputs` request field; `response_format` maps onto it)."""
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    # No free whitespace between JSON tokens: a small model may otherwise emit whitespace forever.
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        given = [k for k in CONSTRAINT_KINDS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"structured outputs take exactly one of {', '.join(CONSTRAINT_KINDS)}; got "
+                             f"{', '.join(given) or 'none'}")
+        if self.choice is not None:
+            if isinstance(self.choice, str) or not self.choice or not all(isinstance(c, str) and c for c in self.choice):
+                raise ValueError("choice must be a non-empty list of non-empty strings")
+            object.__setattr__(self, "choice", tuple(self.choice))
+        if self.json_object is False:
+            raise ValueError("json_object must be true when given")
+
+    @property
+    def key(self) -> tuple:
+        """Hashable identity of the constraint (the grammar cache's key)."""
+        kind = next(k for k in CONSTRAINT_KINDS if getattr(self, k) is not None)
+        value = getattr(self, kind)
+        if isinstance(value, dict):
+            value = json.dumps(value, sort_keys=True)
+        return kind, value, self.disable_any_whitespace
 
 
 @dataclass
@@ -27,6 +65,17 @@ class SamplingParams:
     # Target agreement with the full-depth model in (0, 1]; only used when depth is None.
     quality: float | None = None
     skip_special_tokens: bool = True
+    # Penalties as vLLM (and OpenAI for presence/frequency): presence and frequency subtract
+    # per output token occurrence; repetition divides positive / multiplies negative logits of
+    # every token seen in the prompt or the output (> 1 discourages repeats).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    # Added to the logit of each token id before sampling (OpenAI: -100 bans, 100 forces).
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    # Drop tokens whose probability is below min_p x the most likely token's (after temperature).
+    min_p: float = 0.0
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -60,6 +109,23 @@ class SamplingParams:
                 raise ValueError(f"depth must be >= 1 layer, got {self.depth}")
         if self.quality is not None and not 0 < self.quality <= 1:
             raise ValueError(f"quality must be in (0, 1], got {self.quality}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0 < self.repetition_penalty <= 10:
+            raise ValueError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        self.logit_bias = {int(t): float(b) for t, b in (self.logit_bias or {}).items()}
+        for token, bias in self.logit_bias.items():
+            if token < 0:
+                raise ValueError(f"logit_bias token ids must be >= 0, got {token}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {token}")
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
     @property
     def greedy(self) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 
@@ -104,6 +105,9 @@ class LLMEngine:
                 logger.info("depth router loaded from %s (grid %s)", resolved.plan_dir, list(depth_router.grid.depths))
         self.depth_router = depth_router
         self.seqs: dict[str, Sequence] = {}
+        # Made on the first constrained request (its tokenizer table takes a fraction of a second).
+        self._structured = None
+        self._structured_lock = threading.Lock()
         self.last_step: StepInfo | None = None
         self.load_time_s = time.perf_counter() - t0
         logger.info("loaded %s (%d layers) in %.1fs", self.model_name, self.num_layers, self.load_time_s)
@@ -133,12 +137,29 @@ class LLMEngine:
         vocab = self.model.config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        bad_bias = [t for t in params.logit_bias if t >= vocab]
+        if bad_bias:
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab}), got {bad_bias[:5]}")
+        if params.structured_outputs is not None:
+            self.structured_outputs().compile(params.structured_outputs)  # cached: admission reuses it
         depth = params.resolve_depth(self.num_layers)
         if depth is not None:
             return DepthDecision(depth, self.num_layers, "request", params.quality)
         if self.depth_router is None:
             return DepthDecision(self.num_layers, self.num_layers, "default", params.quality)
         return None
+
+    def structured_outputs(self):
+        """The grammar compiler and bitmask filler shared by all constrained requests (thread-safe:
+        the server compiles on worker threads while the engine thread samples)."""
+        with self._structured_lock:
+            if self._structured is None:
+                from adadepth.engine.structured_output import StructuredOutputManager
+
+                self._structured = StructuredOutputManager(self.tokenizer, self.model.config.vocab_size,
+                                                           self.eos_token_ids)
+                self.runner.sampler.structured = self._structured
+            return self._structured
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                     arrival_time: float | None = None) -> None:
@@ -153,6 +174,8 @@ class LLMEngine:
                        arrival_time=arrival_time if arrival_time is not None else time.monotonic())
         if decision is not None:
             seq.depth, seq.depth_decision = decision.depth, decision
+        if params.structured_outputs is not None:
+            seq.grammar = self.structured_outputs().matcher(params.structured_outputs)
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         self.seqs[request_id] = seq
@@ -203,7 +226,9 @@ class LLMEngine:
         p = seq.params
         n_out = len(seq.output_token_ids)
         reason = None
-        if not p.ignore_eos and token in self.eos_token_ids and n_out >= p.min_tokens:
+        if seq.grammar is not None and self._grammar_done(seq, token):
+            reason, seq.stop_reason = "stop", None
+        elif not p.ignore_eos and token in self.eos_token_ids and n_out >= p.min_tokens:
             reason, seq.stop_reason = "stop", None
         elif token in p.stop_token_ids and n_out >= p.min_tokens:
             reason, seq.stop_reason = "stop", token
@@ -218,6 +243,15 @@ class LLMEngine:
                 self.detokenizer.flush(seq)
             seq.finish_reason = reason
             self.scheduler.finish(seq)
+
+    @staticmethod
+    def _grammar_done(seq: Sequence, token: int) -> bool:
+        """Advance seq's grammar; True once it is complete. A token the grammar refuses (only when
+        every token was masked, e.g. a grammar with nothing left to allow) ends the output there."""
+        if not seq.grammar.accept_token(token):
+            logger.warning("request %s: token %d is outside its grammar; ending the output", seq.request_id, token)
+            return True
+        return seq.grammar.is_terminated()
 
     def _make_output(self, seq: Sequence) -> RequestOutput:
         completion = CompletionOutput(

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from adadepth.engine.logits_processors import apply_logit_bias, apply_min_p, apply_penalties, apply_top_k_top_p
 from adadepth.engine.sequence import Sequence
 
 
@@ -16,28 +17,27 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __init__(self, eos_token_ids: set[int]):
+    """eos_token_ids: what min_tokens holds back. structured: the grammar matchers' bitmask filler
+    (`StructuredOutputManager`), needed only when sequences carry a grammar."""
+
+    def __init__(self, eos_token_ids: set[int], structured=None):
         self.eos_token_ids = sorted(eos_token_ids)
+        self.structured = structured
 
     @torch.no_grad()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         """logits: (B, V) float32, row i belongs to seqs[i]."""
         b, vocab = logits.shape
         device = logits.device
-        self._mask_early_stops(logits, seqs)
         raw_logprobs = None
         if any(s.params.logprobs is not None for s in seqs):
-            # Logprobs describe the model's distribution, before temperature/top-k/top-p (as vLLM).
+            # Logprobs describe the model's distribution, before any processing (vLLM's default).
             raw_logprobs = torch.log_softmax(logits, dim=-1)                    # (B, V)
-
+        self.process(logits, seqs)
         greedy = torch.tensor([s.params.greedy for s in seqs], device=device)
         tokens = logits.argmax(dim=-1)                                           # (B,)
         if not bool(greedy.all()):
-            temps = torch.tensor([s.params.temperature if not s.params.greedy else 1.0 for s in seqs],
-                                 device=device, dtype=logits.dtype)
-            scaled = logits / temps[:, None]                                     # (B, V)
-            scaled = self._top_k_top_p(scaled, seqs)
-            probs = torch.softmax(scaled, dim=-1)                                # (B, V)
+            probs = torch.softmax(self.sampling_logits(logits, seqs), dim=-1)    # (B, V)
             # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p; seeded rows draw E
             # from their own generator so their tokens do not depend on batch neighbours.
             noise = torch.empty_like(probs).exponential_()
@@ -61,29 +61,28 @@ class Sampler:
                 logprobs[i] = entry
         return SamplerOutput(token_list, logprobs)
 
+    def process(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        """In place, what changes greedy choices too: grammar masks, min_tokens, logit bias, penalties."""
+        if self.structured is not None and any(s.grammar is not None for s in seqs):
+            self.structured.apply_bitmask(logits, seqs)
+        self._mask_early_stops(logits, seqs)
+        apply_logit_bias(logits, seqs)
+        apply_penalties(logits, seqs)
+
+    @staticmethod
+    def sampling_logits(processed: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """The logits a sampled row draws from: processed / temperature, then min-p, top-k, top-p
+        (greedy rows get temperature 1; their token is the argmax anyway)."""
+        temps = torch.tensor([s.params.temperature if not s.params.greedy else 1.0 for s in seqs],
+                             device=processed.device, dtype=processed.dtype)
+        scaled = processed / temps[:, None]                                      # (B, V)
+        return apply_top_k_top_p(apply_min_p(scaled, seqs), seqs)
+
     def _mask_early_stops(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
-        """min_tokens: a row may not end (EOS or a stop token id) before producing that many."""
+        """min_tokens: a row may not end (EOS or a stop token id) before producing that many.
+        A row under a grammar is left to it: the grammar decides when the output is complete."""
         for i, s in enumerate(seqs):
-            if len(s.output_token_ids) < s.params.min_tokens:
+            if len(s.output_token_ids) < s.params.min_tokens and s.grammar is None:
                 banned = list(s.params.stop_token_ids) + ([] if s.params.ignore_eos else self.eos_token_ids)
                 if banned:
                     logits[i, banned] = float("-inf")
-
-    @staticmethod
-    def _top_k_top_p(scaled: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        top_k = [s.params.top_k for s in seqs]
-        top_p = [s.params.top_p for s in seqs]
-        if all(k == -1 for k in top_k) and all(p >= 1.0 for p in top_p):
-            return scaled
-        vocab = scaled.shape[-1]
-        sorted_logits, sorted_idx = scaled.sort(dim=-1, descending=True)          # (B, V)
-        k = torch.tensor([kk if kk > 0 else vocab for kk in top_k], device=scaled.device)
-        ranks = torch.arange(vocab, device=scaled.device)[None, :]                # (1, V)
-        drop = ranks >= k[:, None]
-        probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
-        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-        mass_before = probs.cumsum(dim=-1) - probs
-        p = torch.tensor(top_p, device=scaled.device, dtype=probs.dtype)
-        drop |= mass_before >= p[:, None]
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        return torch.empty_like(scaled).scatter_(-1, sorted_idx, sorted_logits)

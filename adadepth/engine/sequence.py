@@ -42,6 +42,7 @@ class Sequence:
     first_token_time: float | None = None
     last_token_time: float | None = None
     num_preemptions: int = 0
+    grammar: object | None = None            # an xgrammar GrammarMatcher when the output is constrained
 
     @property
     def token_ids(self) -> list[int]:
