@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 import json
 
 from adadepth.cli_args import add_dataclass_args, dataclass_from_args
@@ -51,13 +53,19 @@ def _eval(args: argparse.Namespace) -> None:
     from adadepth.training.evaluate import run_eval
 
     config = dataclass_from_args(EvalConfig, args)
-    out = run_eval(args.model or [ModelConfig().model], config)
+    out = run_eval(args.model or [ModelConfig().model], config, command=shlex.join(["adadepth", *sys.argv[1:]]))
     for report in out.get("models", [out]):
         print(f"# {report['model']} ({report['num_layers']} layers, order: {report['plan_source']})")
         print(f"{'depth':>5} {'agree':>7} {'kl':>8} {'em32':>6} {'ppl':>8} {'n':>4}")
         for r in report["results"]:
             print(f"{r['depth']:>5} {_fmt(r['agreement'], '7.4f')} {_fmt(r['kl'], '8.4f')} "
                   f"{_fmt(r['exact_match_32'], '6.3f')} {_fmt(r['perplexity'], '8.3f')} {r['num_prompts']:>4}")
+        for variant in report.get("free_running", []):
+            name = ", ".join(f"{k}={v}" for k, v in variant["params"].items()) or "plain greedy"
+            print(f"  free-running, {name}: depth ppl_full rep4 distinct2")
+            for r in variant["results"]:
+                print(f"  {r['depth']:>5} {_fmt(r['perplexity_full'], '8.3f')} {_fmt(r['repeated_4gram_share'], '6.3f')} "
+                      f"{_fmt(r['distinct_2'], '6.3f')}")
 
 
 def add_parser(subparsers) -> None:

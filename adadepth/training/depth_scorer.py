@@ -25,6 +25,8 @@ class DepthScore:
     # One "1"/"0" per scored continuation position, in order: which positions agree. Split-half
     # analyses (odd vs even positions) need them; the counts above are their sums.
     match_bits: str = ""
+    # Depth-d's own greedy continuation, when the caller asked for it (free-running quality).
+    continuation: list[int] | None = None
 
     @property
     def agreement(self) -> float:

@@ -9,7 +9,9 @@ bypass maps), and at each continuation position:
   * kl: KL(full || depth d) of the next-token distributions (pooled mean);
   * perplexity: exp(mean NLL) of the reference answer, when the prompt file has one;
   * exact_match_32: share of prompts whose depth-d greedy continuation (engine, 32 tokens)
-    equals the full-depth one over those tokens.
+    equals the full-depth one over those tokens;
+  * free-running quality of depth-d's own greedy text (`free_running.py`): the full-depth
+    model's perplexity of it and how much it repeats itself, plain and with penalties.
 """
 from __future__ import annotations
 
@@ -43,6 +45,12 @@ class EvalConfig:
     max_num_seqs: int = field(default=32, metadata={"help": "sequences generated together by the engine"})
     max_model_len: int = field(default=2048, metadata={"help": "longest prompt + continuation"})
     json: str | None = field(default=None, metadata={"help": "write results as JSON here"})
+    free_running: bool = field(default=True, metadata={
+        "help": "score each depth's own greedy text (full-depth perplexity, repeated 4-grams, distinct-2)"})
+    free_running_tokens: int = field(default=64, metadata={"help": "tokens of each depth's own continuation"})
+    free_running_variants: str = field(default="", metadata={
+        "help": "also generate with these penalties, ';'-separated groups of name=value (e.g. "
+                "'repetition_penalty=1.1;frequency_penalty=0.5'); plain greedy is always measured"})
     plot: str | None = field(default=None, metadata={"help": "write an agreement/KL-vs-depth plot (PNG) here"})
     cache_dir: str = field(default_factory=_default_cache_dir, metadata={"help": "where converted models are cached"})
     device: str = field(default="cpu", metadata={"help": "cpu or cuda[:N]"})
@@ -51,11 +59,19 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         self.depth_list  # validates
-        for name in ("max_new_tokens", "exact_match_tokens", "batch_size", "max_num_seqs", "max_reference_tokens"):
+        self.variants  # validates
+        for name in ("max_new_tokens", "exact_match_tokens", "batch_size", "max_num_seqs", "max_reference_tokens",
+                     "free_running_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.max_prompts < 0:
             raise ValueError("max_prompts must be >= 0")
+
+    @property
+    def variants(self) -> list[dict[str, float]]:
+        from adadepth.training.free_running import parse_variants
+
+        return parse_variants(self.free_running_variants) if self.free_running else []
 
     @property
     def depth_list(self) -> list[int]:
@@ -76,8 +92,11 @@ def _messages(prompt) -> list[dict]:
 
 def score_prompts(llm, prompts: list, depths: list[int], *, max_new_tokens: int = 64, exact_match_tokens: int = 32,
                   references: list[str | None] | None = None, max_reference_tokens: int = 128,
-                  batch_size: int = 16, exact_match: bool = True) -> list[dict[int, DepthScore] | None]:
+                  batch_size: int = 16, exact_match: bool = True,
+                  free_running_tokens: int = 0) -> list[dict[int, DepthScore] | None]:
     """Per prompt, per depth: the raw counts behind every metric. None for prompts too long to run.
+    free_running_tokens > 0: each DepthScore also keeps depth-d's own greedy continuation of that
+    many tokens (`continuation`), from the same generation as the exact match.
 
     prompts: user-message strings, message lists, or `PromptRecord`s.
     """
@@ -106,16 +125,20 @@ def score_prompts(llm, prompts: list, depths: list[int], *, max_new_tokens: int 
                 if end > chat.num_prompt_tokens:
                     items.append((i, chat.input_ids[:end], chat.num_prompt_tokens))
         scorer.reference_nll(scores, items)
-    if exact_match:
+    if exact_match or free_running_tokens:
+        tokens = max(exact_match_tokens if exact_match else 0, free_running_tokens)
         for depth in depths:
-            if depth == n_layers:  # the same greedy run: identical by construction
-                for i in run:
-                    scores[i][depth].exact_match = True
-                continue
-            params = SamplingParams(max_tokens=exact_match_tokens, temperature=0.0, depth=depth)
-            for i, o in zip(run, llm.generate([prompt_ids[i] for i in run], params)):
-                ref = continuation[i][:exact_match_tokens]
-                scores[i][depth].exact_match = list(o.token_ids)[: len(ref)] == ref
+            if depth == n_layers and tokens <= max_new_tokens:  # the same greedy run
+                own = {i: continuation[i][:tokens] for i in run}
+            else:
+                params = SamplingParams(max_tokens=tokens, temperature=0.0, depth=depth)
+                own = {i: list(o.token_ids) for i, o in zip(run, llm.generate([prompt_ids[i] for i in run], params))}
+            for i in run:
+                if exact_match:
+                    ref = continuation[i][:exact_match_tokens]
+                    scores[i][depth].exact_match = own[i][: len(ref)] == ref
+                if free_running_tokens:
+                    scores[i][depth].continuation = own[i][:free_running_tokens]
     return scores
 
 
@@ -170,8 +193,10 @@ def evaluate_model(model: str, records: list[PromptRecord], config: EvalConfig) 
     scores = score_prompts(llm, records, depths, max_new_tokens=config.max_new_tokens,
                            exact_match_tokens=config.exact_match_tokens, references=references,
                            max_reference_tokens=config.max_reference_tokens, batch_size=config.batch_size,
-                           exact_match=config.exact_match)
+                           exact_match=config.exact_match,
+                           free_running_tokens=config.free_running_tokens if config.free_running else 0)
     plan = llm.engine.plan
+    free_running = free_running_report(llm, records, scores, depths, config) if config.free_running else None
     return {
         "model": model, "num_layers": llm.num_layers, "layer_order": plan.layer_order, "plan_source": plan.source,
         "has_bypass": bool(plan.bypass), "prompts": config.prompts,
@@ -179,7 +204,27 @@ def evaluate_model(model: str, records: list[PromptRecord], config: EvalConfig) 
         "metric_notes": {"exact_match_32": f"first {config.exact_match_tokens} tokens",
                          "continuation_tokens": config.max_new_tokens},
         "results": aggregate(scores, depths),
+        **({"free_running": free_running} if free_running is not None else {}),
     }
+
+
+def free_running_report(llm, records: list[PromptRecord], scores: list[dict[int, DepthScore] | None],
+                        depths: list[int], config: EvalConfig) -> list[dict]:
+    """One entry per variant (plain greedy first): its parameters and per-depth free-running scores."""
+    from adadepth.training.free_running import generate_at_depths, score_continuations
+
+    run = [i for i, s in enumerate(scores) if s is not None]
+    prompt_ids = {i: encode_prompt(llm.tokenizer, _messages(records[i])) for i in run}
+    report = []
+    for variant in config.variants:
+        if variant:
+            texts = generate_at_depths(llm, prompt_ids, depths, config.free_running_tokens, variant)
+        else:  # plain greedy: the continuations score_prompts already generated
+            texts = {d: {i: scores[i][d].continuation for i in run} for d in depths}
+        pooled = score_continuations(llm, prompt_ids, texts, config.batch_size)
+        report.append({"params": variant, "tokens": config.free_running_tokens,
+                       "results": [pooled[d].summary(d) for d in depths]})
+    return report
 
 
 def _open_llm(model: str, config: EvalConfig):
@@ -216,7 +261,7 @@ def full_depth_fidelity(model: str, base: str, records: list[PromptRecord], conf
             "positions": positions, "num_prompts": len(items)}
 
 
-def run_eval(models: list[str], config: EvalConfig) -> dict:
+def run_eval(models: list[str], config: EvalConfig, command: str | None = None) -> dict:
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     records = read_prompts_jsonl(config.prompts)
@@ -238,6 +283,11 @@ def run_eval(models: list[str], config: EvalConfig) -> dict:
     # One model: the plain report. Several: the first one's fields stay at the top level (tools
     # reading a single report still work) and "models" lists all of them.
     out = dict(reports[0]) if len(reports) == 1 else {**reports[0], "models": reports}
+    from adadepth.benchmarks.machine import machine_info
+
+    out["machine"] = machine_info()
+    if command:
+        out["command"] = command
     if config.json:
         os.makedirs(os.path.dirname(os.path.abspath(config.json)), exist_ok=True)
         with open(config.json, "w") as f:

@@ -64,9 +64,48 @@ def test_skipping_layers_that_do_nothing_agrees_everywhere(tiny_base, train_cach
     out = str(tmp_path / "idle.json")
     run_eval(["--model", str(folder), "--cache-dir", train_cache, "--prompts", prompts_file, "--depths", "2,3,6",
               "--no-exact-match", "--json", out], capsys)
-    by_depth = {r["depth"]: r for r in json.load(open(out))["results"]}
+    report = json.load(open(out))
+    by_depth = {r["depth"]: r for r in report["results"]}
     assert by_depth[3]["agreement"] == 1.0 and by_depth[3]["kl"] == pytest.approx(0.0, abs=1e-9)
     assert by_depth[2]["agreement"] < 1.0 and by_depth[2]["kl"] > 1e-4
+    # Free-running: depth 3 writes exactly full depth's text, so it scores exactly the same.
+    free = {r["depth"]: r for r in report["free_running"][0]["results"]}
+    assert report["free_running"][0]["params"] == {}
+    assert free[3] == {**free[6], "depth": 3} and free[2] != {**free[6], "depth": 2}
+
+
+def test_free_running_scores_and_penalty_variants(tiny_base, train_cache, prompts_file, tmp_path, capsys):
+    out = str(tmp_path / "free.json")
+    run_eval(["--model", tiny_base, "--cache-dir", train_cache, "--prompts", prompts_file, "--depths", "3,6",
+              "--no-perplexity", "--free-running-tokens", "24", "--free-running-variants",
+              "repetition_penalty=2.0;frequency_penalty=1.5,presence_penalty=1.0", "--json", out], capsys)
+    free = json.load(open(out))["free_running"]
+    assert [v["params"] for v in free] == [{}, {"repetition_penalty": 2.0},
+                                          {"frequency_penalty": 1.5, "presence_penalty": 1.0}]
+    for variant in free:
+        for r in variant["results"]:
+            assert r["num_prompts"] == 4 and 0 < r["mean_tokens"] <= 24 and r["perplexity_full"] > 1
+    plain, penalised = free[0]["results"], free[1]["results"]
+    # A random model loops; a strong repetition penalty makes it repeat itself less at every depth.
+    for p, q in zip(plain, penalised):
+        assert p["repeated_4gram_share"] > 0.2 and q["repeated_4gram_share"] < p["repeated_4gram_share"]
+        assert q["distinct_2"] > p["distinct_2"]
+
+
+def test_repetition_metrics_on_known_text():
+    from adadepth.training.free_running import FreeRunningScore, parse_variants
+
+    score = FreeRunningScore()
+    score.add_text([1, 2, 3, 4, 1, 2, 3, 4])  # 4-grams 1234 2341 3412 4123 1234; bigrams 12 23 34 41 12 23 34
+    score.add_text([5, 6])                    # no 4-gram, one bigram
+    assert (score.repeated_4grams, score.total_4grams) == (1, 5)
+    assert (score.distinct_2grams, score.total_2grams) == (4 + 1, 7 + 1)
+    assert parse_variants("") == [{}]
+    assert parse_variants("repetition_penalty=1.1; frequency_penalty=0.5,presence_penalty=0.2") == [
+        {}, {"repetition_penalty": 1.1}, {"frequency_penalty": 0.5, "presence_penalty": 0.2}]
+    for bad in ("temperature=0.5", "repetition_penalty", "frequency_penalty=9"):
+        with pytest.raises(ValueError):
+            parse_variants(bad)
 
 
 def test_compare_lists_models_and_keeps_single_shape_at_top(tiny_base, train_cache, prompts_file, tmp_path, capsys):
