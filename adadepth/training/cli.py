@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
-import json
 
 from adadepth.cli_args import add_dataclass_args, dataclass_from_args
 from adadepth.config import ModelConfig
