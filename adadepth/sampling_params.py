@@ -27,7 +27,7 @@ class StructuredOutputsParams:
     def __post_init__(self) -> None:
         given = [k for k in CONSTRAINT_KINDS if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"structured outputs take exactly one of {', '.join(CONSTRAINT_KINDS)}; got "
+            raise ValueError(f"structured_outputs takes exactly one of {', '.join(CONSTRAINT_KINDS)}; got "
                              f"{', '.join(given) or 'none'}")
         if self.choice is not None:
             if isinstance(self.choice, str) or not self.choice or not all(isinstance(c, str) and c for c in self.choice):

@@ -42,7 +42,7 @@ class ChatServing(OpenAIServing):
                                   f"context of {self.engine.max_model_len} tokens", param="messages")
         params = self.build_params(lambda: req.sampling_params(max_tokens, req.num_logprobs,
                                                                self.config.default_quality))
-        self.validate(prompt_ids, params)
+        await self.validate(prompt_ids, params)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         stream = self.submit(expand_samples(EngineRequest(request_id, prompt_ids, params, arrival), req.n or 1))
         created = int(time.time())

@@ -43,7 +43,7 @@ class CompletionServing(OpenAIServing):
         params = self.build_params(lambda: req.sampling_params(req.max_tokens if req.max_tokens is not None else 16,
                                                                req.logprobs, self.config.default_quality))
         for p in prompts:
-            self.validate(p.token_ids, params)
+            await self.validate(p.token_ids, params)
             if p.text is None:  # decoded only now that the ids are known to be in the vocabulary
                 p.text = self.tokenizer.decode(p.token_ids)
         request_id = f"cmpl-{uuid.uuid4().hex}"

@@ -88,9 +88,12 @@ class OpenAIServing:
         except ValueError as exc:
             raise from_value_error(exc) from None
 
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    async def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         try:
-            self.engine.validate(prompt_token_ids, params)
+            if params.structured_outputs is None:
+                self.engine.validate(prompt_token_ids, params)
+            else:  # compiling a grammar can take a while: not on the event loop
+                await asyncio.to_thread(self.engine.validate, prompt_token_ids, params)
         except ValueError as exc:
             raise from_value_error(exc) from None
 

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from adadepth.sampling_params import SamplingParams
+from adadepth.sampling_params import SamplingParams, StructuredOutputsParams
 from adadepth.server.errors import bad_request
 
 
@@ -22,6 +22,34 @@ class StrictModel(BaseModel):
 class StreamOptions(StrictModel):
     include_usage: bool | None = False
     continuous_usage_stats: bool | None = False  # vLLM: usage on every chunk
+
+
+class JsonSchemaFormat(StrictModel):
+    name: str
+    description: str | None = None
+    schema_: dict | None = Field(default=None, alias="schema")  # `schema` would shadow pydantic's own
+    strict: bool | None = None
+
+
+class ResponseFormat(StrictModel):
+    """OpenAI's response_format: free text, any JSON object, or JSON that follows a schema."""
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsRequest(StrictModel):
+    """vLLM's `structured_outputs` request field: exactly one of json, regex, choice, grammar,
+    json_object."""
+    json_: str | dict | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool | None = False
+    # vLLM's too; refused below (xgrammar has neither), so a client never believes they applied.
+    whitespace_pattern: str | None = None
+    structural_tag: str | None = None
+    disable_additional_properties: bool | None = None
 
 
 class SamplingFields(StrictModel):
@@ -49,19 +77,31 @@ class SamplingFields(StrictModel):
     # adadepth: layers to run (int) or fraction of the layers (float in (0, 1]), or a target quality.
     depth: int | float | None = None
     quality: float | None = None
+    # Structured outputs: vLLM's field, or OpenAI's response_format (both endpoints, as vLLM).
+    structured_outputs: StructuredOutputsRequest | None = None
+    response_format: ResponseFormat | None = None
 
     def check_supported(self) -> None:
         """Refuse knobs the engine does not implement, unless they are at their no-op value."""
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0.0):
-                raise bad_request(f"{name} is not supported by this server; send 0 or leave it out", param=name)
-        if self.repetition_penalty not in (None, 1.0):
-            raise bad_request("repetition_penalty is not supported by this server; send 1 or leave it out",
-                              param="repetition_penalty")
-        if self.min_p not in (None, 0.0):
-            raise bad_request("min_p is not supported by this server; send 0 or leave it out", param="min_p")
-        if self.logit_bias:
-            raise bad_request("logit_bias is not supported by this server", param="logit_bias")
+        so = self.structured_outputs
+        if so is not None:
+            for name in ("whitespace_pattern", "structural_tag"):
+                if getattr(so, name) is not None:
+                    raise bad_request(f"structured_outputs.{name} is not supported by this server",
+                                      param=f"structured_outputs.{name}")
+            if so.disable_additional_properties:
+                raise bad_request("structured_outputs.disable_additional_properties is not supported by this "
+                                  "server; set additionalProperties in the schema", param="structured_outputs")
+        rf = self.response_format
+        if rf is not None:
+            if rf.type == "structural_tag":
+                raise bad_request("response_format structural_tag is not supported by this server",
+                                  param="response_format")
+            if rf.type == "json_schema" and (rf.json_schema is None or rf.json_schema.schema_ is None):
+                raise bad_request("response_format json_schema needs json_schema.schema", param="response_format")
+            if rf.type != "text" and so is not None:
+                raise bad_request("send either response_format or structured_outputs, not both",
+                                  param="response_format")
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
@@ -83,7 +123,31 @@ class SamplingFields(StrictModel):
             seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids,
             ignore_eos=bool(self.ignore_eos), min_tokens=self.min_tokens or 0, logprobs=logprobs,
             n=self.n or 1, depth=self.depth, quality=quality,
-            skip_special_tokens=True if self.skip_special_tokens is None else self.skip_special_tokens)
+            skip_special_tokens=True if self.skip_special_tokens is None else self.skip_special_tokens,
+            presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            min_p=self.min_p or 0.0, logit_bias=self._token_bias(), structured_outputs=self._constraint())
+
+    def _token_bias(self) -> dict[int, float]:
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            try:
+                bias[int(key)] = value
+            except ValueError:
+                raise ValueError(f"logit_bias keys must be token ids (integers as strings), got {key!r}") from None
+        return bias
+
+    def _constraint(self) -> StructuredOutputsParams | None:
+        rf, so = self.response_format, self.structured_outputs
+        if rf is not None and rf.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if rf is not None and rf.type == "json_schema":
+            return StructuredOutputsParams(json=rf.json_schema.schema_)
+        if so is None:
+            return None
+        return StructuredOutputsParams(json=so.json_, regex=so.regex, choice=so.choice, grammar=so.grammar,
+                                       json_object=so.json_object,
+                                       disable_any_whitespace=bool(so.disable_any_whitespace))
 
     @property
     def include_usage(self) -> bool:
@@ -133,17 +197,12 @@ class ChatMessage(StrictModel):
         return "\n".join(part.text for part in self.content)
 
 
-class ResponseFormat(StrictModel):
-    type: Literal["text"]
-
-
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = None
-    response_format: ResponseFormat | None = None
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None
     # vLLM's extras for templates.

@@ -28,6 +28,11 @@ _LOOSE_STRING_CHAR = r'[^\"\\\r\n]'
 _JSON_STRING_CHAR = r'[^\0-\x1f\"\\\r\n]'
 
 
+# Whitespace between JSON tokens, at most this many characters per gap: room for pretty-printed
+# nesting, while a model that would emit whitespace forever (small or shallow ones do) cannot.
+MAX_JSON_WHITESPACE = 24
+
+
 def json_strings_without_control_chars(ebnf: str) -> str:
     return ebnf.replace(_LOOSE_STRING_CHAR, _JSON_STRING_CHAR)
 
@@ -74,7 +79,8 @@ class StructuredOutputManager:
         any_whitespace = not params.disable_any_whitespace
         if params.json is not None or params.json_object:
             schema = params.json if params.json is not None else '{"type": "object"}'
-            grammar = self._xgr.Grammar.from_json_schema(schema, any_whitespace=any_whitespace)
+            grammar = self._xgr.Grammar.from_json_schema(schema, any_whitespace=any_whitespace,
+                                                         max_whitespace_cnt=MAX_JSON_WHITESPACE if any_whitespace else None)
             return c.compile_grammar(self._xgr.Grammar.from_ebnf(json_strings_without_control_chars(str(grammar))))
         if params.regex is not None:
             return c.compile_regex(params.regex)

@@ -280,3 +280,42 @@ def test_streaming_long_stop_string_never_leaks(server):
     stop = full[2:12]
     chunks = list(greedy(client, server.model, max_tokens=30, stop=stop, stream=True))
     assert "".join(c.choices[0].text for c in chunks) == full[:full.index(stop)]
+
+
+def test_penalties_bias_and_min_p_reach_the_engine(server, tiny_llama, cache_dir):
+    """The HTTP fields give what SamplingParams with the same values gives offline."""
+    client = server.client()
+    fields = dict(presence_penalty=0.5, frequency_penalty=1.2, repetition_penalty=1.4, min_p=0.05,
+                  logit_bias={"7": 3.0, "11": -100})
+    served = client.completions.create(model=server.model, prompt=PROMPT, max_tokens=12, temperature=0,
+                                       extra_body={"ignore_eos": True, "min_p": fields["min_p"],
+                                                   "repetition_penalty": fields["repetition_penalty"]},
+                                       presence_penalty=fields["presence_penalty"],
+                                       frequency_penalty=fields["frequency_penalty"], logit_bias=fields["logit_bias"])
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, presence_penalty=0.5,
+                            frequency_penalty=1.2, repetition_penalty=1.4, min_p=0.05, logit_bias={7: 3.0, 11: -100})
+    expected = LLM(tiny_llama, cache_dir=cache_dir, **ENGINE_OPTIONS).generate(PROMPT, params)[0].text
+    plain = greedy(client, server.model, max_tokens=12, extra_body={"ignore_eos": True}).choices[0].text
+    assert served.choices[0].text == expected != plain
+
+
+def test_structured_outputs_on_both_endpoints(server):
+    import json
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                               "w": {"enum": ["yes", "no"]}},
+              "required": ["n", "w"], "additionalProperties": False}
+    client = server.client()
+    chat = client.chat.completions.create(
+        model=server.model, messages=[{"role": "user", "content": "hi"}], max_tokens=200, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}})
+    value = json.loads(chat.choices[0].message.content)
+    assert set(value) == {"n", "w"} and 0 <= value["n"] <= 99 and value["w"] in ("yes", "no")
+    assert chat.choices[0].finish_reason == "stop"
+    completion = client.completions.create(model=server.model, prompt=PROMPT, max_tokens=10, n=3, temperature=1,
+                                           seed=3, extra_body={"structured_outputs": {"choice": ["red", "green"]}})
+    assert {c.text for c in completion.choices} <= {"red", "green"}
+    stream = client.completions.create(model=server.model, prompt=PROMPT, max_tokens=20, temperature=0, stream=True,
+                                       extra_body={"structured_outputs": {"regex": "[a-c]{3}-[0-9]{2}"}})
+    text = "".join(chunk.choices[0].text for chunk in stream if chunk.choices)
+    assert re.fullmatch("[a-c]{3}-[0-9]{2}", text)

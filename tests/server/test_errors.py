@@ -52,7 +52,20 @@ COMPLETION_ERRORS = [
     ("depth string", {**OK_PROMPT, "depth": "half"}),
     ("quality zero", {**OK_PROMPT, "quality": 0}),
     ("quality above one", {**OK_PROMPT, "quality": 1.5}),
-    ("unsupported penalty", {**OK_PROMPT, "presence_penalty": 0.5}),
+    ("presence_penalty out of range", {**OK_PROMPT, "presence_penalty": 2.5}),
+    ("frequency_penalty out of range", {**OK_PROMPT, "frequency_penalty": -2.5}),
+    ("repetition_penalty zero", {**OK_PROMPT, "repetition_penalty": 0}),
+    ("min_p above one", {**OK_PROMPT, "min_p": 1.5}),
+    ("logit_bias key not a token id", {**OK_PROMPT, "logit_bias": {"hello": 1}}),
+    ("logit_bias token outside the vocabulary", {**OK_PROMPT, "logit_bias": {"99999": 1}}),
+    ("logit_bias value out of range", {**OK_PROMPT, "logit_bias": {"5": 150}}),
+    ("invalid json schema", {**OK_PROMPT, "structured_outputs": {"json": {"type": "nonsense"}}}),
+    ("invalid regex", {**OK_PROMPT, "structured_outputs": {"regex": "(("}}),
+    ("two constraints", {**OK_PROMPT, "structured_outputs": {"regex": "a", "choice": ["a"]}}),
+    ("no constraint", {**OK_PROMPT, "structured_outputs": {}}),
+    ("empty choice", {**OK_PROMPT, "structured_outputs": {"choice": []}}),
+    ("structural tag", {**OK_PROMPT, "structured_outputs": {"structural_tag": "{}"}}),
+    ("whitespace pattern", {**OK_PROMPT, "structured_outputs": {"json_object": True, "whitespace_pattern": " "}}),
     ("echo with logprobs", {**OK_PROMPT, "echo": True, "logprobs": 1}),
 ]
 
@@ -73,6 +86,12 @@ CHAT_ERRORS = [
     ("quality negative", {**OK_CHAT, "quality": -0.1}),
     ("n zero", {**OK_CHAT, "n": 0}),
     ("tools", {**OK_CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}),
+    ("unknown response_format", {**OK_CHAT, "response_format": {"type": "yaml"}}),
+    ("json_schema without schema", {**OK_CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
+    ("invalid schema", {**OK_CHAT, "response_format": {"type": "json_schema",
+                                                       "json_schema": {"name": "x", "schema": {"type": 5}}}}),
+    ("response_format and structured_outputs", {**OK_CHAT, "response_format": {"type": "json_object"},
+                                                "structured_outputs": {"regex": "a"}}),
 ]
 
 
