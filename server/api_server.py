@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from http import HTTPStatus
 
@@ -18,12 +20,14 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from adadepth.config import EngineConfig
 from adadepth.engine.llm_engine import LLMEngine
-from adadepth.server.async_engine import AsyncEngine
+from adadepth.server.async_engine import AsyncEngine, ServerShuttingDownError
 from adadepth.server.chat_serving import ChatServing
 from adadepth.server.completion_serving import CompletionServing
 from adadepth.server.config import ServerConfig
 from adadepth.server.errors import APIError, install_error_handlers
+from adadepth.server.lifecycle import DrainingServer, InFlightMiddleware, ServerLifecycle
 from adadepth.server.metrics import ServerMetrics
+from adadepth.server.openai_serving import shutting_down
 from adadepth.server.tokenize_serving import TokenizeServing
 
 logger = logging.getLogger(__name__)
@@ -48,31 +52,52 @@ def build_app(engine: LLMEngine, config: ServerConfig, model_aliases: tuple[str,
     """An app serving `engine`; `model_aliases` are extra names accepted in a request's `model`."""
     metrics = ServerMetrics(engine.model_name, engine.num_layers, engine.max_model_len)
     async_engine = AsyncEngine(engine, config.max_waiting, metrics)
-    completions = CompletionServing(async_engine, config, model_aliases)
-    chat = ChatServing(async_engine, config, model_aliases)
-    tokenization = TokenizeServing(async_engine, config, model_aliases)
+    lifecycle = ServerLifecycle(config.shutdown_timeout)
+    executor = ThreadPoolExecutor(1, thread_name_prefix="adadepth-preprocess")
+    completions = CompletionServing(async_engine, config, model_aliases, executor)
+    chat = ChatServing(async_engine, config, model_aliases, executor)
+    tokenization = TokenizeServing(async_engine, config, model_aliases, executor)
     created = int(time.time())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        async_engine.on_dead = lifecycle.fatal
         async_engine.start()
         try:
             yield
         finally:
             await asyncio.to_thread(async_engine.shutdown)
+            executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="adadepth", lifespan=lifespan)
     app.state.async_engine = async_engine
     app.state.metrics = metrics
+    app.state.lifecycle = lifecycle
+    app.state.fail_remaining = lambda: async_engine.fail_all(ServerShuttingDownError(
+        f"the server is shutting down and this request did not finish within {config.shutdown_timeout:g} s "
+        "(--shutdown-timeout)"))
     install_error_handlers(app)
-    protected = [Depends(_api_key_check(config.api_key))]
+    app.add_middleware(InFlightMiddleware, lifecycle=lifecycle)
+
+    async def accepting() -> None:
+        if lifecycle.draining:
+            raise shutting_down()
+
+    protected = [Depends(accepting), Depends(_api_key_check(config.api_key))]
 
     @app.get("/health")
     async def health() -> Response:
-        if async_engine.is_healthy:
-            return Response(status_code=HTTPStatus.OK)
-        return APIError(HTTPStatus.SERVICE_UNAVAILABLE, f"the engine is not running: {async_engine.error!r}",
-                        "service_unavailable", None, "engine_dead").response()
+        if lifecycle.draining and async_engine.is_healthy:
+            return shutting_down().response()
+        if not async_engine.is_healthy:
+            return APIError(HTTPStatus.SERVICE_UNAVAILABLE, "the engine is not running", "service_unavailable",
+                            None, "engine_dead").response()
+        stalled = async_engine.stalled_for()
+        if config.step_timeout and stalled > config.step_timeout:
+            return APIError(HTTPStatus.SERVICE_UNAVAILABLE, f"no engine step has finished for {stalled:.0f} s while "
+                            "requests are running (--step-timeout)", "service_unavailable", None,
+                            "engine_stalled").response()
+        return Response(status_code=HTTPStatus.OK)
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
@@ -105,8 +130,6 @@ def build_app(engine: LLMEngine, config: ServerConfig, model_aliases: tuple[str,
 
 
 def run_server(engine_config: EngineConfig, config: ServerConfig, depth_router=None) -> None:
-    import uvicorn
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = LLMEngine(engine_config, depth_router=depth_router)
     config = config.for_router(engine.depth_router is not None)
@@ -115,5 +138,18 @@ def run_server(engine_config: EngineConfig, config: ServerConfig, depth_router=N
     app = build_app(engine, config, model_aliases=(engine_config.model.model,))
     logger.info("serving %s (%d layers, context %d) on http://%s:%d", engine.model_name, engine.num_layers,
                 engine.max_model_len, config.host, config.port)
-    uvicorn.run(app, host=config.host, port=config.port, log_level=config.uvicorn_log_level,
-                access_log=config.access_log)
+    serve_until_drained(app, config)
+
+
+def serve_until_drained(app: FastAPI, config: ServerConfig) -> None:
+    """Run uvicorn until SIGTERM has drained the app or its engine died; exit with the app's code."""
+    import uvicorn
+
+    lifecycle: ServerLifecycle = app.state.lifecycle
+    server = DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.uvicorn_log_level,
+                                           access_log=config.access_log), lifecycle)
+    lifecycle.attach(server.stop, lambda: app.state.fail_remaining())
+    server.run()
+    if lifecycle.exit_code:
+        logger.error("exiting with status %d", lifecycle.exit_code)
+        sys.exit(lifecycle.exit_code)

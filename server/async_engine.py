@@ -24,7 +24,7 @@ from adadepth.hardware import release_openmp_threads
 from adadepth.outputs import RequestOutput
 from adadepth.sampling_params import SamplingParams
 from adadepth.server.metrics import ServerMetrics
-from adadepth.server.output_stream import OutputStream
+from adadepth.server.output_stream import OutputStream, RequestTimeoutError  # noqa: F401 - part of this API
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,11 @@ class EngineDeadError(RuntimeError):
 
 
 class QueueFullError(RuntimeError):
-    """More requests are waiting than the server accepts (--max-waiting)."""
+    """More sequences are waiting than the server accepts (--max-waiting)."""
+
+
+class ServerShuttingDownError(RuntimeError):
+    """The server is draining (SIGTERM) and failed the requests still running at its deadline."""
 
 
 @dataclass
@@ -77,9 +81,13 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.error: BaseException | None = None   # why the engine thread died
+        self.on_dead = None                        # event loop callback once the engine died and requests were told
+        # Written by the engine thread after every step, read by the watchdog (a float: atomic).
+        self.last_step_end = time.monotonic()
         # Event loop only:
         self._streams: dict[str, tuple[OutputStream, int]] = {}
         self._not_started: set[str] = set()  # accepted, no token yet: what --max-waiting bounds
+        self._busy_since = time.monotonic()  # when the server last went from idle to busy
 
     # ---- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -104,6 +112,12 @@ class AsyncEngine:
     def is_healthy(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self.error is None
 
+    def stalled_for(self) -> float:
+        """Seconds requests have been running without an engine step finishing (0 when idle)."""
+        if not self._streams:
+            return 0.0
+        return time.monotonic() - max(self.last_step_end, self._busy_since)
+
     @property
     def num_waiting(self) -> int:
         """Accepted requests that have not produced a token yet (queued or in prefill)."""
@@ -122,18 +136,24 @@ class AsyncEngine:
         """
         self.engine.validate(prompt_token_ids, params)
 
-    def submit(self, requests: Sequence[EngineRequest]) -> OutputStream:
-        """Queue requests for the engine thread, all or none; raises EngineDeadError or QueueFullError."""
+    def submit(self, requests: Sequence[EngineRequest], deadline: float | None = None) -> OutputStream:
+        """Queue requests (sequences) for the engine thread, all or none; raises EngineDeadError,
+        QueueFullError, or ValueError when they could never all wait together.
+        deadline: time.monotonic() past which the stream fails with RequestTimeoutError."""
         if not self.is_healthy:
-            raise EngineDeadError(f"the engine is not running: {self.error!r}" if self.error else
-                                  "the engine is not running")
-        if self.max_waiting and len(self._not_started) >= self.max_waiting:
-            raise QueueFullError(f"{len(self._not_started)} requests are already waiting (limit {self.max_waiting}); "
-                                 "retry later")
+            raise EngineDeadError("the engine is not running")
+        if self.max_waiting and len(requests) > self.max_waiting:
+            raise ValueError(f"the request has {len(requests)} sequences (prompts x n); this server queues at most "
+                             f"{self.max_waiting} (--max-waiting)")
+        if self.max_waiting and len(self._not_started) + len(requests) > self.max_waiting:
+            raise QueueFullError(f"{len(self._not_started)} sequences are already waiting and this request adds "
+                                 f"{len(requests)} (limit {self.max_waiting}); retry later")
         ids = [r.request_id for r in requests]
         if len(set(ids)) != len(ids) or any(i in self._streams for i in ids):
             raise ValueError("request ids must be unique")
-        stream = OutputStream(ids, self.abort)
+        if not self._streams:
+            self._busy_since = time.monotonic()
+        stream = OutputStream(ids, self.abort, deadline)
         for index, r in enumerate(requests):
             self._streams[r.request_id] = (stream, index)
             self._not_started.add(r.request_id)
@@ -183,9 +203,16 @@ class AsyncEngine:
         if entry is not None:
             entry[0].fail(error)
 
-    def _fail_all(self, error: BaseException) -> None:
+    def fail_all(self, error: BaseException) -> None:
+        """Event loop: fail every accepted request (streams get an error event) and abort it."""
         for request_id in list(self._streams):
             self._fail_request(request_id, error)
+            self._send(_Abort(request_id))
+
+    def _engine_died(self, error: BaseException) -> None:
+        self.fail_all(error)
+        if self.on_dead is not None:
+            self.on_dead()
 
     def _call_soon(self, callback, *args) -> None:
         try:
@@ -207,6 +234,7 @@ class AsyncEngine:
                 for command in commands:
                     self._apply(command)
                 outputs = engine.step() if engine.has_unfinished_requests() else []
+                self.last_step_end = time.monotonic()
                 if self.metrics is not None:
                     self.metrics.record_step(outputs, engine.last_step if outputs else None,
                                              engine.stats(), engine.scheduler.num_preemptions)
@@ -218,7 +246,8 @@ class AsyncEngine:
         except BaseException as exc:  # noqa: BLE001 - whatever killed the thread must reach the clients
             logger.exception("the engine thread died")
             self.error = exc
-            self._call_soon(self._fail_all, EngineDeadError(f"the engine failed: {type(exc).__name__}: {exc}"))
+            # The exception's text stays in the log: clients get a generic message.
+            self._call_soon(self._engine_died, EngineDeadError("the engine failed; the server will restart"))
 
     def _apply(self, command: _Add | _Abort) -> None:
         engine = self.engine

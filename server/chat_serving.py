@@ -13,7 +13,8 @@ from starlette.background import BackgroundTask
 from adadepth.outputs import RequestOutput
 from adadepth.server.async_engine import EngineDeadError, EngineRequest, expand_samples
 from adadepth.server.errors import bad_request
-from adadepth.server.openai_serving import ClientDisconnected, OpenAIServing, clamp_logprob, sse, stream_error
+from adadepth.server.openai_serving import (REQUEST_FAILURES, ClientDisconnected, OpenAIServing, clamp_logprob, sse,
+                                             stream_error)
 from adadepth.server.output_stream import OutputStream
 from adadepth.server.protocol import ChatCompletionRequest
 
@@ -30,10 +31,11 @@ class ChatServing(OpenAIServing):
         arrival = time.monotonic()
         self.check_model(req.model)
         req.check_supported()
-        prompt = self.apply_chat_template(req.messages, bool(req.add_generation_prompt),
-                                          bool(req.continue_final_message), req.chat_template_kwargs)
-        # The template already holds any BOS it wants; adding special tokens again would double it.
-        prompt_ids = self.encode(prompt, add_special_tokens=False)
+        self.limits.check(req)
+        self.limits.check_messages(len(req.messages))
+        self.limits.check_logprobs(req.top_logprobs, "top_logprobs")
+        self.check_template_kwargs(req.chat_template_kwargs, req.chat_template)
+        prompt_ids = await self.off_loop(self._render, req)
         max_tokens = req.requested_max_tokens
         if max_tokens is None:  # as OpenAI and vLLM: as much as the context leaves
             max_tokens = self.engine.max_model_len - len(prompt_ids)
@@ -54,6 +56,16 @@ class ChatServing(OpenAIServing):
         except ClientDisconnected:
             return Response(status_code=499)
         return JSONResponse(self._response(req, request_id, created, len(prompt_ids), finals))
+
+    def _render(self, req: ChatCompletionRequest) -> list[int]:
+        """Preprocessing thread: the conversation through the chat template, then token ids."""
+        kwargs = dict(req.chat_template_kwargs or {})
+        if req.chat_template is not None:
+            kwargs["chat_template"] = req.chat_template
+        prompt = self.apply_chat_template(req.messages, bool(req.add_generation_prompt),
+                                          bool(req.continue_final_message), kwargs)
+        # The template already holds any BOS it wants; adding special tokens again would double it.
+        return self.encode(prompt, add_special_tokens=False)
 
     # ---- responses ---------------------------------------------------------------------
     def _entry(self, token_id: int, logprob: float) -> dict:
@@ -106,7 +118,7 @@ class ChatServing(OpenAIServing):
                         chunk["usage"] = (self.usage([prompt_len], list(latest.values()))
                                           if req.continuous_usage else None)
                     yield sse(chunk)
-            except (EngineDeadError, ValueError) as exc:
+            except REQUEST_FAILURES as exc:
                 yield sse(stream_error(exc).body())
                 yield sse("[DONE]")
                 return

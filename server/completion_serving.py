@@ -13,7 +13,8 @@ from starlette.background import BackgroundTask
 from adadepth.outputs import RequestOutput
 from adadepth.server.async_engine import EngineDeadError, EngineRequest, expand_samples
 from adadepth.server.errors import bad_request
-from adadepth.server.openai_serving import ClientDisconnected, OpenAIServing, clamp_logprob, sse, stream_error
+from adadepth.server.openai_serving import (REQUEST_FAILURES, ClientDisconnected, OpenAIServing, clamp_logprob, sse,
+                                             stream_error)
 from adadepth.server.output_stream import OutputStream
 from adadepth.server.protocol import CompletionRequest
 
@@ -38,14 +39,18 @@ class CompletionServing(OpenAIServing):
         arrival = time.monotonic()
         self.check_model(req.model)
         req.check_supported()
-        prompts = self._prompts(req)
+        self.limits.check(req)
+        self.limits.check_logprobs(req.logprobs, "logprobs")
+        if isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int):
+            self.limits.check_prompts(len(req.prompt))
+        prompts = await self.off_loop(self._prompts, req)
         n = req.n or 1
         params = self.build_params(lambda: req.sampling_params(req.max_tokens if req.max_tokens is not None else 16,
                                                                req.logprobs, self.config.default_quality))
         for p in prompts:
             await self.validate(p.token_ids, params)
             if p.text is None:  # decoded only now that the ids are known to be in the vocabulary
-                p.text = self.tokenizer.decode(p.token_ids)
+                p.text = await self.off_loop(self.tokenizer.decode, p.token_ids)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         engine_requests = []
         for i, p in enumerate(prompts):  # choice index = prompt index * n + sample index, as OpenAI
@@ -122,7 +127,7 @@ class CompletionServing(OpenAIServing):
                     if req.include_usage:
                         chunk["usage"] = self.usage(prompt_lens, list(latest.values())) if req.continuous_usage else None
                     yield sse(chunk)
-            except (EngineDeadError, ValueError) as exc:
+            except REQUEST_FAILURES as exc:
                 yield sse(stream_error(exc).body())
                 yield sse("[DONE]")
                 return

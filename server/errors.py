@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import uuid
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
@@ -21,8 +22,9 @@ logger = logging.getLogger(__name__)
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | int | None = None):
+                 param: str | None = None, code: str | int | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
+        self.headers = dict(headers or {})
         self.status = status
         self.message = message
         self.type = type
@@ -33,8 +35,10 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == HTTPStatus.UNAUTHORIZED else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+        headers = dict(self.headers)
+        if self.status == HTTPStatus.UNAUTHORIZED:
+            headers["WWW-Authenticate"] = "Bearer"
+        return JSONResponse(self.body(), status_code=self.status, headers=headers or None)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -125,10 +129,13 @@ class CatchAllMiddleware:
 
         try:
             await self.app(scope, receive, tracking_send)
-        except Exception as exc:  # noqa: BLE001 - a bug, not bad input: log it, answer, keep serving
-            logger.exception("internal error while serving %s %s", scope.get("method"), scope.get("path"))
+        except Exception:  # noqa: BLE001 - a bug, not bad input: log it, answer, keep serving
+            # The exception's text may hold internals (paths, values): it goes to the log only; the
+            # client gets an id to quote, which the log line carries too.
+            error_id = f"err-{uuid.uuid4().hex[:16]}"
+            logger.exception("internal error %s while serving %s %s", error_id, scope.get("method"), scope.get("path"))
             if started:  # the response is under way (a stream broke): nothing more can be said on it
                 return
-            response = APIError(HTTPStatus.INTERNAL_SERVER_ERROR, f"internal server error: {type(exc).__name__}: {exc}",
+            response = APIError(HTTPStatus.INTERNAL_SERVER_ERROR, f"internal server error (id {error_id})",
                                 "internal_server_error", None, "internal_error").response()
             await response(scope, receive, send)

@@ -3,8 +3,10 @@ waiting with disconnect detection, usage and the depth report."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from typing import TypeVar
 
@@ -14,11 +16,13 @@ from pydantic import BaseModel, ValidationError
 
 from adadepth.outputs import RequestOutput
 from adadepth.sampling_params import SamplingParams
-from adadepth.server.async_engine import AsyncEngine, EngineDeadError, EngineRequest, QueueFullError
+from adadepth.server.async_engine import (AsyncEngine, EngineDeadError, EngineRequest, QueueFullError,
+                                          RequestTimeoutError, ServerShuttingDownError)
 from adadepth.server.config import ServerConfig
 from adadepth.server.errors import APIError, bad_request, from_validation_error, from_value_error
 from adadepth.server.output_stream import OutputStream
 from adadepth.server.protocol import ChatMessage
+from adadepth.server.request_limits import RequestLimits
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
@@ -35,9 +39,23 @@ def engine_dead(exc: EngineDeadError) -> APIError:
     return APIError(HTTPStatus.SERVICE_UNAVAILABLE, str(exc), "service_unavailable", None, "engine_dead")
 
 
-def stream_error(exc: EngineDeadError | ValueError) -> APIError:
+# How an accepted request can fail: each becomes an error body (a stream: an error event, then [DONE]).
+REQUEST_FAILURES = (EngineDeadError, ServerShuttingDownError, RequestTimeoutError, ValueError)
+
+
+def stream_error(exc: BaseException) -> APIError:
     """The error for a request that failed after it was accepted."""
-    return engine_dead(exc) if isinstance(exc, EngineDeadError) else from_value_error(exc)
+    if isinstance(exc, EngineDeadError):
+        return engine_dead(exc)
+    if isinstance(exc, ServerShuttingDownError):
+        return shutting_down(str(exc))
+    if isinstance(exc, RequestTimeoutError):
+        return APIError(HTTPStatus.REQUEST_TIMEOUT, str(exc), "timeout_error", None, "request_timeout")
+    return from_value_error(exc)
+
+
+def shutting_down(message: str = "the server is shutting down; retry on another replica") -> APIError:
+    return APIError(HTTPStatus.SERVICE_UNAVAILABLE, message, "service_unavailable", None, "shutting_down")
 
 
 def sse(payload: dict | str) -> str:
@@ -60,19 +78,27 @@ async def _wait_for_disconnect(raw_request: Request) -> None:
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncEngine, config: ServerConfig, model_aliases: tuple[str, ...] = ()):
+    def __init__(self, engine: AsyncEngine, config: ServerConfig, model_aliases: tuple[str, ...] = (),
+                 executor: ThreadPoolExecutor | None = None):
         self.engine = engine
         self.config = config
+        self.limits = RequestLimits(config)
         self.tokenizer = engine.tokenizer
         self.model_name = engine.model_name
         self.model_names = {engine.model_name, *model_aliases}
+        # Parsing a body, rendering a chat template and tokenizing take long enough on a large request
+        # to stall every stream and /health if they ran on the event loop. One worker thread does
+        # them, in arrival order (a fast tokenizer must not be used from two threads at once).
+        self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="adadepth-preprocess")
+
+    async def off_loop(self, fn: Callable[..., T], *args, **kwargs) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
 
     # ---- request parsing ---------------------------------------------------------------
-    @staticmethod
-    async def parse(raw_request: Request, model: type[M]) -> M:
-        body = await raw_request.body()
+    async def parse(self, raw_request: Request, model: type[M]) -> M:
+        body = await self.limits.read_body(raw_request)
         try:
-            return model.model_validate_json(body)
+            return await self.off_loop(model.model_validate_json, body)
         except ValidationError as exc:
             raise from_validation_error(exc) from None
 
@@ -100,8 +126,22 @@ class OpenAIServing:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
+    def check_template_kwargs(self, kwargs: dict | None, chat_template: str | None = None) -> None:
+        """A request's own Jinja template only when the operator trusts them; other template
+        arguments only from the allow-list (they reach the template's code)."""
+        kwargs = kwargs or {}
+        if (chat_template is not None or "chat_template" in kwargs) and not self.config.trust_request_chat_template:
+            raise bad_request("this server does not accept a chat_template in requests (the operator can allow it "
+                              "with --trust-request-chat-template)", param="chat_template")
+        refused = sorted(set(kwargs) - self.config.allowed_template_kwargs - {"chat_template"})
+        if refused:
+            allowed = ", ".join(sorted(self.config.allowed_template_kwargs)) or "none"
+            raise bad_request(f"chat_template_kwargs {', '.join(map(repr, refused))} are not allowed here "
+                              f"(allowed: {allowed}; --chat-template-kwargs-allowed)", param="chat_template_kwargs")
+
     def apply_chat_template(self, messages: list[ChatMessage], add_generation_prompt: bool,
                             continue_final_message: bool = False, kwargs: dict | None = None) -> str:
+        """Render in transformers' sandboxed Jinja; kwargs must have passed `check_template_kwargs`."""
         conversation = []
         for m in messages:
             entry = {"role": m.role, "content": m.text()}
@@ -118,10 +158,15 @@ class OpenAIServing:
 
     # ---- running -----------------------------------------------------------------------
     def submit(self, requests: list[EngineRequest]) -> OutputStream:
+        timeout = self.config.request_timeout
+        deadline = requests[0].arrival_time + timeout if timeout else None
         try:
-            return self.engine.submit(requests)
+            return self.engine.submit(requests, deadline)
         except QueueFullError as exc:
-            raise APIError(HTTPStatus.TOO_MANY_REQUESTS, str(exc), "rate_limit_error", None, "queue_full") from None
+            raise APIError(HTTPStatus.TOO_MANY_REQUESTS, str(exc), "rate_limit_error", None, "queue_full",
+                           headers={"Retry-After": "1"}) from None
+        except ValueError as exc:
+            raise from_value_error(exc) from None
         except EngineDeadError as exc:
             raise engine_dead(exc) from None
 
@@ -134,7 +179,7 @@ class OpenAIServing:
                 async for index, output in stream:
                     if output.finished:
                         finals[index] = output
-            except (EngineDeadError, ValueError) as exc:
+            except REQUEST_FAILURES as exc:
                 raise stream_error(exc) from None
         return finals
 

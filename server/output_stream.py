@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 from adadepth.outputs import RequestOutput
+
+
+class RequestTimeoutError(RuntimeError):
+    """The request ran past --request-timeout and was aborted."""
 
 
 class OutputStream:
@@ -16,8 +21,9 @@ class OutputStream:
     aborts whatever has not finished, which frees its KV blocks.
     """
 
-    def __init__(self, request_ids: list[str], abort: Callable[[str], None]):
+    def __init__(self, request_ids: list[str], abort: Callable[[str], None], deadline: float | None = None):
         self._abort = abort
+        self.deadline = deadline  # time.monotonic() past which reading raises RequestTimeoutError
         self.request_ids = request_ids
         self._latest: dict[int, RequestOutput] = {}
         self._unfinished = set(range(len(request_ids)))
@@ -47,7 +53,14 @@ class OutputStream:
                 raise self._error
             if not self._unfinished:
                 raise StopAsyncIteration
-            await self._ready.wait()
+            if self.deadline is None:
+                await self._ready.wait()
+            else:
+                try:
+                    await asyncio.wait_for(self._ready.wait(), max(0.0, self.deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    raise RequestTimeoutError("the request took longer than this server allows (--request-timeout) "
+                                              "and was aborted") from None
             self._ready.clear()
         index = next(iter(self._latest))
         output = self._latest.pop(index)

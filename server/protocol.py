@@ -209,6 +209,7 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool | None = True
     continue_final_message: bool | None = False
     chat_template_kwargs: dict | None = None
+    chat_template: str | None = None  # vLLM's: a Jinja template for this request (refused unless trusted)
 
     def check_supported(self) -> None:
         super().check_supported()

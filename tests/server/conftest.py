@@ -79,7 +79,10 @@ def start_server(engine: LLMEngine, config: ServerConfig) -> RunningServer:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))  # the OS picks a free port; handing uvicorn the socket avoids a race
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    from adadepth.server.lifecycle import DrainingServer
+
+    server = DrainingServer(uvicorn.Config(app, log_level="warning", access_log=False), app.state.lifecycle)
+    app.state.lifecycle.attach(server.stop, lambda: app.state.fail_remaining())
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="uvicorn-test")
     thread.start()
     deadline = time.monotonic() + 30

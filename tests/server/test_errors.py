@@ -2,6 +2,7 @@
 JSON 500 and the server keeps serving; a dead engine is 503."""
 from __future__ import annotations
 
+import re
 import threading
 
 import httpx
@@ -156,14 +157,17 @@ def test_tokenize_errors_and_unknown_routes(server):
         assert_openai_error(http.get("/v1/completions"), 405)
 
 
-def test_internal_error_is_json_500_and_the_server_keeps_serving(server, monkeypatch):
+def test_internal_error_is_json_500_and_the_server_keeps_serving(server, monkeypatch, caplog):
     def broken(*args, **kwargs):
-        raise RuntimeError("a bug")
+        raise RuntimeError("a bug at /secret/path")
 
     monkeypatch.setattr(CompletionServing, "_response", broken)
     with server.http() as http:
         error = assert_openai_error(_post(http, "/v1/completions", OK_PROMPT), 500)
-        assert "a bug" in error["message"]
+        # Generic text and an id for the client; the exception only in the log, under that id.
+        assert "secret" not in error["message"] and "RuntimeError" not in error["message"]
+        error_id = re.search(r"err-[0-9a-f]{16}", error["message"]).group()
+        assert any(error_id in r.getMessage() and "a bug" in r.exc_text for r in caplog.records if r.exc_text)
         monkeypatch.undo()
         assert _post(http, "/v1/completions", OK_PROMPT).status_code == 200
     assert server.async_engine.num_unfinished == 0
