@@ -75,6 +75,9 @@ class AsyncEngine:
         self.model_name = engine.model_name
         self.num_layers = engine.num_layers
         self.max_model_len = engine.max_model_len
+        # The most UTF-8 bytes one token's text can stand for (its vocabulary string's bytes are an
+        # upper bound: byte-level and byte-fallback spellings only take more), for prompt-size bounds.
+        self.max_token_bytes = max(len(t.encode("utf-8", "surrogatepass")) for t in engine.tokenizer.get_vocab())
         self._cond = threading.Condition()
         self._commands: list[_Add | _Abort] = []  # guarded by _cond
         self._stopping = False                    # guarded by _cond

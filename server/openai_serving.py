@@ -124,6 +124,13 @@ class OpenAIServing:
             raise from_value_error(exc) from None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of text; a text that cannot fit the context is refused before tokenizing it
+        (tokenizing megabytes takes seconds): no token covers more than `max_token_bytes` bytes,
+        so a text of b bytes has at least b / max_token_bytes tokens."""
+        floor = -(-len(text.encode("utf-8", "surrogatepass")) // self.engine.max_token_bytes)
+        if floor >= self.engine.max_model_len:
+            raise bad_request(f"the prompt has at least {floor} tokens, which leaves no room in the context of "
+                              f"{self.engine.max_model_len} tokens", param="prompt")
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def check_template_kwargs(self, kwargs: dict | None, chat_template: str | None = None) -> None:
