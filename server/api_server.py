@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -25,7 +24,7 @@ from adadepth.server.chat_serving import ChatServing
 from adadepth.server.completion_serving import CompletionServing
 from adadepth.server.config import ServerConfig
 from adadepth.server.errors import APIError, install_error_handlers
-from adadepth.server.lifecycle import DrainingServer, InFlightMiddleware, ServerLifecycle
+from adadepth.server.lifecycle import InFlightMiddleware, ServerLifecycle, serve_until_drained
 from adadepth.server.metrics import ServerMetrics
 from adadepth.server.openai_serving import shutting_down
 from adadepth.server.tokenize_serving import TokenizeServing
@@ -138,18 +137,4 @@ def run_server(engine_config: EngineConfig, config: ServerConfig, depth_router=N
     app = build_app(engine, config, model_aliases=(engine_config.model.model,))
     logger.info("serving %s (%d layers, context %d) on http://%s:%d", engine.model_name, engine.num_layers,
                 engine.max_model_len, config.host, config.port)
-    serve_until_drained(app, config)
-
-
-def serve_until_drained(app: FastAPI, config: ServerConfig) -> None:
-    """Run uvicorn until SIGTERM has drained the app or its engine died; exit with the app's code."""
-    import uvicorn
-
-    lifecycle: ServerLifecycle = app.state.lifecycle
-    server = DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.uvicorn_log_level,
-                                           access_log=config.access_log), lifecycle)
-    lifecycle.attach(server.stop, lambda: app.state.fail_remaining())
-    server.run()
-    if lifecycle.exit_code:
-        logger.error("exiting with status %d", lifecycle.exit_code)
-        sys.exit(lifecycle.exit_code)
+    serve_until_drained(app, config, app.state.fail_remaining)

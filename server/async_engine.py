@@ -24,7 +24,10 @@ from adadepth.hardware import release_openmp_threads
 from adadepth.outputs import RequestOutput
 from adadepth.sampling_params import SamplingParams
 from adadepth.server.metrics import ServerMetrics
-from adadepth.server.output_stream import OutputStream, RequestTimeoutError  # noqa: F401 - part of this API
+from adadepth.server.output_stream import OutputStream, RequestTimeoutError
+
+__all__ = ["AsyncEngine", "EngineDeadError", "EngineRequest", "QueueFullError", "RequestTimeoutError",
+           "ServerShuttingDownError", "expand_samples"]
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from adadepth.outputs import RequestOutput
-from adadepth.server.async_engine import EngineDeadError, EngineRequest, expand_samples
+from adadepth.server.async_engine import EngineRequest, expand_samples
 from adadepth.server.errors import bad_request
 from adadepth.server.openai_serving import (REQUEST_FAILURES, ClientDisconnected, OpenAIServing, clamp_logprob, sse,
                                              stream_error)

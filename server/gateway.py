@@ -54,7 +54,8 @@ from adadepth.server.depth_policy import DepthPolicy, FullDepthPolicy
 from adadepth.server.errors import APIError, bad_request, from_validation_error, from_value_error, install_error_handlers
 from adadepth.server.gateway_metrics import GatewayMetrics, ProxyTrace
 from adadepth.server.gateway_relay import Relay, unreachable, upstream_error
-from adadepth.server.openai_serving import ClientDisconnected, OpenAIServing
+from adadepth.server.lifecycle import InFlightMiddleware, ServerLifecycle, serve_until_drained
+from adadepth.server.openai_serving import ClientDisconnected, OpenAIServing, shutting_down
 from adadepth.server.protocol import StreamOptions, StrictModel
 
 logger = logging.getLogger(__name__)
@@ -361,11 +362,20 @@ def build_gateway_app(gateway: Gateway) -> FastAPI:
     app = FastAPI(title="adadepth gateway", lifespan=lifespan)
     app.state.gateway = gateway
     app.state.metrics = gateway.metrics
+    lifecycle = app.state.lifecycle = ServerLifecycle(gateway.config.shutdown_timeout)
     install_error_handlers(app)
-    protected = [Depends(_api_key_check(gateway.config.api_key))]
+    app.add_middleware(InFlightMiddleware, lifecycle=lifecycle)
+
+    async def accepting() -> None:
+        if lifecycle.draining:
+            raise shutting_down()
+
+    protected = [Depends(accepting), Depends(_api_key_check(gateway.config.api_key))]
 
     @app.get("/health")
     async def health() -> Response:
+        if lifecycle.draining:
+            return shutting_down().response()
         if gateway.is_healthy:
             return Response(status_code=HTTPStatus.OK)
         return APIError(HTTPStatus.SERVICE_UNAVAILABLE,
@@ -396,8 +406,6 @@ def build_gateway_app(gateway: Gateway) -> FastAPI:
 
 
 def run_gateway(engine_config: EngineConfig, config: ServerConfig, policy: DepthPolicy | None = None) -> None:
-    import uvicorn
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model = GatewayModel.load(engine_config)
     backends = BackendMap.parse(config.backend_map, model.num_layers)
@@ -407,5 +415,4 @@ def run_gateway(engine_config: EngineConfig, config: ServerConfig, policy: Depth
     app = build_gateway_app(Gateway(model, backends, config, policy))
     logger.info("gateway for %s (%d layers) on http://%s:%d; tiers: %s", model.name, model.num_layers, config.host,
                 config.port, ", ".join(f"{b.depth} -> {b.url}" for b in backends.backends))
-    uvicorn.run(app, host=config.host, port=config.port, log_level=config.uvicorn_log_level,
-                access_log=config.access_log)
+    serve_until_drained(app, config)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import Callable
 
 import uvicorn
@@ -108,3 +109,17 @@ class InFlightMiddleware:
             await self.app(scope, receive, send)
         finally:
             self.lifecycle.in_flight -= 1
+
+
+def serve_until_drained(app, config, fail_remaining: Callable[[], None] | None = None) -> None:
+    """Run uvicorn on `app` (whose `state.lifecycle` is a ServerLifecycle) until SIGTERM has
+    drained it or its engine died; then exit with the lifecycle's code (0 after a drain)."""
+    lifecycle: ServerLifecycle = app.state.lifecycle
+    # After our drain, connections still open (a stream cut by the timeout) are closed promptly.
+    server = DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.uvicorn_log_level,
+                                           access_log=config.access_log, timeout_graceful_shutdown=2), lifecycle)
+    lifecycle.attach(server.stop, fail_remaining or (lambda: None))
+    server.run()
+    if lifecycle.exit_code:
+        logger.error("exiting with status %d", lifecycle.exit_code)
+        sys.exit(lifecycle.exit_code)

@@ -524,6 +524,23 @@ def test_server_flags_and_scheduling_values():
 
 
 @needs_helm
+@pytest.mark.parametrize("variant", ["default", "tiers"])
+def test_one_shutdown_value_sets_drain_prestop_and_grace(variant):
+    """Every server container (adadepth, gateway, vLLM tiers) drains for shutdown.timeoutSeconds
+    after a preStop sleep, and the pod's grace period covers both."""
+    docs = manifests(variant, {"shutdown": {"timeoutSeconds": 45, "preStopSeconds": 7}})
+    deployments = by_kind(docs, "Deployment")
+    assert len(deployments) == (1 if variant == "default" else 3)
+    for dep in deployments:
+        pod = dep["spec"]["template"]["spec"]
+        assert pod["terminationGracePeriodSeconds"] == 7 + 45 + 10
+        c = pod["containers"][0]
+        assert c["args"][c["args"].index("--shutdown-timeout") + 1] == "45"
+        assert c["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "7"]
+        validate_manifest(dep)
+
+
+@needs_helm
 @pytest.mark.parametrize("source", ["existingClaim", "image"])
 def test_model_storage_sources(source):
     docs = manifests("default", {"modelStorage": {"source": source, "existingClaim": "models-nfs"}})

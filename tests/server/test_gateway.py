@@ -616,3 +616,33 @@ def test_adadepth_serve_gateway_command(model_dir, cache_dir, stubs):
     # A bad map stops the command before it serves, with the reason.
     with pytest.raises(SystemExit, match="depth 9 is outside 1..6"):
         main(["serve", "--model", model_dir, "--cache-dir", cache_dir, "--backend-map", '{"9": "http://a"}'])
+
+
+def test_gateway_drains_on_sigterm_like_the_server(gateway_model, stubs):
+    """SIGTERM's path (the server's handle_exit): /health and new requests 503 at once, then exit."""
+    import signal
+
+    import uvicorn
+
+    from adadepth.server.lifecycle import DrainingServer
+
+    text = json.dumps({str(d): s.base_url for d, s in stubs.items()})
+    config = ServerConfig(api_key=None, backend_map=text, shutdown_timeout=5)
+    app = build_gateway_app(Gateway(gateway_model, BackendMap.parse(text, gateway_model.num_layers), config))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = DrainingServer(uvicorn.Config(app, log_level="warning", access_log=False), app.state.lifecycle)
+    app.state.lifecycle.attach(server.stop, lambda: None)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    RunningGateway(url, app.state.gateway).wait_healthy()
+    server.handle_exit(signal.SIGTERM, None)
+    deadline = time.monotonic() + 2
+    while httpx.get(url + "/health", timeout=5).status_code != 503:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    refused = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=10)
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+    thread.join(30)
+    assert not thread.is_alive(), "the gateway did not exit after draining"

@@ -182,3 +182,21 @@ prometheus.io/path: /metrics
 {{- if hasKey $a "maxReplicas" }}{{ $max = $a.maxReplicas }}{{ end }}
 {{- dict "enabled" $enabled "minReplicas" $min "maxReplicas" $max "query" ($a.query | default "") | toJson }}
 {{- end }}
+
+{{/*
+terminationGracePeriodSeconds: the preStop sleep, then the drain, then a margin, so that SIGKILL
+never cuts a drain short.
+*/}}
+{{- define "adadepth.terminationGracePeriod" -}}
+{{- add .Values.shutdown.preStopSeconds .Values.shutdown.timeoutSeconds 10 }}
+{{- end }}
+
+{{/*
+The preStop hook: sleep while the endpoint removal reaches every proxy, before SIGTERM.
+*/}}
+{{- define "adadepth.lifecycle" -}}
+lifecycle:
+  preStop:
+    exec:
+      command: ["sleep", {{ .Values.shutdown.preStopSeconds | int | toString | quote }}]
+{{- end }}
