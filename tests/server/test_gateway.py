@@ -636,6 +636,10 @@ def test_gateway_drains_on_sigterm_like_the_server(gateway_model, stubs):
     app.state.lifecycle.attach(server.stop, lambda: None)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the gateway did not start"
+        time.sleep(0.01)
     RunningGateway(url, app.state.gateway).wait_healthy()
     server.handle_exit(signal.SIGTERM, None)
     deadline = time.monotonic() + 2
