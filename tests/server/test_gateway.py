@@ -641,6 +641,21 @@ def test_gateway_drains_on_sigterm_like_the_server(gateway_model, stubs):
         assert thread.is_alive() and time.monotonic() < deadline, "the gateway did not start"
         time.sleep(0.01)
     RunningGateway(url, app.state.gateway).wait_healthy()
+    # One stream held open by the tier (GATED: each next chunk waits for the gate): the drain waits.
+    events: list[str] = []
+    first = threading.Event()
+
+    def hold() -> None:
+        with httpx.stream("POST", url + "/v1/completions", timeout=30,
+                          json={"prompt": "GATED", "stream": True, "depth": 1}) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    first.set()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert first.wait(10)
     server.handle_exit(signal.SIGTERM, None)
     deadline = time.monotonic() + 2
     while httpx.get(url + "/health", timeout=5).status_code != 503:
@@ -648,5 +663,9 @@ def test_gateway_drains_on_sigterm_like_the_server(gateway_model, stubs):
         time.sleep(0.02)
     refused = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=10)
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+    for stub in stubs.values():
+        stub.gate.release(10)
+    holder.join(30)
+    assert events[-1] == "[DONE]"  # the stream in flight ran to its end
     thread.join(30)
     assert not thread.is_alive(), "the gateway did not exit after draining"
