@@ -13,6 +13,17 @@ def _default_cache_dir() -> str:
     return os.environ.get("ADADEPTH_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "adadepth"))
 
 
+def output_dir_for(plan_dir: str, cache_dir: str) -> str:
+    """Where a command writes what belongs beside a model's layer order, when the user names no
+    path: the plan folder itself, unless it lies inside the installed adadepth package (the
+    default model's artifacts), which no command writes into; then a folder of the same name
+    under the cache directory."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    if os.path.commonpath([package, os.path.abspath(plan_dir)]) != package:
+        return plan_dir
+    return os.path.join(cache_dir, "outputs", os.path.basename(os.path.normpath(plan_dir)))
+
+
 @dataclass
 class ModelConfig:
     model: str = field(default="default", metadata={"help": (

@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from adadepth.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from adadepth.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, output_dir_for
 from adadepth.router.depth_grid import DepthGrid
 from adadepth.router.label_store import LABEL_FORMAT, LabelRecord, LabelStore, prompt_id
 from adadepth.training.data import DEFAULT_DATA_DIR
@@ -37,7 +37,7 @@ class RouterLabelConfig:
     chunk: int = field(default=32, metadata={"help": "prompts labelled (and saved) per round"})
     max_num_seqs: int = field(default=32, metadata={"help": "sequences generated together"})
     max_model_len: int = field(default=2048, metadata={"help": "longest prompt + continuation"})
-    output: str = field(default="", metadata={"help": f"labels JSONL (default: {LABELS_FILE} in the model's plan folder)"})
+    output: str = field(default="", metadata={"help": f"labels JSONL (default: {LABELS_FILE} in the model's plan folder; for a model inside the installed package, in the cache folder's outputs/)"})
     resume: bool = field(default=True, metadata={"help": "keep the labels already in --output (same settings)"})
 
     def __post_init__(self) -> None:
@@ -118,7 +118,7 @@ def label_prompts(llm, messages: list[list[dict]], grid: DepthGrid, max_new_toke
 def run_labelling(model: ModelConfig, config: RouterLabelConfig) -> dict:
     llm = open_llm(model, config.max_num_seqs, config.max_model_len)
     grid = DepthGrid.parse(config.depths, llm.num_layers)
-    output = config.output or os.path.join(plan_dir_of(model), LABELS_FILE)
+    output = config.output or os.path.join(output_dir_for(plan_dir_of(model), model.cache_dir), LABELS_FILE)
     messages = load_prompt_messages(config)
     source = config.prompts or f"calib split of {config.data_dir}"
     store = LabelStore(output)

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from adadepth.config import ModelConfig
+from adadepth.config import ModelConfig, output_dir_for
 from adadepth.router.difficulty_router import DifficultyRouter
 from adadepth.router.feature_extractor import FeatureExtractor
 from adadepth.router.label_store import LabelStore, StaleLabelsError, prompt_id
@@ -40,7 +41,7 @@ SHARPEN_FACTOR = 2.0
 class RouterEvalConfig:
     prompts: str = field(default=HELDOUT_PROMPTS_FILE, metadata={"help": "held-out prompts JSONL"})
     labels: str = field(default="", metadata={
-        "help": f"held-out labels JSONL, made when missing (default: {HELDOUT_LABELS_FILE} in the model's plan folder)"})
+        "help": f"held-out labels JSONL, made when missing (default: {HELDOUT_LABELS_FILE} beside the model's layer order; for a model inside the installed package, a copy in the cache folder's outputs/)"})
     router: str = field(default="", metadata={"help": "folder with router.json (default: the model's own router)"})
     qualities: str = field(default=",".join(map(str, DEFAULT_QUALITIES)), metadata={"help": "qualities to sweep"})
     max_prompts: int = field(default=0, metadata={"help": "evaluate only N prompts, the first of each source in turn (0: all)"})
@@ -73,6 +74,19 @@ class RouterEvalConfig:
         if not qs or any(not 0 < q <= 1 for q in qs):
             raise ValueError(f"qualities must be in (0, 1], got {self.qualities!r}")
         return qs
+
+
+def default_heldout_labels(model: ModelConfig) -> str:
+    """The held-out labels file when the user names none: beside the layer order, or, for a model
+    inside the installed package, in the cache, seeded with the shipped labels (still reused when
+    they match the run's weights and settings; relabelled there, never in the package, when not)."""
+    plan_dir = plan_dir_of(model)
+    path = os.path.join(output_dir_for(plan_dir, model.cache_dir), HELDOUT_LABELS_FILE)
+    shipped = os.path.join(plan_dir, HELDOUT_LABELS_FILE)
+    if path != shipped and not os.path.exists(path) and os.path.exists(shipped):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        shutil.copyfile(shipped, path)
+    return path
 
 
 def heldout_labels(llm, router: DifficultyRouter, messages: list[list[dict]], config: RouterEvalConfig, path: str,
@@ -170,7 +184,7 @@ def run_router_eval(model: ModelConfig, config: RouterEvalConfig) -> dict:
         chosen = first_prompts(chosen, config.max_prompts)
     messages = [r.messages for r in chosen]
     source_of = {prompt_id(r.messages): r.source for r in chosen}
-    labels_path = config.labels or os.path.join(plan_dir_of(model), HELDOUT_LABELS_FILE)
+    labels_path = config.labels or default_heldout_labels(model)
     records = [r for r in heldout_labels(llm, router, messages, config, labels_path, model.model) if r.positions > 0]
 
     t0 = time.perf_counter()

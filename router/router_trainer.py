@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from adadepth.config import ModelConfig
+from adadepth.config import ModelConfig, output_dir_for
 from adadepth.router.agreement_predictor import AgreementPredictor, PredictorShape, weighted_bce
 from adadepth.router.depth_grid import DepthGrid
 from adadepth.router.difficulty_router import DifficultyRouter
@@ -32,8 +32,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class RouterTrainConfig:
-    labels: str = field(default="", metadata={"help": f"labels JSONL (default: {LABELS_FILE} in the model's plan folder)"})
-    output: str = field(default="", metadata={"help": "folder for router.json/router.safetensors (default: the model's plan folder)"})
+    labels: str = field(default="", metadata={"help": f"labels JSONL (default: {LABELS_FILE} in the model's plan folder; for a model inside the installed package, in the cache folder's outputs/)"})
+    output: str = field(default="", metadata={"help": "folder for router.json/router.safetensors (default: the model's plan folder, or the cache folder's outputs/ for a model inside the installed package)"})
     feature_layers: int = field(default=-1, metadata={
         "help": "k: features after layers 0..k-1 (all must run at the smallest grid depth); -1: the largest such k"})
     pca_dims: int = field(default=32, metadata={"help": "PCA dimensions of the pooled hidden state"})
@@ -115,7 +115,9 @@ def train_router(model: ModelConfig, config: RouterTrainConfig) -> dict:
     if model.num_threads:
         torch.set_num_threads(model.num_threads)
     plan_dir = plan_dir_of(model)
-    labels_path = config.labels or os.path.join(plan_dir, LABELS_FILE)
+    # Default labels: those `router label` wrote (outside the package), else the ones shipped beside the order.
+    written = os.path.join(output_dir_for(plan_dir, model.cache_dir), LABELS_FILE)
+    labels_path = config.labels or (written if os.path.exists(written) else os.path.join(plan_dir, LABELS_FILE))
     meta, records = LabelStore(labels_path).read()
     net, _, _ = load_engine_model(model.model, model.cache_dir, model.device, model.dtype)
     plan = net.plan
@@ -174,7 +176,7 @@ def train_router(model: ModelConfig, config: RouterTrainConfig) -> dict:
         "validation_policy": val_sweep, "config": {**config.__dict__},
     }
     router = DifficultyRouter(predictor, grid, k, plan.fingerprint(), info)
-    output = config.output or plan_dir
+    output = config.output or output_dir_for(plan_dir, model.cache_dir)
     router.save(output)
     return {"router": output, "feature_layers": k, "depth_grid": list(grid.depths), "num_prompts": len(records),
             "epochs": best_epoch, "validation_loss": round(val_loss, 5), "platt_scaling": info["platt_scaling"],

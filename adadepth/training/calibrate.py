@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adadepth.config import _default_cache_dir
+from adadepth.config import _default_cache_dir, output_dir_for
 from adadepth.model.adaptive_llama import AdaptiveLlama
 from adadepth.model.depth_plan import DepthPlan
 from adadepth.training.chat_batches import encode_chat
@@ -300,5 +300,5 @@ def measure(config: CalibrateConfig) -> tuple[CalibrationResult, str]:
 def run_calibration(config: CalibrateConfig) -> CalibrationResult:
     """Measure and store the plan with the model (or in --output)."""
     result, plan_dir = measure(config)
-    result.plan.save(config.output or plan_dir)
+    result.plan.save(config.output or output_dir_for(plan_dir, config.cache_dir))
     return result
