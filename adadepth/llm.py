@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from adadepth.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from adadepth.engine.llm_engine import LLMEngine
-from adadepth.outputs import RequestOutput
+from adadepth.outputs import RequestOutput, merge_delta
 from adadepth.sampling_params import SamplingParams
 
 
@@ -65,13 +65,15 @@ class LLM:
                 engine.seqs[rid].prompt = prompt if isinstance(prompt, str) else None
                 ids_for_prompt.append(rid)
             groups.append(ids_for_prompt)
+        whole: dict[str, RequestOutput] = {}
         finished: dict[str, RequestOutput] = {}
         total = sum(len(g) for g in groups)
         with tqdm(total=total, disable=not use_tqdm, desc="generate") as bar:
             while engine.has_unfinished_requests():
-                for out in engine.step():
+                for out in engine.step():  # each holds what is new: fold into the whole output
+                    whole[out.request_id] = merge_delta(whole.get(out.request_id), out)
                     if out.finished:
-                        finished[out.request_id] = out
+                        finished[out.request_id] = whole.pop(out.request_id)
                         bar.update(1)
         results = []
         for rids in groups:

@@ -137,4 +137,4 @@ def run_server(engine_config: EngineConfig, config: ServerConfig, depth_router=N
     app = build_app(engine, config, model_aliases=(engine_config.model.model,))
     logger.info("serving %s (%d layers, context %d) on http://%s:%d", engine.model_name, engine.num_layers,
                 engine.max_model_len, config.host, config.port)
-    serve_until_drained(app, config, app.state.fail_remaining)
+    serve_until_drained(app, config)

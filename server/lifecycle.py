@@ -111,10 +111,12 @@ class InFlightMiddleware:
             self.lifecycle.in_flight -= 1
 
 
-def serve_until_drained(app, config, fail_remaining: Callable[[], None] | None = None) -> None:
-    """Run uvicorn on `app` (whose `state.lifecycle` is a ServerLifecycle) until SIGTERM has
-    drained it or its engine died; then exit with the lifecycle's code (0 after a drain)."""
+def serve_until_drained(app, config) -> None:
+    """Run uvicorn on `app` until SIGTERM has drained it or its engine died; then exit with the
+    lifecycle's code (0 after a drain). app.state holds `lifecycle` (a ServerLifecycle) and,
+    where requests can be failed, `fail_remaining`."""
     lifecycle: ServerLifecycle = app.state.lifecycle
+    fail_remaining = getattr(app.state, "fail_remaining", None)
     # After our drain, connections still open (a stream cut by the timeout) are closed promptly.
     server = DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.uvicorn_log_level,
                                            access_log=config.access_log, timeout_graceful_shutdown=2), lifecycle)

@@ -141,7 +141,7 @@ class ServerMetrics:
         if step.is_prefill:
             # What each sequence fed the model: its prompt, plus any outputs recomputed after a
             # preemption (all but the token this step just sampled).
-            self.prompt_tokens.inc(sum(len(o.prompt_token_ids) + len(o.outputs[0].token_ids) - 1 for o in outputs))
+            self.prompt_tokens.inc(sum(len(o.prompt_token_ids) + o.outputs[0].num_tokens - 1 for o in outputs))
         self.generation_tokens.inc(len(outputs))  # every scheduled sequence samples one token
         self.layers_executed.inc(step.layers_executed)
         self.layers_skipped.inc(step.layers_skipped)
@@ -166,7 +166,7 @@ class ServerMetrics:
         self._last_token_time.pop(out.request_id, None)
         m = out.metrics
         completion = out.outputs[0]
-        num_out = len(completion.token_ids)
+        num_out = completion.num_tokens
         reason = completion.finish_reason if completion.finish_reason in self.request_success else "stop"
         self.request_success[reason].inc()
         finished = m.finished_time if m.finished_time is not None else m.last_token_time

@@ -46,9 +46,10 @@ class Detokenizer:
         return None
 
     @staticmethod
-    def visible_text(seq: Sequence) -> str:
-        """Text safe to show while running: hold back a tail that could still grow into a stop string."""
+    def visible_length(seq: Sequence) -> int:
+        """How much of the text is safe to show while running: all but a tail that could still
+        grow into a stop string (a stop string, once found, is cut before any shown text)."""
         if seq.is_finished or not seq.params.stop:
-            return seq.output_text
+            return len(seq.output_text)
         hold = max(len(s) for s in seq.params.stop) - 1
-        return seq.output_text[: max(0, len(seq.output_text) - hold)] if hold > 0 else seq.output_text
+        return max(0, len(seq.output_text) - hold)

@@ -254,10 +254,16 @@ class LLMEngine:
         return seq.grammar.is_terminated()
 
     def _make_output(self, seq: Sequence) -> RequestOutput:
+        """What is new for seq since its last output: O(new tokens), not O(all tokens so far)."""
+        visible = self.detokenizer.visible_length(seq)
+        text = seq.output_text[seq.num_emitted_chars: visible]
+        seq.num_emitted_chars = max(seq.num_emitted_chars, visible)
+        start, seq.num_emitted_tokens = seq.num_emitted_tokens, len(seq.output_token_ids)
         completion = CompletionOutput(
-            index=0, text=self.detokenizer.visible_text(seq), token_ids=list(seq.output_token_ids),
+            index=0, text=text, token_ids=seq.output_token_ids[start:],
             finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
-            logprobs=list(seq.output_logprobs) if seq.params.logprobs is not None else None)
+            logprobs=seq.output_logprobs[start:] if seq.params.logprobs is not None else None,
+            num_tokens=len(seq.output_token_ids))
         metrics = RequestMetrics(seq.arrival_time, seq.first_scheduled_time, seq.first_token_time,
                                  seq.last_token_time, time.monotonic() if seq.is_finished else None)
         return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [completion],

@@ -43,6 +43,9 @@ class Sequence:
     last_token_time: float | None = None
     num_preemptions: int = 0
     grammar: object | None = None            # an xgrammar GrammarMatcher when the output is constrained
+    # How much of the output earlier RequestOutputs carried (each output holds only what is new).
+    num_emitted_tokens: int = 0
+    num_emitted_chars: int = 0
 
     @property
     def token_ids(self) -> list[int]:

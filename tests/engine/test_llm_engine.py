@@ -135,15 +135,16 @@ def test_requests_join_between_steps(tiny_llama, cache_dir):
     engine = llm.engine
     alone = {p: llm.generate(p, GREEDY)[0].token_ids for p in PROMPTS[:3]}
     engine.add_request("a", PROMPTS[0], GREEDY)
-    done = {}
+    done, finished = {}, set()
     for step in range(200):
         if step == 3:
             engine.add_request("b", PROMPTS[1], GREEDY)
         if step == 7:
             engine.add_request("c", PROMPTS[2], GREEDY)
         for out in engine.step():
+            done.setdefault(out.request_id, []).extend(out.token_ids)  # each output holds the new tokens
             if out.finished:
-                done[out.request_id] = out.token_ids
-        if len(done) == 3:
+                finished.add(out.request_id)
+        if len(finished) == 3:
             break
     assert done == {"a": alone[PROMPTS[0]], "b": alone[PROMPTS[1]], "c": alone[PROMPTS[2]]}
