@@ -6,7 +6,7 @@ import importlib
 # Benchmarks that may be absent from a checkout (written separately); skipped quietly if so.
 OPTIONAL_BENCHMARKS = ("adadepth.benchmarks.depth_bench", "adadepth.benchmarks.step_profile",
                        "adadepth.benchmarks.dtype_agreement", "adadepth.benchmarks.structured_bench",
-                       "adadepth.benchmarks.soak")
+                       "adadepth.benchmarks.soak", "adadepth.benchmarks.fuzz")
 
 
 def add_parser(subparsers) -> None:

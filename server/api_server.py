@@ -27,9 +27,20 @@ from adadepth.server.errors import APIError, install_error_handlers
 from adadepth.server.lifecycle import InFlightMiddleware, ServerLifecycle, serve_until_drained
 from adadepth.server.metrics import ServerMetrics
 from adadepth.server.openai_serving import shutting_down
+from adadepth.server.openapi import ERROR_RESPONSES, install_openapi, request_body
+from adadepth.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from adadepth.server.tokenize_serving import TokenizeServing
 
 logger = logging.getLogger(__name__)
+
+
+def adadepth_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("adadepth")
+    except PackageNotFoundError:
+        return "0"
 
 
 def _api_key_check(api_key: str | None):
@@ -84,7 +95,11 @@ def build_app(engine: LLMEngine, config: ServerConfig, model_aliases: tuple[str,
 
     protected = [Depends(accepting), Depends(_api_key_check(config.api_key))]
 
-    @app.get("/health")
+    install_openapi(app, [CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest],
+                    version=adadepth_version())
+
+    @app.get("/health", response_class=Response, responses={200: {"description": "healthy (empty body)"},
+                                                             503: ERROR_RESPONSES[503]})
     async def health() -> Response:
         if lifecycle.draining and async_engine.is_healthy:
             return shutting_down().response()
@@ -98,30 +113,40 @@ def build_app(engine: LLMEngine, config: ServerConfig, model_aliases: tuple[str,
                             "engine_stalled").response()
         return Response(status_code=HTTPStatus.OK)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses={200: {
+        "description": "Prometheus text format", "content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}})
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", dependencies=protected)
+    @app.get("/v1/models", dependencies=protected, responses=ERROR_RESPONSES)
     async def models() -> dict:
         return {"object": "list", "data": [{
             "id": engine.model_name, "object": "model", "created": created, "owned_by": "adadepth",
             "root": engine.model_name, "parent": None, "max_model_len": engine.max_model_len,
             "num_layers": engine.num_layers}]}
 
-    @app.post("/v1/completions", dependencies=protected)
+    generation = {200: {"description": "the completion, or its server-sent events when stream is true",
+                        "content": {"application/json": {"schema": {"type": "object"}},
+                                    "text/event-stream": {"schema": {
+                                        "type": "object", "required": ["data"],
+                                        "properties": {"data": {"type": "string"}}}}}}, **ERROR_RESPONSES}
+
+    @app.post("/v1/completions", dependencies=protected, responses=generation,
+              openapi_extra=request_body(CompletionRequest))
     async def create_completion(raw_request: Request) -> Response:
         return await completions.create(raw_request)
 
-    @app.post("/v1/chat/completions", dependencies=protected)
+    @app.post("/v1/chat/completions", dependencies=protected, responses=generation,
+              openapi_extra=request_body(ChatCompletionRequest))
     async def create_chat_completion(raw_request: Request) -> Response:
         return await chat.create(raw_request)
 
-    @app.post("/tokenize", dependencies=protected)
+    @app.post("/tokenize", dependencies=protected, responses=ERROR_RESPONSES, openapi_extra=request_body(TokenizeRequest))
     async def tokenize(raw_request: Request) -> JSONResponse:
         return JSONResponse(await tokenization.tokenize(raw_request))
 
-    @app.post("/detokenize", dependencies=protected)
+    @app.post("/detokenize", dependencies=protected, responses=ERROR_RESPONSES,
+              openapi_extra=request_body(DetokenizeRequest))
     async def detokenize(raw_request: Request) -> JSONResponse:
         return JSONResponse(await tokenization.detokenize(raw_request))
 
