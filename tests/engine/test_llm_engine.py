@@ -148,3 +148,24 @@ def test_requests_join_between_steps(tiny_llama, cache_dir):
         if len(finished) == 3:
             break
     assert done == {"a": alone[PROMPTS[0]], "b": alone[PROMPTS[1]], "c": alone[PROMPTS[2]]}
+
+
+def test_step_outputs_carry_only_what_is_new(tiny_llama, cache_dir):
+    """A decode step's output holds its one new token (and its text), whatever the length so far;
+    folding them gives generate's output, stop-string hold-back included."""
+    from adadepth.outputs import merge_delta
+
+    llm = make_llm(tiny_llama, cache_dir)
+    engine = llm.engine
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, logprobs=1, stop=["zzz-never"])
+    want = llm.generate(PROMPTS[0], params)[0]
+    engine.add_request("d", PROMPTS[0], params)
+    whole, sizes = None, []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            sizes.append(len(out.outputs[0].token_ids))
+            assert out.outputs[0].num_tokens == len(sizes)
+            whole = merge_delta(whole, out)
+    assert sizes == [1] * 40
+    assert whole.outputs[0].token_ids == want.outputs[0].token_ids and whole.outputs[0].text == want.outputs[0].text
+    assert whole.outputs[0].logprobs == want.outputs[0].logprobs and whole.finished
