@@ -30,6 +30,7 @@ from adadepth.server.config import API_KEY_ENV, ServerConfig
 from adadepth.outputs import DepthDecision
 from adadepth.server.depth_policy import DepthPolicy
 from adadepth.server.gateway import Gateway, GatewayModel, build_gateway_app
+from adadepth.server.lifecycle import DrainingServer
 from conftest import engine_config, start_server
 from tiny_model import build_tiny_checkpoint
 
@@ -138,7 +139,14 @@ def serve_app(app):
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    config = uvicorn.Config(app, log_level="warning", access_log=False)
+    lifecycle = getattr(app.state, "lifecycle", None)
+    if lifecycle is None:  # a stub tier
+        server = uvicorn.Server(config)
+    else:  # the gateway: SIGTERM (handle_exit) drains, as in production
+        server = DrainingServer(config, lifecycle)
+        lifecycle.attach(server.stop, lambda: None)
+    app.state.uvicorn_server = server
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -619,53 +627,43 @@ def test_adadepth_serve_gateway_command(model_dir, cache_dir, stubs):
 
 
 def test_gateway_drains_on_sigterm_like_the_server(gateway_model, stubs):
-    """SIGTERM's path (the server's handle_exit): /health and new requests 503 at once, then exit."""
+    """SIGTERM's path (the server's handle_exit): /health and new requests 503 at once, the stream
+    in flight runs to its end, then the gateway stops."""
     import signal
-
-    import uvicorn
-
-    from adadepth.server.lifecycle import DrainingServer
 
     text = json.dumps({str(d): s.base_url for d, s in stubs.items()})
     config = ServerConfig(api_key=None, backend_map=text, shutdown_timeout=5)
     app = build_gateway_app(Gateway(gateway_model, BackendMap.parse(text, gateway_model.num_layers), config))
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server = DrainingServer(uvicorn.Config(app, log_level="warning", access_log=False), app.state.lifecycle)
-    app.state.lifecycle.attach(server.stop, lambda: None)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the gateway did not start"
-        time.sleep(0.01)
-    RunningGateway(url, app.state.gateway).wait_healthy()
-    # One stream held open by the tier (GATED: each next chunk waits for the gate): the drain waits.
-    events: list[str] = []
-    first = threading.Event()
+    with serve_app(app) as url:
+        server = app.state.uvicorn_server
+        RunningGateway(url, app.state.gateway).wait_healthy()
+        # One stream held open by the tier (GATED: each next chunk waits for the gate): the drain waits.
+        events: list[str] = []
+        first = threading.Event()
 
-    def hold() -> None:
-        with httpx.stream("POST", url + "/v1/completions", timeout=30,
-                          json={"prompt": "GATED", "stream": True, "depth": 1}) as response:
-            for line in response.iter_lines():
-                if line.startswith("data: "):
-                    events.append(line[6:])
-                    first.set()
+        def hold() -> None:
+            with httpx.stream("POST", url + "/v1/completions", timeout=30,
+                              json={"prompt": "GATED", "stream": True, "depth": 1}) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line[6:])
+                        first.set()
 
-    holder = threading.Thread(target=hold)
-    holder.start()
-    assert first.wait(10)
-    server.handle_exit(signal.SIGTERM, None)
-    deadline = time.monotonic() + 2
-    while httpx.get(url + "/health", timeout=5).status_code != 503:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    refused = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=10)
-    assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
-    for stub in stubs.values():
-        stub.gate.release(10)
-    holder.join(30)
-    assert events[-1] == "[DONE]"  # the stream in flight ran to its end
-    thread.join(30)
-    assert not thread.is_alive(), "the gateway did not exit after draining"
+        holder = threading.Thread(target=hold)
+        holder.start()
+        assert first.wait(10)
+        server.handle_exit(signal.SIGTERM, None)
+        deadline = time.monotonic() + 2
+        while httpx.get(url + "/health", timeout=5).status_code != 503:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        refused = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=10)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+        for stub in stubs.values():
+            stub.gate.release(10)
+        holder.join(30)
+        assert events[-1] == "[DONE]"  # the stream in flight ran to its end
+        deadline = time.monotonic() + 30
+        while not server.should_exit:
+            assert time.monotonic() < deadline, "the gateway did not stop after draining"
+            time.sleep(0.05)
