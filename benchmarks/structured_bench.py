@@ -107,17 +107,22 @@ class GrammarTimer:
         return wrapper
 
 
-def decode_steps(engine, requests: list[tuple[list[int], object]], rows: int) -> list[float]:
-    """Run the requests to the end; durations of the decode steps that ran exactly `rows` rows."""
+def decode_steps(engine, requests: list[tuple[list[int], object]], rows: int,
+                 timer: GrammarTimer | None = None) -> tuple[list[float], list[float]]:
+    """Run the requests to the end. For the decode steps that ran exactly `rows` rows: their
+    durations, and (with a timer) the grammar seconds inside each."""
     for i, (ids, params) in enumerate(requests):
         engine.add_request(f"cost-{time.monotonic_ns()}-{i}", ids, params)
-    durations = []
+    durations, grammar = [], []
     while engine.has_unfinished_requests():
+        before = timer.seconds if timer is not None else 0.0
         engine.step()
         step = engine.last_step
         if step is not None and not step.is_prefill and step.num_seqs == rows:
             durations.append(step.duration_s)
-    return durations
+            if timer is not None:
+                grammar.append(timer.seconds - before)
+    return durations, grammar
 
 
 def run(cfg: StructuredBenchConfig) -> dict:
@@ -154,22 +159,17 @@ def run(cfg: StructuredBenchConfig) -> dict:
     batch = list(range(cfg.cost_batch))
     free = [(ids[i % len(ids)], SamplingParams(max_tokens=cfg.cost_tokens, temperature=0.0, ignore_eos=True))
             for i in batch]
-    # A budget past cost_tokens so that rows do not end together on the length limit mid-measurement;
-    # only steps with all rows running count.
+    # Constrained rows end when their JSON does; only steps with all rows running count.
     constrained = [(ids[i % len(ids)], SamplingParams(max_tokens=cfg.cost_tokens, temperature=0.0,
                                                       structured_outputs=StructuredOutputsParams(json=schemas[i % len(ids)])))
                    for i in batch]
     free_steps, constrained_steps, grammar_per_step = [], [], []
     decode_steps(engine, free[:2], 2)  # warm-up
     for _ in range(cfg.cost_repeats):
-        free_steps += decode_steps(engine, free, cfg.cost_batch)
-        before, grammar_before = len(constrained_steps), timer.seconds
-        constrained_steps += decode_steps(engine, constrained, cfg.cost_batch)
-        steps = len(constrained_steps) - before
-        if steps:
-            # Grammar seconds of this run over its full-batch steps (its last steps with fewer rows
-            # are few; counting their grammar work here errs towards a higher cost).
-            grammar_per_step.append((timer.seconds - grammar_before) / steps)
+        free_steps += decode_steps(engine, free, cfg.cost_batch)[0]
+        durations, grammar = decode_steps(engine, constrained, cfg.cost_batch, timer)
+        constrained_steps += durations
+        grammar_per_step += grammar
     free_ms = statistics.median(free_steps) * 1e3
     constrained_ms = statistics.median(constrained_steps) * 1e3
     grammar_ms = statistics.median(grammar_per_step) * 1e3

@@ -1,4 +1,5 @@
-"""The fused C++ CPU kernels (paged decode attention and the small layer ops), built once per machine.
+"""The fused C++ CPU kernels (paged decode attention, the small layer ops, grammar masks), built
+once per machine.
 
 The C++ sources are compiled by `torch.utils.cpp_extension` (a C++ compiler is needed) the first
 time, into the adadepth cache folder, and registered as `torch.ops.adadepth.*`.
@@ -18,7 +19,8 @@ import torch
 
 from .layer_ops import LayerOps
 
-SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention_cpu.cpp", "layer_ops_cpu.cpp")]
+SOURCES = [Path(__file__).with_name(name)
+           for name in ("paged_attention_cpu.cpp", "layer_ops_cpu.cpp", "token_bitmask_cpu.cpp")]
 HEADERS = [Path(__file__).with_name("cpu_math.h")]
 logger = logging.getLogger(__name__)
 

@@ -28,9 +28,10 @@ _LOOSE_STRING_CHAR = r'[^\"\\\r\n]'
 _JSON_STRING_CHAR = r'[^\0-\x1f\"\\\r\n]'
 
 
-# Whitespace between JSON tokens, at most this many characters per gap: room for pretty-printed
-# nesting, while a model that would emit whitespace forever (small or shallow ones do) cannot.
-MAX_JSON_WHITESPACE = 24
+# Whitespace between JSON tokens, at most this many characters per gap. With more, a small or
+# shallow model fills its token budget with newlines and the JSON never closes
+# (benchmarks/results/structured_outputs_whitespace24.json); two keep it readable and bounded.
+MAX_JSON_WHITESPACE = 2
 
 
 def json_strings_without_control_chars(ebnf: str) -> str:
@@ -54,6 +55,11 @@ class StructuredOutputManager:
         # The server compiles on worker threads while the engine thread reads the cache.
         self._lock = threading.Lock()
         self._bitmask = xgrammar.allocate_token_bitmask(1, vocab_size)
+        # The C++ kernel when the CPU kernels are loaded (several times faster than xgrammar's own
+        # CPU path at a 49k vocabulary), else the PyTorch reference; both take float32 logits.
+        from adadepth.kernels.token_bitmask import token_bitmask_op
+
+        self._apply = token_bitmask_op()
 
     def compile(self, params: StructuredOutputsParams):
         """The compiled grammar of a constraint; ValueError (a client's mistake) when it is invalid."""
@@ -100,5 +106,8 @@ class StructuredOutputManager:
         bitmask = self._bitmask[: len(seqs)]                                      # (B, ceil(V / 32))
         for i in rows:
             seqs[i].grammar.fill_next_token_bitmask(bitmask, i)
-        self._xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=self.vocab_size,
-                                              indices=rows)
+        if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous():
+            self._apply(logits, bitmask, torch.tensor(rows, dtype=torch.long))
+        else:  # GPU logits: xgrammar's own kernels
+            self._xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=self.vocab_size,
+                                                  indices=rows)
