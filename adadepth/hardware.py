@@ -80,3 +80,28 @@ def release_openmp_threads() -> bool:
         pause.argtypes, pause.restype = [ctypes.c_int], ctypes.c_int
         return pause(1) == 0  # omp_pause_soft: the pool's threads exit; a later region recreates one
     return False
+
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def pin_malloc_thresholds(mmap_bytes: int = 1 << 20) -> bool:
+    """Fix glibc malloc's mmap threshold (True if set; False off glibc or when set by the environment).
+
+    Why: glibc raises its mmap threshold each time a large mmapped block is freed, up to 32 MiB;
+    after that a server's large short-lived tensors (logits, activations: a few MiB each, every
+    step) come from the heap, which fragments and is seldom returned to the OS, so RSS creeps up
+    under varied load. A fixed threshold keeps them mmapped (given back on free) and the trim
+    threshold returns freed heap tops. The MALLOC_MMAP_THRESHOLD_ environment variable wins."""
+    import ctypes
+    import os
+
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_bytes)) and bool(mallopt(_M_TRIM_THRESHOLD, 2 * mmap_bytes))

@@ -38,3 +38,14 @@ def test_releasing_the_openmp_pool_leaves_torch_working():
     assert float(x.sum()) == 1 << 20             # the calling thread has a pool now
     assert hardware.release_openmp_threads() is True
     assert float((x * 2).sum()) == 2 * (1 << 20)  # a new pool is made on demand
+
+
+def test_malloc_thresholds_are_pinned_unless_the_environment_sets_them(monkeypatch):
+    import platform
+
+    from adadepth.hardware import pin_malloc_thresholds
+
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert pin_malloc_thresholds() is False
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    assert pin_malloc_thresholds() is (platform.libc_ver()[0] == "glibc")
