@@ -55,8 +55,8 @@ class StructuredOutputManager:
         # The server compiles on worker threads while the engine thread reads the cache.
         self._lock = threading.Lock()
         self._bitmask = xgrammar.allocate_token_bitmask(1, vocab_size)
-        # The C++ kernel when the CPU kernels are loaded (several times faster than xgrammar's own
-        # CPU path at a 49k vocabulary), else the PyTorch reference; both take float32 logits.
+        # The C++ kernel when the CPU kernels are loaded (kernels/token_bitmask_cpu.cpp), else the
+        # PyTorch reference; both take float32 CPU logits.
         from adadepth.kernels.token_bitmask import token_bitmask_op
 
         self._apply = token_bitmask_op()
