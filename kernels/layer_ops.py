@@ -69,10 +69,6 @@ class LayerOps:
     add_rms_norm: Callable = add_rms_norm_ref
     rope_write_kv: Callable = rope_write_kv_ref
     silu_and_mul: Callable = silu_and_mul_ref
+    # The reference decode attention gathers whole blocks (masked, but 0 * NaN is NaN), so the KV
+    # cache starts zeroed (ModelRunner); the kernel reads only each row's context.
     paged_attention: Callable = paged_decode_attention_ref
-
-    @property
-    def reads_unwritten_kv_slots(self) -> bool:
-        """The reference decode attention gathers whole blocks (masked, but 0 * NaN is NaN, so the
-        cache must start zeroed); the kernel reads only each row's context."""
-        return self.paged_attention is paged_decode_attention_ref

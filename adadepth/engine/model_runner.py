@@ -36,9 +36,10 @@ class ModelRunner:
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         num_slots = block_manager.num_blocks * block_manager.block_size
         # (L, 2, slots, Hkv, Dh): preallocated once; blocks of it are handed out by the block manager.
-        # Zeroing gigabytes took ~2 s of a CPU start; it is skipped when no slot is read before written.
-        alloc = torch.zeros if model.reads_unwritten_kv_slots else torch.empty
-        self.kv_cache = alloc(model.num_layers, 2, num_slots, cfg.num_key_value_heads, head_dim,
+        # Zeroed, so that every page is touched now: left untouched, a server's memory grows for
+        # minutes as blocks meet their first write, and the deep layers' pages, which reduced-depth
+        # requests skip, are written last (the 10-minute soak's slow RSS climb).
+        self.kv_cache = torch.zeros(model.num_layers, 2, num_slots, cfg.num_key_value_heads, head_dim,
                                     dtype=dtype, device=device)
 
     @torch.inference_mode()

@@ -157,12 +157,6 @@ class AdaptiveLlama(nn.Module):
         for layer in self.layers:
             layer.ops = ops or LayerOps()
 
-    @property
-    def reads_unwritten_kv_slots(self) -> bool:
-        """Whether a forward pass may read KV-cache slots no token has written yet (see
-        LayerOps.reads_unwritten_kv_slots). Prefill never reads the cache."""
-        return any(layer.ops.reads_unwritten_kv_slots for layer in self.layers)
-
     def pack_linears(self) -> int:
         """Run every matmul through oneDNN on pre-packed weights (CPU fp32/bf16; see packed_linear)."""
         from adadepth.model.packed_linear import pack_linears
