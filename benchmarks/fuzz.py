@@ -27,8 +27,9 @@ class FuzzConfig:
     out: str = field(default="benchmarks/results/fuzz.json", metadata={"help": "JSON output"})
 
     def __post_init__(self) -> None:
-        if self.url and not self.url.startswith(("http://127.", "http://localhost", "http://[::1]")):
-            raise ValueError("fuzzing only targets loopback addresses")
+        from adadepth.benchmarks.soak import require_loopback
+
+        require_loopback(self.url, "fuzzing")
         if self.examples < 1:
             raise ValueError("examples must be >= 1")
 

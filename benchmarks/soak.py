@@ -32,6 +32,12 @@ MALFORMED = [
 ]
 
 
+def require_loopback(url: str, what: str) -> None:
+    """Load and fuzz runs target only this machine's loopback addresses."""
+    if url and not url.startswith(("http://127.", "http://localhost", "http://[::1]")):
+        raise ValueError(f"{what} only targets loopback addresses")
+
+
 @dataclass
 class SoakConfig:
     model: str = field(default="default", metadata={"help": "model the started server serves"})
@@ -48,8 +54,7 @@ class SoakConfig:
     out: str = field(default="benchmarks/results/soak.json", metadata={"help": "JSON output (a .png beside it)"})
 
     def __post_init__(self) -> None:
-        if self.url and not self.url.startswith(("http://127.", "http://localhost", "http://[::1]")):
-            raise ValueError("the soak only targets loopback addresses")
+        require_loopback(self.url, "the soak")
         if self.duration <= 0 or self.max_requests < 1 or self.concurrency < 1 or self.max_tokens < 2:
             raise ValueError("duration, max_requests, concurrency must be positive and max_tokens >= 2")
         if not 0 <= self.warmup < 1:

@@ -118,8 +118,8 @@ class OpenAIServing:
         try:
             if params.structured_outputs is None:
                 self.engine.validate(prompt_token_ids, params)
-            else:  # compiling a grammar can take a while: not on the event loop
-                await asyncio.to_thread(self.engine.validate, prompt_token_ids, params)
+            else:  # compiling a grammar can take a while: on the preprocessing thread, not the loop
+                await self.off_loop(self.engine.validate, prompt_token_ids, params)
         except ValueError as exc:
             raise from_value_error(exc) from None
 
