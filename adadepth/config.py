@@ -85,12 +85,18 @@ class SchedulerConfig:
     max_prefill_padding: float = field(default=0.25, metadata={"help": (
         "a prefill is split into forward passes of similar prompt lengths so that padding stays "
         "under this fraction of the real prompt tokens")})
+    prefill_chunk_tokens: int = field(default=64, metadata={"help": (
+        "chunked prefill: most prompt tokens a step that decodes may also carry, so that a new "
+        "prompt joins running streams in pieces instead of pausing them for its whole prefill; "
+        "0: prompts wait for a step of their own")})
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be >= 1")
         if self.max_model_len < 2:
             raise ValueError("max_model_len must be >= 2")
+        if self.prefill_chunk_tokens < 0:
+            raise ValueError("prefill_chunk_tokens must be >= 0")
         if not self.max_prefill_padding >= 0:
             raise ValueError("max_prefill_padding must be >= 0")
         if self.max_num_batched_tokens < self.max_model_len:

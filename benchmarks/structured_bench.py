@@ -118,7 +118,7 @@ def decode_steps(engine, requests: list[tuple[list[int], object]], rows: int,
         before = timer.seconds if timer is not None else 0.0
         engine.step()
         step = engine.last_step
-        if step is not None and not step.is_prefill and step.num_seqs == rows:
+        if step is not None and not step.is_prefill and not step.num_chunks and step.num_seqs == rows:
             durations.append(step.duration_s)
             if timer is not None:
                 grammar.append(timer.seconds - before)

@@ -94,8 +94,12 @@ class DifficultyRouter:
     def route(self, hidden: torch.Tensor, lengths: torch.Tensor, seqs) -> list[DepthDecision]:
         """Engine hook. hidden: (n, T, D) residual stream after layers 0..k-1 of n prompts
         (right-padded); lengths: (n,) their token counts; seqs: their `Sequence`s."""
+        return self.route_features(PrefillFeatures.from_hidden(hidden, lengths), seqs)
+
+    def route_features(self, features: PrefillFeatures, seqs) -> list[DepthDecision]:
+        """Engine hook for prompts whose features were pooled already (chunked prefill)."""
         t0 = time.perf_counter()
-        decisions = self.decide(PrefillFeatures.from_hidden(hidden, lengths), [s.params.quality for s in seqs])
+        decisions = self.decide(features, [s.params.quality for s in seqs])
         self.stats.calls += 1
         self.stats.prompts += len(seqs)
         self.stats.seconds += time.perf_counter() - t0

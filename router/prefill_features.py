@@ -43,3 +43,30 @@ class PrefillFeatures:
     def length_features(self) -> torch.Tensor:
         """(n, 1): log prompt length."""
         return self.lengths.log()[:, None]
+
+
+@dataclass
+class PrefillFeatureSum:
+    """`PrefillFeatures` of one prompt built chunk by chunk (chunked prefill): the sum and the
+    last row of its residual stream after the feature layers, as `from_hidden` pools them whole."""
+    total: torch.Tensor        # (D,) float32, sum over the prompt's tokens so far
+    last: torch.Tensor         # (D,) float32, the latest token's row
+    num_tokens: int
+
+    @classmethod
+    def start(cls, hidden: torch.Tensor) -> "PrefillFeatureSum":
+        """hidden: (c, D) the first chunk's rows."""
+        h = hidden.float()
+        return cls(h.sum(0), h[-1].clone(), h.shape[0])
+
+    def add(self, hidden: torch.Tensor) -> None:
+        """hidden: (c, D) the next chunk's rows, in prompt order."""
+        h = hidden.float()
+        self.total += h.sum(0)
+        self.last = h[-1].clone()
+        self.num_tokens += h.shape[0]
+
+    def features(self) -> PrefillFeatures:
+        mean = self.total / self.num_tokens                                      # (D,)
+        pooled = torch.cat([mean, self.last])[None]                              # (1, 2D)
+        return PrefillFeatures(pooled.cpu(), torch.tensor([float(self.num_tokens)]))

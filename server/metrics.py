@@ -138,10 +138,9 @@ class ServerMetrics:
             self._preemptions_seen = num_preemptions
         if step is None:
             return
-        if step.is_prefill:
-            # What each sequence fed the model: its prompt, plus any outputs recomputed after a
-            # preemption (all but the token this step just sampled).
-            self.prompt_tokens.inc(sum(len(o.prompt_token_ids) + o.outputs[0].num_tokens - 1 for o in outputs))
+        # What sequences fed the model besides their newest token: prompts (whole or in chunks),
+        # plus any outputs recomputed after a preemption.
+        self.prompt_tokens.inc(step.num_prompt_tokens)
         self.generation_tokens.inc(len(outputs))  # every scheduled sequence samples one token
         self.layers_executed.inc(step.layers_executed)
         self.layers_skipped.inc(step.layers_skipped)

@@ -48,6 +48,8 @@ class StepInfo:
     layers_executed: int  # sum over processed tokens of layers run
     layers_skipped: int
     duration_s: float
+    num_chunks: int = 0         # prompt chunks carried by a decode step (chunked prefill)
+    num_prompt_tokens: int = 0  # tokens prefilled at their depth (prompts, or outputs recomputed)
 
 
 class LLMEngine:
@@ -104,6 +106,8 @@ class LLMEngine:
             if depth_router is not None:
                 logger.info("depth router loaded from %s (grid %s)", resolved.plan_dir, list(depth_router.grid.depths))
         self.depth_router = depth_router
+        if depth_router is not None:  # a chunk of a router pass runs k of L layers
+            self.scheduler.feature_cost = max(1, depth_router.feature_layers) / self.num_layers
         self.seqs: dict[str, Sequence] = {}
         # Made on the first constrained request (its tokenizer table takes a fraction of a second).
         self._structured = None
@@ -197,21 +201,39 @@ class LLMEngine:
             return []
         t0 = time.perf_counter()
         seqs = scheduled.seqs
-        # Sequences without a depth get theirs from the router inside this prefill (ModelRunner).
-        router = self.depth_router if scheduled.is_prefill and any(s.depth is None for s in seqs) else None
-        result = self.runner.run(seqs, scheduled.is_prefill, router)
-        # Count work before the sampled tokens are appended (num_tokens grows by one below).
-        tokens = sum(s.num_tokens for s in seqs) if scheduled.is_prefill else len(seqs)
-        executed = sum((s.num_tokens if scheduled.is_prefill else 1) * s.depth for s in seqs)
+        chunks = scheduled.chunks
+        # Work, counted before the sampled tokens are appended (num_tokens grows by one below).
+        if scheduled.is_prefill:
+            tokens, prompt_tokens = [s.num_tokens for s in seqs], sum(s.num_tokens for s in seqs)
+        else:
+            tokens, prompt_tokens = [1] * len(seqs), sum(c.num_tokens for c in chunks if not c.features_only)
+        if chunks:
+            # The router decides inside the step for chunks that finish their feature pass.
+            k = self.depth_router.feature_layers if self.depth_router is not None else 0
+            executed = sum(s.depth for s in seqs) + sum(
+                c.num_tokens * (k if c.features_only else c.seq.depth) for c in chunks)
+            result = self.runner.run_mixed(seqs, chunks, self.depth_router)
+            for c in chunks:
+                if not c.features_only:
+                    c.seq.num_cached_tokens = c.start + c.num_tokens
+            seqs = result.seqs
+        else:
+            # Sequences without a depth get theirs from the router inside this prefill (ModelRunner).
+            router = self.depth_router if scheduled.is_prefill and any(s.depth is None for s in seqs) else None
+            result = self.runner.run(seqs, scheduled.is_prefill, router)
+            executed = sum(n * s.depth for n, s in zip(tokens, seqs))
+        num_tokens = sum(tokens) + sum(c.num_tokens for c in chunks)
         now = time.monotonic()
         outputs = []
         for seq, token, logprobs in zip(seqs, result.sampled.token_ids, result.sampled.logprobs):
+            seq.num_cached_tokens = seq.num_tokens  # every token fed so far; the new one is not
             self._append_token(seq, token, logprobs, now)
             outputs.append(self._make_output(seq))
             if seq.is_finished:
                 self.seqs.pop(seq.request_id, None)
-        self.last_step = StepInfo(scheduled.is_prefill, len(seqs), tokens, executed,
-                                  tokens * self.num_layers - executed, time.perf_counter() - t0)
+        self.last_step = StepInfo(scheduled.is_prefill, len(scheduled.seqs), num_tokens, executed,
+                                  num_tokens * self.num_layers - executed, time.perf_counter() - t0,
+                                  num_chunks=len(chunks), num_prompt_tokens=prompt_tokens)
         return outputs
 
     def _append_token(self, seq: Sequence, token: int, logprobs, now: float) -> None:

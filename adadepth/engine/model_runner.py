@@ -14,6 +14,7 @@ import torch
 
 from adadepth.engine.block_manager import BlockManager
 from adadepth.engine.sampler import Sampler, SamplerOutput
+from adadepth.engine.scheduler import PrefillChunk
 from adadepth.engine.sequence import Sequence
 from adadepth.model.adaptive_llama import AdaptiveLlama, ForwardBatch
 
@@ -22,6 +23,8 @@ from adadepth.model.adaptive_llama import AdaptiveLlama, ForwardBatch
 class StepResult:
     sampled: SamplerOutput
     hidden: torch.Tensor  # (B, D) final normed hidden state of each row's last token
+    # A step with prompt chunks samples only some of its sequences: these, in `sampled`'s order.
+    seqs: list[Sequence] | None = None
 
 
 class ModelRunner:
@@ -96,6 +99,71 @@ class ModelRunner:
         hidden = self.model.final_hidden(h, batch)                              # (B, D)
         return in_callers_order(order, self.sampler(self.model.compute_logits(hidden), rows), hidden)
 
+    @torch.inference_mode()
+    def run_mixed(self, decode: list[Sequence], chunks: list[PrefillChunk], router=None) -> StepResult:
+        """A decode step that also carries prompt chunks. Every token is a row of its own (T = 1):
+        a chunk's token attends, like a decode row, to its sequence's cached positions up to its
+        own (the step writes the chunk's keys and values before any row reads them), so rows of
+        one token and chunks of many share every matmul with no padding.
+
+        Rows: first the tokens of `features_only` chunks (their sequences' depth is not picked
+        yet; they run layers 0..k-1 only and feed the router), then the rest, deepest first.
+        Samples for the decode rows and the chunks that complete their prompt."""
+        feature_chunks = [c for c in chunks if c.features_only]
+        main = [(s, s.num_tokens - 1, 1) for s in decode] + [(c.seq, c.start, c.num_tokens) for c in chunks
+                                                                if not c.features_only]
+        main.sort(key=lambda piece: -piece[0].depth)                           # deepest first (stable)
+        num_layers = self.model.num_layers
+        pieces = [(c.seq, c.start, c.num_tokens) for c in feature_chunks] + main
+        depths = [num_layers] * len(feature_chunks) + [s.depth for s, _, _ in main]
+        batch = self.prepare_tokens(pieces, depths)
+        h = self.model.embed(batch)                                             # (N, 1, D)
+        start = 0
+        if feature_chunks:
+            k = router.feature_layers
+            h = self.model.run_layers(h, batch, self.kv_cache, 0, k)
+            n_feat = sum(c.num_tokens for c in feature_chunks)
+            self._pool_features(feature_chunks, h[:n_feat, 0], router)
+            if not main:
+                return StepResult(SamplerOutput([], []), h.new_zeros(0, h.shape[-1]), [])
+            rows = list(range(n_feat, h.shape[0]))
+            batch = self._permute_rows(batch, rows, [batch.row_depths[r] for r in rows])
+            h, start = h[n_feat:], k
+        h = self.model.run_layers(h, batch, self.kv_cache, start, num_layers)
+        sampled_seqs = [s for s, first, count in main if first + count == s.num_tokens]
+        if not sampled_seqs:
+            return StepResult(SamplerOutput([], []), h.new_zeros(0, h.shape[-1]), [])
+        # Each sampled sequence's last token row.
+        ends = torch.tensor([c for _, _, c in main]).cumsum(0) - 1              # (pieces,)
+        last = ends[[i for i, (s, first, count) in enumerate(main) if first + count == s.num_tokens]]
+        hidden = self.model.norm(h[last.to(h.device), 0])                       # (B, D)
+        logits = self.model.compute_logits(hidden)                              # (B, V)
+        return StepResult(self.sampler(logits, sampled_seqs), hidden, sampled_seqs)
+
+    @staticmethod
+    def _pool_features(chunks: list[PrefillChunk], h: torch.Tensor, router) -> None:
+        """h: (tokens, D) the feature layers' output for `chunks`' tokens, in order. Adds each
+        chunk to its sequence's pooled features; a prompt whose last chunk this was gets its depth."""
+        from adadepth.router.prefill_features import PrefillFeatureSum
+
+        done, offset = [], 0
+        for c in chunks:
+            rows = h[offset: offset + c.num_tokens]                             # (c, D)
+            offset += c.num_tokens
+            if c.seq.router_features is None:
+                c.seq.router_features = PrefillFeatureSum.start(rows)
+            else:
+                c.seq.router_features.add(rows)
+            if c.seq.num_feature_tokens == c.seq.num_tokens:
+                done.append(c.seq)
+        if not done:
+            return
+        from adadepth.router.prefill_features import PrefillFeatures
+
+        features = PrefillFeatures.cat([s.router_features.features() for s in done])
+        for seq, decision in zip(done, router.route_features(features, done)):
+            seq.depth, seq.depth_decision, seq.router_features = decision.depth, decision, None
+
     def _permute_rows(self, batch: ForwardBatch, perm: list[int], row_depths: list[int]) -> ForwardBatch:
         """batch with its rows reordered (new row j = old row perm[j]) and depths `row_depths`."""
         b, t = batch.input_ids.shape
@@ -106,7 +174,8 @@ class ModelRunner:
             context_blocks=None if batch.context_blocks is None else batch.context_blocks[p],
             attn_mask=None if batch.attn_mask is None else batch.attn_mask[p], active_rows=self.model.active_rows(row_depths),
             row_depths=list(row_depths), last_index=batch.last_index[p], block_size=batch.block_size,
-            depths=self._depths_tensor(row_depths))
+            depths=self._depths_tensor(row_depths),
+            context_lens=None if batch.context_lens is None else batch.context_lens[p])
 
     # ---- batch preparation ------------------------------------------------------------
     def _depths_tensor(self, depths: list[int]) -> torch.Tensor | None:
@@ -152,6 +221,27 @@ class ModelRunner:
             attn_mask=mask[:, None].to(self.device), active_rows=self.model.active_rows(depths),
             row_depths=list(depths), depths=self._depths_tensor(depths),
             last_index=(lens - 1).to(self.device))
+
+    def prepare_tokens(self, pieces: list[tuple[Sequence, int, int]], depths: list[int]) -> ForwardBatch:
+        """One row per token: positions [first, first + count) of each piece's sequence, at the
+        piece's depth (`depths`, descending). Every row reads its sequence's paged context up to
+        and including its own position."""
+        bs = self.block_manager.block_size
+        counts = torch.tensor([count for _, _, count in pieces])                # (P,)
+        positions = torch.cat([torch.arange(first, first + count) for _, first, count in pieces])   # (N,)
+        ids = torch.tensor([t for s, first, count in pieces for t in s.token_ids[first: first + count]])
+        num_blocks = max(first + count - 1 for _, first, count in pieces) // bs + 1
+        table = self._block_table([s for s, _, _ in pieces], num_blocks)        # (P, nblk)
+        table = table.repeat_interleave(counts, dim=0)                          # (N, nblk)
+        slots = table.gather(1, (positions // bs)[:, None])[:, 0] * bs + positions % bs   # (N,)
+        row_depths = [d for d, (_, _, count) in zip(depths, pieces) for _ in range(count)]
+        return ForwardBatch(
+            input_ids=ids[:, None].to(self.device), positions=positions[:, None].to(self.device),
+            slot_mapping=slots.to(self.device), context_blocks=table.to(self.device), attn_mask=None,
+            active_rows=self.model.active_rows(row_depths), row_depths=row_depths,
+            depths=self._depths_tensor(row_depths),
+            last_index=torch.zeros(len(row_depths), dtype=torch.long, device=self.device), block_size=bs,
+            context_lens=(positions + 1).to(self.device))
 
     def prepare_decode(self, seqs: list[Sequence]) -> ForwardBatch:
         # The newest token (position num_tokens-1) has no KV yet: this step writes it.

@@ -1,14 +1,25 @@
-"""Decides, each step, which sequences run: a prefill of newcomers or a decode of the running.
+"""Decides, each step, which sequences run: a prefill of newcomers, a decode of the running, or
+a decode that also carries pieces of new prompts (chunked prefill).
 
 Continuous batching: requests join (prefill) and leave (finish/abort) between steps. When the
-KV cache runs out mid-decode the newest running sequence is preempted: its blocks are freed and
-it goes back to the front of the queue to be recomputed later - it waits, it is never dropped.
+server is idle, prompts run whole in a prefill step of their own (the fastest way to a first
+token). While sequences decode, a new prompt instead rides along the decode steps in chunks of
+at most `prefill_chunk_tokens` tokens: a decode step pays for a few dozen prompt tokens, not for
+a whole prompt, so running streams keep their pace (time between tokens) while newcomers join.
+
+A prompt whose depth the router has yet to pick first runs chunk by chunk through the router's
+feature layers only (k of L layers, pooled as it goes); once its last chunk is in, the router
+decides and the prompt is prefilled again, at its depth, from position 0 (k/L extra work for the
+layers 0..k-1 that run twice; nothing has to be kept between the two passes).
+
+When the KV cache runs out, the newest running sequence is preempted: its blocks are freed and it
+goes back to the front of the queue to be recomputed later - it waits, it is never dropped.
 """
 from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from adadepth.config import SchedulerConfig
 from adadepth.engine.block_manager import BlockManager
@@ -16,14 +27,32 @@ from adadepth.engine.sequence import Sequence, SequenceStatus
 
 
 @dataclass
+class PrefillChunk:
+    """Positions [start, start + num_tokens) of a sequence's prompt, run in a decode step."""
+    seq: Sequence
+    start: int
+    num_tokens: int
+    features_only: bool  # depth not picked yet: only the router's feature layers run
+
+    @property
+    def completes(self) -> bool:
+        """The chunk ends the prompt at the sequence's depth: it samples the first token."""
+        return not self.features_only and self.start + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass
 class SchedulerOutput:
-    seqs: list[Sequence]
+    seqs: list[Sequence]  # a prefill's sequences (whole prompts), or the sequences decoding
     is_prefill: bool
+    chunks: list[PrefillChunk] = field(default_factory=list)  # prompt pieces riding along a decode
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, feature_cost: float = 1.0):
+        """feature_cost: what a token run through the router's feature layers only costs,
+        as a fraction of a full token (k / L), for the chunk budget."""
         self.config = config
+        self.feature_cost = feature_cost
         self.block_manager = block_manager
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -36,6 +65,13 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput | None:
+        while self.running and self.config.prefill_chunk_tokens:
+            decode = self._schedule_decode()
+            chunks = self._schedule_chunks(self.config.prefill_chunk_tokens)
+            if decode or chunks:
+                return SchedulerOutput(decode, is_prefill=False, chunks=chunks)
+            if self.running:  # only prompts under way, and no block left for any: the newest waits
+                self.preempt(self.running[-1])
         prefill = self._schedule_prefill()
         if prefill:
             return SchedulerOutput(prefill, is_prefill=True)
@@ -65,20 +101,66 @@ class Scheduler:
     def _schedule_decode(self) -> list[Sequence]:
         scheduled: list[Sequence] = []
         for seq in list(self.running):
-            if seq.status != SequenceStatus.RUNNING:  # preempted below to make room
+            if seq.status != SequenceStatus.RUNNING or not seq.is_prefilled:  # preempted below / mid-prompt
                 continue
-            while not self.block_manager.ensure_capacity(seq, seq.num_tokens):
-                victim = self.running[-1]
-                self.preempt(victim)
-                if victim is seq:
-                    break
-            if seq.status == SequenceStatus.RUNNING:
+            if self._make_room(seq, seq.num_tokens):
                 scheduled.append(seq)
         return scheduled
+
+    def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
+        """Blocks for num_tokens of seq, preempting the newest running sequences as needed;
+        False if seq itself had to go."""
+        while not self.block_manager.ensure_capacity(seq, num_tokens):
+            victim = self.running[-1]
+            self.preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _schedule_chunks(self, budget: int) -> list[PrefillChunk]:
+        """Pieces of prompts for a decode step, at most `budget` token-equivalents in all: first
+        the prompts already under way (oldest first), then newcomers from the queue."""
+        chunks: list[PrefillChunk] = []
+        left = float(budget)
+        for seq in list(self.running):
+            if left < 1:
+                return chunks
+            if seq.status != SequenceStatus.RUNNING or seq.is_prefilled:
+                continue
+            chunk = self._next_chunk(seq, left)
+            # No preemption for a chunk: the victims could be sequences this step decodes.
+            if self.block_manager.ensure_capacity(seq, chunk.start + chunk.num_tokens):
+                chunks.append(chunk)
+                left -= self._cost(chunk)
+        while self.waiting and left >= 1 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            chunk = self._next_chunk(seq, left)
+            if not self.block_manager.ensure_capacity(seq, chunk.start + chunk.num_tokens):
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.monotonic()
+            self.running.append(seq)
+            chunks.append(chunk)
+            left -= self._cost(chunk)
+        return chunks
+
+    def _next_chunk(self, seq: Sequence, budget: float) -> PrefillChunk:
+        if seq.depth is None:  # the router's pass: its feature layers only, so tokens are cheap
+            start = seq.num_feature_tokens
+            count = min(seq.num_tokens - start, max(1, int(budget / self.feature_cost)))
+            return PrefillChunk(seq, start, count, features_only=True)
+        start = seq.num_cached_tokens
+        return PrefillChunk(seq, start, min(seq.num_tokens - start, int(budget)), features_only=False)
+
+    def _cost(self, chunk: PrefillChunk) -> float:
+        return chunk.num_tokens * (self.feature_cost if chunk.features_only else 1.0)
 
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.block_manager.free(seq)
+        seq.router_features = None  # a router pass under way starts over (a picked depth stays)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1

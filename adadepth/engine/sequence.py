@@ -32,7 +32,10 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[dict[int, float]] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
-    num_cached_tokens: int = 0               # tokens whose KV is in the cache
+    num_cached_tokens: int = 0               # tokens whose KV is in the cache (every layer of its depth)
+    # Chunked prefill of a prompt whose depth the router has yet to pick: its pooled features so
+    # far (a `PrefillFeatureSum`), summed chunk by chunk over the router's feature layers.
+    router_features: object | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     output_text: str = ""
@@ -54,6 +57,16 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_feature_tokens(self) -> int:
+        return 0 if self.router_features is None else self.router_features.num_tokens
+
+    @property
+    def is_prefilled(self) -> bool:
+        """Every token but the newest has its KV cached: the next step is a decode step for it
+        (the newest token's KV is written by the step that samples after it)."""
+        return self.depth is not None and self.num_cached_tokens == self.num_tokens - 1
 
     @property
     def is_finished(self) -> bool:

@@ -179,3 +179,36 @@ def test_server_routes_by_default_when_the_model_has_a_router():
     assert ServerConfig().for_router(True).default_quality == ROUTER_DEFAULT_QUALITY == 0.9
     assert ServerConfig().for_router(False).default_quality is None
     assert ServerConfig(default_quality=0.7).for_router(True).default_quality == 0.7
+
+
+def test_chunked_router_pass_picks_the_whole_prompts_depth(router_ckpt, cache_dir):
+    """Prompts routed while others decode: their features are pooled chunk by chunk over the
+    feature layers, then the prompt is prefilled at the picked depth. Same depth, same predicted
+    agreement and same tokens as a whole routed prefill."""
+    qualities = [0.3, 0.6, 0.9, 0.97, 0.5]
+
+    def run(chunk):
+        router = make_router(PLAN, seed=2)
+        llm = make_llm(router_ckpt, cache_dir, router=router, prefill_chunk_tokens=chunk)
+        engine, outs, pooled_in_pieces = llm.engine, {}, False
+        for i, (prompt, q) in enumerate(zip(PROMPTS, qualities)):
+            engine.add_request(f"r{i}", prompt, greedy(n=10, quality=q))
+            for _ in range(2):  # the next one joins while this one decodes
+                for out in engine.step():
+                    outs.setdefault(out.request_id, []).append(out)
+                pooled_in_pieces |= any(s.router_features is not None for s in engine.scheduler.running)
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                outs.setdefault(out.request_id, []).append(out)
+        assert router.stats.prompts == len(PROMPTS)
+        assert pooled_in_pieces == (chunk > 0)
+        return {rid: ([t for o in os for t in o.token_ids], os[0].depth_decision) for rid, os in outs.items()}
+
+    chunked, whole = run(2), run(0)
+    assert chunked.keys() == whole.keys() == {f"r{i}" for i in range(len(PROMPTS))}
+    for rid in whole:
+        (tokens_c, dec_c), (tokens_w, dec_w) = chunked[rid], whole[rid]
+        assert dec_c.depth == dec_w.depth and dec_c.source == "router"
+        assert dec_c.predicted_agreement == pytest.approx(dec_w.predicted_agreement, abs=1e-6)
+        assert tokens_c == tokens_w
+    assert len({d.depth for _, d in whole.values()}) > 1
