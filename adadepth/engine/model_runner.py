@@ -127,7 +127,9 @@ class ModelRunner:
             if not main:
                 return StepResult(SamplerOutput([], []), h.new_zeros(0, h.shape[-1]), [])
             rows = list(range(n_feat, h.shape[0]))
+            chunks_left = [(r - n_feat, count, first) for r, count, first in batch.chunks if r >= n_feat]
             batch = self._permute_rows(batch, rows, [batch.row_depths[r] for r in rows])
+            batch.chunks = chunks_left
             h, start = h[n_feat:], k
         h = self.model.run_layers(h, batch, self.kv_cache, start, num_layers)
         sampled_seqs = [s for s, first, count in main if first + count == s.num_tokens]
@@ -235,13 +237,15 @@ class ModelRunner:
         table = table.repeat_interleave(counts, dim=0)                          # (N, nblk)
         slots = table.gather(1, (positions // bs)[:, None])[:, 0] * bs + positions % bs   # (N,)
         row_depths = [d for d, (_, _, count) in zip(depths, pieces) for _ in range(count)]
+        first_rows = [0] + counts.cumsum(0).tolist()[:-1]
+        chunks = [(r, count, first) for r, (_, first, count) in zip(first_rows, pieces) if count > 1]
         return ForwardBatch(
             input_ids=ids[:, None].to(self.device), positions=positions[:, None].to(self.device),
             slot_mapping=slots.to(self.device), context_blocks=table.to(self.device), attn_mask=None,
             active_rows=self.model.active_rows(row_depths), row_depths=row_depths,
             depths=self._depths_tensor(row_depths),
             last_index=torch.zeros(len(row_depths), dtype=torch.long, device=self.device), block_size=bs,
-            context_lens=(positions + 1).to(self.device))
+            context_lens=(positions + 1).to(self.device), chunks=chunks)
 
     def prepare_decode(self, seqs: list[Sequence]) -> ForwardBatch:
         # The newest token (position num_tokens-1) has no KV yet: this step writes it.

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adadepth.kernels.layer_ops import LayerOps
+from adadepth.kernels.paged_attention import chunk_attention
 from adadepth.model.depth_plan import DepthPlan
 from adadepth.model.rope import rope_parameters
 
@@ -47,6 +48,10 @@ class ForwardBatch:
                                         # batched-skip kernels (built from row_depths when None;
                                         # given, the forward makes no host->device copy, so a
                                         # CUDA graph can capture it)
+    # Chunked prefill (decode-shaped batches, one token per row): each (first_row, num_rows,
+    # first_position) is a prompt chunk whose rows are consecutive tokens of one sequence. Their
+    # attention runs as one SDPA over the sequence's gathered context instead of row by row.
+    chunks: list[tuple[int, int, int]] | None = None
 
 
 class RMSNorm(nn.Module):
@@ -104,9 +109,24 @@ class DecoderLayer(nn.Module):
         if batch.context_blocks is not None:
             # Decode: one new token per row, its context in the paged cache.
             shape = (-1, batch.block_size, self.num_kv_heads, self.head_dim)
-            attn = self.ops.paged_attention(q.reshape(n, self.num_heads, self.head_dim), k_cache.view(shape),
-                                            v_cache.view(shape), batch.context_blocks[:n], batch.context_lens[:n],
-                                            self.scale)                         # (n, H, Dh)
+            k_blocks, v_blocks = k_cache.view(shape), v_cache.view(shape)      # (num_blocks, bs, Hkv, Dh)
+            q = q.reshape(n, self.num_heads, self.head_dim)                     # (n, H, Dh)
+            chunks = [c for c in batch.chunks or () if c[0] < n]                # active rows: whole chunks
+            if not chunks:
+                attn = self.ops.paged_attention(q, k_blocks, v_blocks, batch.context_blocks[:n],
+                                                batch.context_lens[:n], self.scale)   # (n, H, Dh)
+                return self.o_proj(attn.view(n, t, self.q_size))                # (n, T=1, D)
+            attn = torch.empty_like(q)
+            single = torch.ones(n, dtype=torch.bool)
+            for first, count, position in chunks:
+                rows = slice(first, first + count)
+                attn[rows] = chunk_attention(q[rows], k_blocks, v_blocks, batch.context_blocks[first],
+                                             position, self.scale)
+                single[rows] = False
+            if bool(single.any()):
+                idx = single.nonzero()[:, 0].to(q.device)
+                attn[idx] = self.ops.paged_attention(q[idx], k_blocks, v_blocks, batch.context_blocks[idx],
+                                                     batch.context_lens[idx], self.scale)
             return self.o_proj(attn.view(n, t, self.q_size))                    # (n, T=1, D)
         k = qkv[..., self.q_size: self.q_size + self.kv_size].view(n, t, self.num_kv_heads, self.head_dim)
         v = qkv[..., self.q_size + self.kv_size:].view(n, t, self.num_kv_heads, self.head_dim)   # (n, T, Hkv, Dh)

@@ -14,7 +14,7 @@ import torch
 
 from adadepth import LLM, SamplingParams
 from adadepth.kernels.cpu_ops import load_cpu_ops
-from adadepth.kernels.paged_attention import paged_decode_attention_ref
+from adadepth.kernels.paged_attention import chunk_attention, paged_decode_attention_ref
 
 
 @pytest.fixture(scope="module")
@@ -140,3 +140,22 @@ def test_engine_generates_the_same_tokens_with_and_without_the_kernels(tiny_llam
         lp_a = torch.tensor([next(iter(x.values())) for x in a.outputs[0].logprobs])
         lp_b = torch.tensor([next(iter(x.values())) for x in b.outputs[0].logprobs])
         torch.testing.assert_close(lp_a, lp_b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunk_attention_equals_one_decode_row_per_token(case, dtype):
+    """A prompt chunk of c tokens at positions p..p+c-1 = c decode rows of one sequence whose
+    contexts end at their own positions."""
+    _, num_heads, num_kv_heads, head_dim, block_size, max_len = case
+    q, k_cache, v_cache, table, _, scale = random_case(1, num_heads, num_kv_heads, head_dim, block_size, max_len + 7)
+    q_all = torch.randn(max_len + 7, num_heads, head_dim, generator=torch.Generator().manual_seed(3))
+    k_cache, v_cache = k_cache.to(dtype), v_cache.to(dtype)
+    for first, count in [(0, max_len), (max_len // 2, max_len - max_len // 2 + 7), (max_len, 1)]:
+        qc = q_all[first: first + count].to(dtype)
+        rows = table[0].expand(count, -1)
+        lens = torch.arange(first + 1, first + count + 1)
+        want = paged_decode_attention_ref(qc, k_cache, v_cache, rows, lens, scale)
+        got = chunk_attention(qc, k_cache, v_cache, table[0], first, scale)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
