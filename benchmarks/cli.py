@@ -6,7 +6,8 @@ import importlib
 # Benchmarks that may be absent from a checkout (written separately); skipped quietly if so.
 OPTIONAL_BENCHMARKS = ("adadepth.benchmarks.depth_bench", "adadepth.benchmarks.step_profile",
                        "adadepth.benchmarks.dtype_agreement", "adadepth.benchmarks.structured_bench",
-                       "adadepth.benchmarks.soak", "adadepth.benchmarks.fuzz")
+                       "adadepth.benchmarks.soak", "adadepth.benchmarks.fuzz",
+                       "adadepth.benchmarks.chunked_prefill_bench")
 
 
 def add_parser(subparsers) -> None:

@@ -23,13 +23,15 @@ CASES = {  # name: (batch, depths as fractions of the layers, cycled over the ro
 }
 
 
-def load_chats(path: Path, count: int) -> list[list[dict]]:
-    """`count` conversations, one source after another (as the serving benchmark takes them)."""
+def load_chats(path: Path, count: int | None) -> list[list[dict]]:
+    """`count` conversations (None: all), one source after another (as the serving benchmark takes them)."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     by_source: dict[str, list] = {}
     for row in rows:
         by_source.setdefault(row.get("source"), []).append(row["messages"])
     mixed = [m for turn in itertools.zip_longest(*by_source.values()) for m in turn if m is not None]
+    if count is None:
+        return mixed
     if len(mixed) < count:
         raise ValueError(f"{path} has {len(mixed)} prompts, {count} needed")
     return mixed[:count]
