@@ -11,7 +11,7 @@ import json
 import sys
 
 from adadepth.cli_args import add_dataclass_args, dataclass_from_args
-from adadepth.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from adadepth.config import CacheConfig, DepthPolicyConfig, EngineConfig, ModelConfig, SchedulerConfig
 
 # Modules that provide `add_parser(subparsers)`; each sets `func` on its parser. Optional ones
 # (not yet written, or missing extras) are skipped quietly so the others still work.
@@ -25,13 +25,13 @@ SUBCOMMAND_MODULES = (
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    for cls in (ModelConfig, CacheConfig, SchedulerConfig):
+    for cls in (ModelConfig, CacheConfig, SchedulerConfig, DepthPolicyConfig):
         add_dataclass_args(parser, cls)
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(dataclass_from_args(ModelConfig, args), dataclass_from_args(CacheConfig, args),
-                        dataclass_from_args(SchedulerConfig, args))
+                        dataclass_from_args(SchedulerConfig, args), dataclass_from_args(DepthPolicyConfig, args))
 
 
 def _generate(args: argparse.Namespace) -> None:

@@ -5,6 +5,7 @@ Each field's `metadata["help"]` is its flag's help text.
 """
 from __future__ import annotations
 
+import enum
 import os
 from dataclasses import dataclass, field
 
@@ -105,11 +106,39 @@ class SchedulerConfig:
                 f"({self.max_model_len}) so that any accepted prompt fits one prefill step")
 
 
+class DepthPolicy(enum.Enum):
+    MIN = "min"    # the smallest depth predicted to reach the request's quality
+    LOAD = "load"  # full depth while the latency objectives hold, down towards that floor under load
+
+
+@dataclass
+class DepthPolicyConfig:
+    depth_policy: str = field(default="min", metadata={"help": (
+        "how deep a request that names a quality (or none: --default-quality) runs: 'min', the smallest "
+        "depth the router predicts to reach its quality; 'load', full depth while the server meets "
+        "--slo-ttft-ms and --slo-itl-ms, going down towards that floor as load rises (an explicit depth "
+        "is never changed)")})
+    slo_ttft_ms: float = field(default=2000.0, metadata={"help": "time-to-first-token objective of --depth-policy load"})
+    slo_itl_ms: float = field(default=100.0, metadata={"help": "time-between-tokens objective of --depth-policy load"})
+
+    def __post_init__(self) -> None:
+        choices = [p.value for p in DepthPolicy]
+        if self.depth_policy not in choices:
+            raise ValueError(f"depth_policy must be one of {choices}, got {self.depth_policy!r}")
+        if not (self.slo_ttft_ms > 0 and self.slo_itl_ms > 0):
+            raise ValueError("slo_ttft_ms and slo_itl_ms must be > 0")
+
+    @property
+    def policy(self) -> DepthPolicy:
+        return DepthPolicy(self.depth_policy)
+
+
 @dataclass
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    depth_policy: DepthPolicyConfig = field(default_factory=DepthPolicyConfig)
 
     def __post_init__(self) -> None:
         if self.cache.num_kv_tokens < self.scheduler.max_model_len:

@@ -7,7 +7,7 @@ from typing import Sequence as Seq
 
 from tqdm import tqdm
 
-from adadepth.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from adadepth.config import CacheConfig, DepthPolicyConfig, EngineConfig, ModelConfig, SchedulerConfig
 from adadepth.engine.llm_engine import LLMEngine
 from adadepth.outputs import RequestOutput, merge_delta
 from adadepth.sampling_params import SamplingParams
@@ -16,16 +16,18 @@ from adadepth.sampling_params import SamplingParams
 class LLM:
     def __init__(self, model: str = "default", *, engine_config: EngineConfig | None = None,
                  depth_router=None, **kwargs):
-        """kwargs are fields of ModelConfig, CacheConfig or SchedulerConfig (dtype=, max_model_len=, ...)."""
+        """kwargs are fields of ModelConfig, CacheConfig, SchedulerConfig or DepthPolicyConfig (dtype=,
+        max_model_len=, ...)."""
         if engine_config is None:
             groups = {}
-            for cls in (ModelConfig, CacheConfig, SchedulerConfig):
+            for cls in (ModelConfig, CacheConfig, SchedulerConfig, DepthPolicyConfig):
                 names = {f.name for f in dataclasses.fields(cls)}
                 groups[cls] = cls(**{k: kwargs.pop(k) for k in list(kwargs) if k in names})
             if kwargs:
                 raise TypeError(f"unknown LLM options: {sorted(kwargs)}")
             groups[ModelConfig].model = model
-            engine_config = EngineConfig(groups[ModelConfig], groups[CacheConfig], groups[SchedulerConfig])
+            engine_config = EngineConfig(groups[ModelConfig], groups[CacheConfig], groups[SchedulerConfig],
+                                         groups[DepthPolicyConfig])
         self.engine = LLMEngine(engine_config, depth_router=depth_router)
         self._ids = itertools.count()
 

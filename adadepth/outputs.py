@@ -15,7 +15,8 @@ class DepthDecision:
     """How deep a request runs and why: reported in API responses and metrics."""
     depth: int
     num_layers: int
-    source: str  # "request" (explicit depth), "router" (from quality) or "default"
+    source: str  # "request" (explicit depth), "router" (from quality), "load" (deeper than its
+                 # quality needs: --depth-policy load had room) or "default"
     quality: float | None = None
     predicted_agreement: float | None = None
 

@@ -80,15 +80,23 @@ class DifficultyRouter:
                 return depth, agreement
         return self.num_layers, 1.0
 
-    def decide(self, features: PrefillFeatures, qualities: list[float | None]) -> list[DepthDecision]:
+    def decide(self, features: PrefillFeatures, qualities: list[float | None],
+               allowances: list[int | None] | None = None) -> list[DepthDecision]:
+        """allowances (`--depth-policy load`): per prompt, the depth the server can afford now; a
+        prompt runs the deeper of it (rounded up to a grid depth) and its quality's floor."""
         predicted = self.predict(features).tolist()
         decisions = []
-        for row, quality in zip(predicted, qualities):
+        for i, (row, quality) in enumerate(zip(predicted, qualities)):
             if quality is None:
                 decisions.append(DepthDecision(self.num_layers, self.num_layers, "default", None))
                 continue
             depth, agreement = self.choose(row, quality)
-            decisions.append(DepthDecision(depth, self.num_layers, "router", quality, round(agreement, 4)))
+            source = "router"
+            allowance = allowances[i] if allowances is not None else None
+            if allowance is not None and allowance > depth:
+                g = next(j for j, d in enumerate(self.grid.depths) if d >= allowance)
+                depth, agreement, source = self.grid.depths[g], row[g], "load"
+            decisions.append(DepthDecision(depth, self.num_layers, source, quality, round(agreement, 4)))
         return decisions
 
     def route(self, hidden: torch.Tensor, lengths: torch.Tensor, seqs) -> list[DepthDecision]:
@@ -99,7 +107,8 @@ class DifficultyRouter:
     def route_features(self, features: PrefillFeatures, seqs) -> list[DepthDecision]:
         """Engine hook for prompts whose features were pooled already (chunked prefill)."""
         t0 = time.perf_counter()
-        decisions = self.decide(features, [s.params.quality for s in seqs])
+        decisions = self.decide(features, [s.params.quality for s in seqs],
+                                [getattr(s, "depth_allowance", None) for s in seqs])
         self.stats.calls += 1
         self.stats.prompts += len(seqs)
         self.stats.seconds += time.perf_counter() - t0

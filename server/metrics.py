@@ -111,6 +111,10 @@ class ServerMetrics:
                                       "Token-layers skipped (tokens x layers not run) against full depth.")
         self.num_layers_gauge = gauge("adadepth:model_num_layers", "Layers of the served model.")
         self.num_layers_gauge.set(num_layers)
+        self.depth_allowance = gauge("adadepth:depth_allowance",
+                                     "--depth-policy load: the depth routed requests may get now "
+                                     "(full depth when the policy is off).")
+        self.depth_allowance.set(num_layers)
         self.depth_e2e = Histogram("adadepth:e2e_request_latency_seconds",
                                    "End-to-end request latency by fraction of layers run.",
                                    labels + ["depth_bucket"], buckets=REQUEST_LATENCY_BUCKETS, registry=r)
@@ -133,6 +137,8 @@ class ServerMetrics:
         self.num_running.set(stats.num_running)
         self.num_waiting.set(stats.num_waiting)
         self.kv_cache_usage.set(stats.kv_cache_usage)
+        if stats.depth_allowance is not None:
+            self.depth_allowance.set(stats.depth_allowance)
         if num_preemptions > self._preemptions_seen:
             self.num_preemptions.inc(num_preemptions - self._preemptions_seen)
             self._preemptions_seen = num_preemptions

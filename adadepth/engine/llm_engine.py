@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from adadepth.config import EngineConfig
+from adadepth.config import DepthPolicy, EngineConfig
 from adadepth.engine.block_manager import BlockManager
 from adadepth.engine.detokenizer import Detokenizer
+from adadepth.engine.load_controller import LoadController, LoadState
 from adadepth.engine.model_runner import ModelRunner
 from adadepth.engine.sampler import Sampler
 from adadepth.engine.scheduler import Scheduler
@@ -37,6 +38,7 @@ class EngineStats:
     num_running: int
     num_waiting: int
     kv_cache_usage: float
+    depth_allowance: int | None = None  # --depth-policy load's current allowance
 
 
 @dataclass
@@ -108,6 +110,13 @@ class LLMEngine:
         self.depth_router = depth_router
         if depth_router is not None:  # a chunk of a router pass runs k of L layers
             self.scheduler.feature_cost = max(1, depth_router.feature_layers) / self.num_layers
+        self.load_controller: LoadController | None = None
+        if config.depth_policy.policy is DepthPolicy.LOAD:
+            if depth_router is None:
+                logger.warning("--depth-policy load needs a depth router; without one every request runs full depth")
+            else:
+                self.load_controller = LoadController(config.depth_policy, list(depth_router.grid.depths),
+                                                      self.num_layers, config.scheduler.prefill_chunk_tokens)
         self.seqs: dict[str, Sequence] = {}
         # Made on the first constrained request (its tokenizer table takes a fraction of a second).
         self._structured = None
@@ -126,7 +135,9 @@ class LLMEngine:
         return self.model.plan
 
     def stats(self) -> EngineStats:
-        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.block_manager.usage)
+        allowance = None if self.load_controller is None else self.load_controller.allowance
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.block_manager.usage,
+                           allowance)
 
     # ---- requests ---------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> DepthDecision | None:
@@ -196,12 +207,19 @@ class LLMEngine:
 
     # ---- the step ---------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        controller = self.load_controller
+        if controller is not None:
+            controller.update(self.load_state(), time.monotonic())
         scheduled = self.scheduler.schedule()
         if scheduled is None:
             return []
         t0 = time.perf_counter()
         seqs = scheduled.seqs
         chunks = scheduled.chunks
+        if controller is not None:  # what the router may give the prompts it decides in this step
+            for seq in [*seqs, *(c.seq for c in chunks)]:
+                if seq.depth is None:
+                    seq.depth_allowance = controller.allowance
         # Work, counted before the sampled tokens are appended (num_tokens grows by one below).
         if scheduled.is_prefill:
             tokens, prompt_tokens = [s.num_tokens for s in seqs], sum(s.num_tokens for s in seqs)
@@ -210,8 +228,8 @@ class LLMEngine:
         if chunks:
             # The router decides inside the step for chunks that finish their feature pass.
             k = self.depth_router.feature_layers if self.depth_router is not None else 0
-            executed = sum(s.depth for s in seqs) + sum(
-                c.num_tokens * (k if c.features_only else c.seq.depth) for c in chunks)
+            decode_layers = sum(s.depth for s in seqs)
+            executed = decode_layers + sum(c.num_tokens * (k if c.features_only else c.seq.depth) for c in chunks)
             result = self.runner.run_mixed(seqs, chunks, self.depth_router)
             for c in chunks:
                 if not c.features_only:
@@ -222,6 +240,7 @@ class LLMEngine:
             router = self.depth_router if scheduled.is_prefill and any(s.depth is None for s in seqs) else None
             result = self.runner.run(seqs, scheduled.is_prefill, router)
             executed = sum(n * s.depth for n, s in zip(tokens, seqs))
+            decode_layers = 0 if scheduled.is_prefill else executed
         num_tokens = sum(tokens) + sum(c.num_tokens for c in chunks)
         now = time.monotonic()
         outputs = []
@@ -234,7 +253,28 @@ class LLMEngine:
         self.last_step = StepInfo(scheduled.is_prefill, len(scheduled.seqs), num_tokens, executed,
                                   num_tokens * self.num_layers - executed, time.perf_counter() - t0,
                                   num_chunks=len(chunks), num_prompt_tokens=prompt_tokens)
+        if controller is not None:
+            controller.observe_step(decode_layers, executed - decode_layers, self.last_step.duration_s)
         return outputs
+
+    def load_state(self) -> LoadState:
+        """What the load controller needs: the depths that will decode, and the queue."""
+        now = time.monotonic()
+        fixed = num_open = prompt_tokens = 0
+        raised: list[int] = []
+        oldest = now
+        for seq in (*self.scheduler.running, *self.scheduler.waiting):
+            if seq.depth is None:
+                num_open += 1
+            elif seq.depth_decision is not None and seq.depth_decision.source == "load":
+                raised.append(seq.depth)
+            else:
+                fixed += seq.depth
+            if not seq.is_prefilled:
+                prompt_tokens += seq.num_tokens - seq.num_cached_tokens
+            if seq.first_token_time is None:
+                oldest = min(oldest, seq.arrival_time)
+        return LoadState(fixed, raised, num_open, prompt_tokens, now - oldest)
 
     def _append_token(self, seq: Sequence, token: int, logprobs, now: float) -> None:
         seq.output_token_ids.append(token)

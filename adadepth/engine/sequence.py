@@ -27,6 +27,7 @@ class Sequence:
     params: SamplingParams
     depth: int | None = None                # decided at admission (explicit) or at prefill (router)
     depth_decision: DepthDecision | None = None
+    depth_allowance: int | None = None      # --depth-policy load: the least depth the router may pick
     arrival_time: float = field(default_factory=time.monotonic)
     status: SequenceStatus = SequenceStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)

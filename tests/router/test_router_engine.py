@@ -212,3 +212,26 @@ def test_chunked_router_pass_picks_the_whole_prompts_depth(router_ckpt, cache_di
         assert dec_c.predicted_agreement == pytest.approx(dec_w.predicted_agreement, abs=1e-6)
         assert tokens_c == tokens_w
     assert len({d.depth for _, d in whole.values()}) > 1
+
+
+def test_load_policy_keeps_floors_and_explicit_depths(router_ckpt, cache_dir):
+    """--depth-policy load: an idle server gives routed requests full depth (source "load");
+    objectives no step can meet leave them at their floors (what `min` gives); an explicit depth
+    is never changed."""
+    prompts = PROMPTS[:3] + PROMPTS[:1]
+    params = [greedy(n=4, quality=q) for q in (0.1, 0.5, 0.7)] + [greedy(n=4, depth=2)]
+
+    def run(**kw):
+        router = make_router(PLAN, agreements=[0.2, 0.5, 0.8, 0.95])
+        return make_llm(router_ckpt, cache_dir, router=router, **kw).generate(prompts, params)
+
+    floors = run()
+    assert [o.depth for o in floors] == [2, 3, 4, 2] and floors[0].depth_decision.source == "router"
+    roomy = run(depth_policy="load")
+    assert [o.depth for o in roomy] == [6, 6, 6, 2]
+    assert [o.depth_decision.source for o in roomy] == ["load"] * 3 + ["request"]
+    assert roomy[0].depth_decision.predicted_agreement == 1.0
+    tight = run(depth_policy="load", slo_itl_ms=1e-6)
+    assert [o.depth for o in tight] == [2, 3, 4, 2]
+    assert [o.depth_decision.source for o in tight] == ["router"] * 3 + ["request"]
+    assert [o.token_ids for o in tight] == [o.token_ids for o in floors]

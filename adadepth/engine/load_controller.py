@@ -1,0 +1,117 @@
+"""`--depth-policy load`: how many layers the next routed requests may get, so that the server
+keeps its latency objectives (time to first token, time between tokens).
+
+Each request still has its floor, the depth its quality needs (the router's choice under
+`--depth-policy min`); the controller sets an *allowance*, and a routed request runs
+max(floor, allowance) (rounded up to a router grid depth, whose predicted agreement is known).
+The allowance is full depth while the objectives hold and goes down as load rises:
+
+- **Time between tokens.** `StepCostModel` (fitted on this engine's own steps) predicts a decode
+  step holding every request at the allowance D: the waiting ones at D, the running ones that
+  got their depth from this policy at min(depth, D) (what they would get under D), the others
+  (explicit depths, floors) at their own; plus a prefill chunk while prompts remain. Judging D
+  by the load it would settle to, not by the requests still running from an earlier allowance,
+  is what keeps the controller from swinging: it does not drop to the floor because deeper
+  requests admitted a moment ago are still draining.
+- **Time to first token.** The oldest waiting request has waited w; the queue's prompts need
+  prefilling at depth D (in chunks riding decode steps, or whole): w + that time.
+
+The allowance is the deepest grid depth predicted to meet both (with a 10 % margin). Stability:
+it drops at once once the current allowance is predicted to miss an objective (to the deepest
+depth that fits), but rises one grid step at a time, and only after the next depth up has been
+predicted to fit with a wider margin (25 %) for `raise_after_s`: between the two it stays put. A depth
+is held for a request's life, so decisions change only whom the next requests become.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+from adadepth.config import DepthPolicyConfig
+from adadepth.engine.step_cost_model import StepCostModel
+
+_MARGIN = 0.9        # predicted time must stay under 90 % of an objective
+_RAISE_MARGIN = 0.75  # ... and under 75 % for the allowance to go up
+
+
+@dataclass
+class LoadState:
+    """What the engine holds right now, as the controller needs it."""
+    fixed_layers: int            # sum of depths of the sequences whose depth no allowance changes
+    load_depths: list[int]       # depths of the sequences this policy raised above their floor
+    num_waiting: int             # sequences whose depth is still open (queued or in their router pass)
+    waiting_prompt_tokens: int   # their prompt tokens still to prefill
+    oldest_wait_s: float         # how long the oldest of them has waited
+
+
+class LoadController:
+    def __init__(self, config: DepthPolicyConfig, depths: list[int], num_layers: int, chunk_tokens: int,
+                 raise_after_s: float = 2.0, cost: StepCostModel | None = None):
+        """depths: the router's grid (ascending; the last is full depth)."""
+        self.slo_ttft = config.slo_ttft_ms / 1000
+        self.slo_itl = config.slo_itl_ms / 1000
+        self.depths = sorted(depths)
+        self.num_layers = num_layers
+        self.chunk_tokens = chunk_tokens
+        self.raise_after_s = raise_after_s
+        self.cost = cost or StepCostModel()
+        self.allowance = self.depths[-1]
+        self._fits_above_since: float | None = None
+        self._last_update: float | None = None
+        # (time, allowance) at every change, for reports; bounded.
+        self.history: deque[tuple[float, int]] = deque(maxlen=4096)
+
+    def observe_step(self, decode_layers: int, prefill_layers: int, seconds: float) -> None:
+        self.cost.observe(decode_layers, prefill_layers, seconds)
+
+    def predicted_itl(self, depth: int, state: LoadState) -> float:
+        decode = state.fixed_layers + sum(min(d, depth) for d in state.load_depths) + state.num_waiting * depth
+        chunk = self.chunk_tokens * depth if state.waiting_prompt_tokens and self.chunk_tokens else 0
+        return self.cost.predict(decode, chunk)
+
+    def predicted_ttft(self, depth: int, state: LoadState) -> float:
+        if not state.num_waiting:
+            return 0.0
+        if self.chunk_tokens:
+            steps = math.ceil(state.waiting_prompt_tokens / self.chunk_tokens)
+            drain = steps * self.predicted_itl(depth, state)
+        else:  # whole prefills, then one decode step to the first token
+            drain = self.cost.predict(0, state.waiting_prompt_tokens * depth) + self.predicted_itl(depth, state)
+        return state.oldest_wait_s + drain
+
+    def fits(self, depth: int, state: LoadState, margin: float) -> bool:
+        return (self.predicted_itl(depth, state) <= margin * self.slo_itl
+                and self.predicted_ttft(depth, state) <= margin * self.slo_ttft)
+
+    def update(self, state: LoadState, now: float) -> int:
+        """Recompute the allowance from the engine's state; returns it."""
+        # The engine steps every few dozen ms while it has work; a longer gap means it was idle,
+        # which counts as the wait before going up (else a lull would leave it low).
+        idle = self._last_update is not None and now - self._last_update >= self.raise_after_s
+        self._last_update = now
+        best = next((d for d in reversed(self.depths) if self.fits(d, state, _MARGIN)), self.depths[0])
+        if best < self.allowance:
+            if not self.fits(self.allowance, state, 1.0):  # a dead band: no drop while within the objectives
+                self._set(best, now)
+        elif best > self.allowance and idle:
+            relaxed = next((d for d in reversed(self.depths) if self.fits(d, state, _RAISE_MARGIN)), self.depths[0])
+            if relaxed > self.allowance:
+                self._set(relaxed, now)
+        elif best > self.allowance:
+            up = self.depths[self.depths.index(self.allowance) + 1]
+            if self.fits(up, state, _RAISE_MARGIN):
+                if self._fits_above_since is None:
+                    self._fits_above_since = now
+                elif now - self._fits_above_since >= self.raise_after_s:
+                    self._set(up, now)
+            else:
+                self._fits_above_since = None
+        else:
+            self._fits_above_since = None
+        return self.allowance
+
+    def _set(self, depth: int, now: float) -> None:
+        self.allowance = depth
+        self._fits_above_since = None
+        self.history.append((now, depth))
