@@ -1,8 +1,10 @@
 """`adadepth bench serve`: latency and throughput of a running OpenAI-compatible server.
 
-Sends the same chat requests at each concurrency level, streaming, with a fixed output length
-(ignore_eos), and reports what vLLM's serving benchmark reports: TTFT, TPOT, ITL and end-to-end
-latency percentiles, and output tokens per second; each level can be repeated (median, min and
+Sends the same chat requests at each concurrency level (closed loop), or at each request rate
+(`--request-rate`: Poisson arrivals, seeded, as `vllm bench serve --request-rate`), streaming,
+with a fixed output length (ignore_eos), and reports what vLLM's serving benchmark reports: TTFT,
+TPOT, ITL and end-to-end latency percentiles, output tokens per second, and goodput (requests per
+second that met `--slo-ttft-ms` and `--slo-tpot-ms`); each level can be repeated (median, min and
 max). The default prompts ship with the repository: the held-out split (GSM8K, T0 and Alpaca
 prompts never trained on), taken one source after another. Works against vLLM as well as
 adadepth (the depth fields are simply ignored there).
@@ -29,7 +31,17 @@ PERCENTILES = (50, 90, 99)
 class ServeBenchConfig:
     base_url: str = field(default="http://127.0.0.1:8000", metadata={"help": "server address (without /v1)"})
     model: str = field(default="default", metadata={"help": "model name sent in requests"})
-    concurrency: str = field(default="1,4,16", metadata={"help": "comma-separated concurrency levels"})
+    concurrency: str = field(default="1,4,16", metadata={
+        "help": "comma-separated concurrency levels (closed loop); with --request-rate, one number: the most "
+                "requests in flight (0: no bound)"})
+    request_rate: str | None = field(default=None, metadata={
+        "help": "comma-separated request rates (per second): requests arrive as a Poisson process at each "
+                "rate instead of a closed loop"})
+    seed: int = field(default=0, metadata={"help": "seed of the Poisson arrivals"})
+    slo_ttft_ms: float | None = field(default=None, metadata={
+        "help": "goodput: a request counts if its time to first token is at most this"})
+    slo_tpot_ms: float | None = field(default=None, metadata={
+        "help": "goodput: ... and its time per output token after the first at most this"})
     num_requests: int = field(default=0, metadata={
         "help": "requests per concurrency level; 0: twice the concurrency, at least 8"})
     repeats: int = field(default=1, metadata={"help": "runs of each level (median, min and max reported)"})
@@ -48,8 +60,14 @@ class ServeBenchConfig:
     timeout_s: float = field(default=600.0, metadata={"help": "per-request timeout in seconds"})
 
     def __post_init__(self) -> None:
+        self.rates = [float(r) for r in (self.request_rate or "").split(",") if r.strip()]
+        if any(not r > 0 for r in self.rates):
+            raise ValueError(f"request rates must be > 0, got {self.request_rate!r}")
         self.levels = [int(c) for c in self.concurrency.split(",") if c.strip()]
-        if not self.levels or any(c < 1 for c in self.levels):
+        if self.rates:
+            if len(self.levels) != 1 or self.levels[0] < 0:
+                raise ValueError("with --request-rate, --concurrency is one number >= 0 (the most requests in flight)")
+        elif not self.levels or any(c < 1 for c in self.levels):
             raise ValueError(f"concurrency must be comma-separated integers >= 1, got {self.concurrency!r}")
         if self.num_requests < 0 or self.max_tokens < 1 or self.warmup < 0 or self.repeats < 1:
             raise ValueError("num_requests must be >= 0, max_tokens and repeats >= 1, warmup >= 0")
@@ -61,6 +79,10 @@ class ServeBenchConfig:
 
     def requests_at(self, concurrency: int) -> int:
         return self.num_requests or max(8, 2 * concurrency)
+
+    def requests_at_rate(self, rate: float) -> int:
+        """Poisson runs: --num-requests, or 30 s worth of arrivals (at least 16)."""
+        return self.num_requests or max(16, round(30 * rate))
 
     def data_path(self) -> Path:
         path = Path(self.data)
@@ -77,6 +99,8 @@ class RequestResult:
     output_tokens: int = 0
     prompt_tokens: int = 0
     depth: int | None = None
+    depth_source: str | None = None
+    predicted_agreement: float | None = None
     layers_per_token: float | None = None
 
     @property
@@ -108,6 +132,11 @@ def load_conversations(path: Path, count: int) -> list[list[dict]]:
     if len(records) < count:
         raise ValueError(f"{path} has {len(records)} prompts, {count} requested")
     return [r.messages for r in records]
+
+
+def _count_lines(path: Path) -> int:
+    with open(path) as f:
+        return sum(1 for line in f if line.strip())
 
 
 def _payload(cfg: ServeBenchConfig, messages: list[dict]) -> dict:
@@ -148,6 +177,8 @@ async def _one_request(client, cfg: ServeBenchConfig, question: list[dict]) -> R
                     result.layers_per_token = chunk["usage"].get("layers_per_token")
                 if chunk.get("adadepth"):
                     result.depth = chunk["adadepth"].get("depth")
+                    result.depth_source = chunk["adadepth"].get("source")
+                    result.predicted_agreement = chunk["adadepth"].get("predicted_agreement")
                 for choice in chunk.get("choices", []):
                     if choice.get("delta", {}).get("content"):
                         if last is None:
@@ -173,22 +204,61 @@ def _stats(values: list[float]) -> dict:
     return {"mean": float(arr.mean()), **{f"p{p}": float(np.percentile(arr, p)) for p in PERCENTILES}}
 
 
-async def _run_level(client, cfg: ServeBenchConfig, questions: list[list[dict]], concurrency: int) -> dict:
-    gate = asyncio.Semaphore(concurrency)
+def poisson_arrivals(rate: float, count: int, seed: int) -> list[float]:
+    """Seconds from the start at which `count` requests arrive: exponential gaps of mean 1/rate."""
+    import random
 
-    async def limited(question: list[dict]) -> RequestResult:
+    rng = random.Random(seed)
+    t, times = 0.0, []
+    for _ in range(count):
+        t += rng.expovariate(rate)
+        times.append(t)
+    return times
+
+
+def meets_slo(r: RequestResult, cfg: ServeBenchConfig) -> bool:
+    if not r.ok:
+        return False
+    if cfg.slo_ttft_ms is not None and r.ttft * 1000 > cfg.slo_ttft_ms:
+        return False
+    return cfg.slo_tpot_ms is None or r.tpot is None or r.tpot * 1000 <= cfg.slo_tpot_ms
+
+
+async def _run_level(client, cfg: ServeBenchConfig, questions: list[list[dict]], concurrency: int,
+                     rate: float | None = None) -> dict:
+    gate = asyncio.Semaphore(concurrency) if concurrency else None
+    start = time.perf_counter()
+    arrivals = poisson_arrivals(rate, len(questions), cfg.seed) if rate else [0.0] * len(questions)
+
+    async def limited(question: list[dict], at: float) -> RequestResult:
+        delay = start + at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if gate is None:
+            return await _one_request(client, cfg, question)
         async with gate:
             return await _one_request(client, cfg, question)
 
-    start = time.perf_counter()
-    results = await asyncio.gather(*(limited(q) for q in questions))
+    results = await asyncio.gather(*(limited(q, at) for q, at in zip(questions, arrivals)))
     duration = time.perf_counter() - start
     ok = [r for r in results if r.ok]
     output_tokens = sum(r.output_tokens for r in ok)
     depths = sorted({r.depth for r in ok if r.depth is not None})
     lpt = [r.layers_per_token for r in ok if r.layers_per_token is not None]
+    good = [r for r in results if meets_slo(r, cfg)]
+    with_depth = [r for r in ok if r.depth is not None]
+    agreements = [r.predicted_agreement for r in ok if r.predicted_agreement is not None]
+    sources: dict[str, int] = {}
+    for r in ok:
+        if r.depth_source is not None:
+            sources[r.depth_source] = sources.get(r.depth_source, 0) + 1
     return {
-        "concurrency": concurrency, "num_requests": len(results), "completed": len(ok),
+        "concurrency": concurrency, "request_rate": rate, "num_requests": len(results), "completed": len(ok),
+        "goodput_req_s": len(good) / duration if duration > 0 else 0.0,
+        "slo_met_fraction": len(good) / len(results) if results else 0.0,
+        "mean_depth": sum(r.depth for r in with_depth) / len(with_depth) if with_depth else None,
+        "mean_predicted_agreement": sum(agreements) / len(agreements) if agreements else None,
+        "depth_sources": sources,
         "failed": len(results) - len(ok), "errors": sorted({r.error for r in results if r.error})[:5],
         "duration_s": duration, "total_output_tokens": output_tokens,
         "total_prompt_tokens": sum(r.prompt_tokens for r in ok),
@@ -232,11 +302,17 @@ def machine_info() -> dict:
 async def run_benchmark(cfg: ServeBenchConfig) -> dict:
     import httpx
 
-    questions = load_conversations(cfg.data_path(), max(cfg.requests_at(c) for c in cfg.levels))
+    needed = max([cfg.requests_at(c) for c in cfg.levels] + [cfg.requests_at_rate(r) for r in cfg.rates])
+    try:
+        questions = load_conversations(cfg.data_path(), needed)
+    except ValueError:  # a long Poisson run: the prompts come round again
+        available = load_conversations(cfg.data_path(), _count_lines(cfg.data_path()))
+        questions = [available[i % len(available)] for i in range(needed)]
     machine = machine_info()
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
-    limits = httpx.Limits(max_connections=max(cfg.levels), max_keepalive_connections=max(cfg.levels))
+    connections = max(cfg.levels) or needed
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
     async with httpx.AsyncClient(base_url=cfg.base_url.rstrip("/"), headers=headers, limits=limits,
                                  timeout=httpx.Timeout(cfg.timeout_s)) as client:
         models = (await client.get("/v1/models")).json()
@@ -245,8 +321,12 @@ async def run_benchmark(cfg: ServeBenchConfig) -> dict:
             if not warm.ok:
                 raise RuntimeError(f"warm-up request failed: {warm.error}")
         levels = []
-        for c in cfg.levels:
+        for c in ([] if cfg.rates else cfg.levels):
             runs = [await _run_level(client, cfg, questions[:cfg.requests_at(c)], c) for _ in range(cfg.repeats)]
+            levels.append(runs[0] if cfg.repeats == 1 else _repeated_level(runs))
+        for rate in cfg.rates:
+            runs = [await _run_level(client, cfg, questions[:cfg.requests_at_rate(rate)], cfg.levels[0], rate)
+                    for _ in range(cfg.repeats)]
             levels.append(runs[0] if cfg.repeats == 1 else _repeated_level(runs))
     config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "api_key"}
     config["depth"] = cfg.depth_value
@@ -270,6 +350,12 @@ def format_table(report: dict) -> str:
     lines = [f"serve benchmark '{report['label']}' ({report['config']['model']}, "
              f"{report['config']['max_tokens']} output tokens, depth {report['config']['depth']})", header]
     for r in report["results"]:
+        if r.get("request_rate"):
+            agreement = r.get("mean_predicted_agreement")
+            lines.append(f"rate {r['request_rate']:.2f}/s: goodput {r['goodput_req_s']:.2f} req/s "
+                         f"({100 * r['slo_met_fraction']:.0f} % met the objectives), mean depth "
+                         f"{r['mean_depth'] if r['mean_depth'] is None else round(r['mean_depth'], 1)}, mean predicted "
+                         f"agreement {agreement if agreement is None else round(agreement, 3)}, sources {r['depth_sources']}")
         if "repeats" in r:
             tput = r["repeats"]["output_throughput_tok_s"]
             lines.append(f"{r['concurrency']:>4} {len(tput['values'])} runs: out tok/s median {tput['median']:.1f} "

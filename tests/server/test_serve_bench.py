@@ -96,3 +96,38 @@ def test_repeats_report_the_median_run_and_the_spread():
     assert level["repeats"]["output_throughput_tok_s"] == {"median": 20.0, "min": 10.0, "max": 30.0,
                                                            "values": [10.0, 30.0, 20.0]}
     assert level["repeats"]["itl_p99_ms"]["max"] == 21.0 and len(level["runs"]) == 3
+
+
+def test_poisson_arrivals_are_seeded_with_the_asked_rate():
+    from adadepth.benchmarks.serve_bench import poisson_arrivals
+
+    times = poisson_arrivals(4.0, 4000, seed=1)
+    assert times == poisson_arrivals(4.0, 4000, seed=1) and times != poisson_arrivals(4.0, 4000, seed=2)
+    gaps = [b - a for a, b in zip([0.0] + times, times)]
+    assert all(g > 0 for g in gaps)
+    assert sum(gaps) / len(gaps) == pytest.approx(0.25, rel=0.05)             # mean gap 1 / rate
+    # Exponential gaps: as many above the mean as P(X > mean) = 1/e says.
+    assert sum(g > 0.25 for g in gaps) / len(gaps) == pytest.approx(0.3679, abs=0.03)
+    with pytest.raises(ValueError):
+        ServeBenchConfig(request_rate="2,0")
+    with pytest.raises(ValueError):
+        ServeBenchConfig(request_rate="2", concurrency="1,4")
+
+
+def test_request_rate_run_reports_goodput(server, questions, tmp_path):
+    out = tmp_path / "rate.json"
+    main(["bench", "serve", "--base-url", server.base_url, "--model", server.model, "--request-rate", "20,40",
+          "--concurrency", "0", "--num-requests", "5", "--max-tokens", "4", "--depth", "3", "--data", str(questions),
+          "--slo-ttft-ms", "60000", "--slo-tpot-ms", "0.000001", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert [r["request_rate"] for r in report["results"]] == [20.0, 40.0]
+    for level in report["results"]:
+        assert level["completed"] == 5 and level["mean_depth"] == 3 and level["depth_sources"] == {"request": 5}
+        # No request can meet a TPOT of a nanosecond: goodput 0 although every request completed.
+        assert level["goodput_req_s"] == 0 and level["slo_met_fraction"] == 0
+    main(["bench", "serve", "--base-url", server.base_url, "--model", server.model, "--request-rate", "20",
+          "--concurrency", "0", "--num-requests", "5", "--max-tokens", "4", "--data", str(questions),
+          "--slo-ttft-ms", "60000", "--out", str(out)])
+    level = json.loads(out.read_text())["results"][0]
+    assert level["slo_met_fraction"] == 1.0 and level["goodput_req_s"] == pytest.approx(
+        level["request_throughput_req_s"])
