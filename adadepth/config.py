@@ -64,18 +64,24 @@ class ModelConfig:
 class CacheConfig:
     block_size: int = field(default=16, metadata={"help": "tokens per KV-cache block"})
     num_kv_tokens: int = field(default=65536, metadata={
-        "help": "KV-cache capacity in tokens, preallocated at start (all layers)"})
+        "help": "KV-cache capacity in tokens at full depth, preallocated at start (reduced-depth requests "
+                "hold pages for their layers only, so more of their tokens fit)"})
+    kv_group_layers: int = field(default=3, metadata={
+        "help": "layers per KV page group: a depth-d request holds pages of ceil(d / this) groups (1: per layer; "
+                "the number of layers: every request holds every layer's pages)"})
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
             raise ValueError("block_size must be >= 1")
         if self.num_kv_tokens < self.block_size:
             raise ValueError("num_kv_tokens must hold at least one block")
+        if self.kv_group_layers < 1:
+            raise ValueError("kv_group_layers must be >= 1")
 
-    @property
-    def num_blocks(self) -> int:
-        # Block 0 is a scratch block that padding tokens write into; it is never handed out.
-        return self.num_kv_tokens // self.block_size + 1
+    def num_pages(self, num_groups: int) -> int:
+        """Pages for num_kv_tokens at full depth (every group), plus scratch page 0 that padding
+        tokens write into; it is never handed out."""
+        return num_groups * (self.num_kv_tokens // self.block_size) + 1
 
 
 @dataclass

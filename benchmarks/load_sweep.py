@@ -162,7 +162,7 @@ def run(cfg: LoadSweepConfig) -> dict:
                                                                                   commands.items()},
               "capacity": {"concurrency": cfg.capacity_concurrency, "request_throughput_req_s": capacity,
                            "output_throughput_tok_s": capacity_level["output_throughput_tok_s"]},
-              "load_allowance_at_end": allowance, "rows": rows}
+              "load_allowance_at_end": allowance, "kv_admission": kv_admission(cfg), "rows": rows}
     out = Path(cfg.out)
     out = out if out.is_absolute() else REPO_ROOT / out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -170,6 +170,43 @@ def run(cfg: LoadSweepConfig) -> dict:
     plot(report, out.with_suffix(".png"))
     print(f"wrote {out}")
     return report
+
+
+def kv_admission(cfg: LoadSweepConfig, depth_fractions: tuple[float, ...] = (1.0, 0.7)) -> dict:
+    """How many requests (held-out prompts, in order, each with max_tokens of output) fit in the
+    servers' KV cache at once, at full depth and at reduced depth: the engine's own cache size,
+    page layout and block manager, no model run."""
+    from adadepth.config import CacheConfig, ModelConfig
+    from adadepth.engine.block_manager import BlockManager
+    from adadepth.engine.sequence import Sequence
+    from adadepth.model.kv_layout import KVLayout
+    from adadepth.model.loader import load_config, load_plan, resolve_model
+    from adadepth.sampling_params import SamplingParams
+    from transformers import AutoTokenizer
+
+    from adadepth.benchmarks.serve_bench import _count_lines, load_conversations
+
+    cache = CacheConfig()
+    resolved = resolve_model(cfg.model, ModelConfig().cache_dir)
+    num_layers = load_config(resolved.checkpoint_dir).num_hidden_layers
+    layout = KVLayout.for_ranks(load_plan(resolved.plan_dir, num_layers).rank, cache.kv_group_layers)
+    tok = AutoTokenizer.from_pretrained(resolved.checkpoint_dir)
+    path = Path(cfg.data) if Path(cfg.data).is_absolute() else REPO_ROOT / cfg.data
+    chats = load_conversations(path, _count_lines(path))
+    lengths = [len(tok.apply_chat_template(c, add_generation_prompt=True)) + cfg.max_tokens for c in chats]
+    result = {"num_kv_tokens": cache.num_kv_tokens, "block_size": cache.block_size,
+              "kv_group_layers": layout.group_layers, "max_tokens": cfg.max_tokens, "depths": {}}
+    for fraction in depth_fractions:
+        depth = max(1, round(fraction * num_layers))
+        manager = BlockManager(cache.num_pages(layout.num_groups), cache.block_size, layout)
+        admitted = 0
+        while manager.ensure_capacity(Sequence(f"r{admitted}", None, [0], SamplingParams()),
+                                      lengths[admitted % len(lengths)], depth):
+            admitted += 1
+        result["depths"][str(depth)] = admitted
+    full, reduced = (result["depths"][str(max(1, round(f * num_layers)))] for f in depth_fractions[:2])
+    result["ratio"] = reduced / full
+    return result
 
 
 def _metric(url: str, name: str) -> float | None:

@@ -24,6 +24,7 @@ from adadepth.engine.scheduler import Scheduler
 from adadepth.engine.sequence import Sequence
 from adadepth.model.adaptive_llama import AdaptiveLlama
 from adadepth.model.depth_plan import DepthPlan
+from adadepth.model.kv_layout import KVLayout
 from adadepth.model.loader import apply_artifact, load_config, load_plan, load_state_dict, resolve_model
 from adadepth.outputs import CompletionOutput, DepthDecision, RequestMetrics, RequestOutput
 from adadepth.sampling_params import SamplingParams
@@ -95,8 +96,9 @@ class LLMEngine:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = eos
         self.max_model_len = min(config.scheduler.max_model_len, getattr(hf_config, "max_position_embeddings", 1 << 30))
-        self.block_manager = BlockManager(config.cache.num_blocks, config.cache.block_size)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        layout = KVLayout.for_ranks(self.model.rank, config.cache.kv_group_layers)
+        self.block_manager = BlockManager(config.cache.num_pages(layout.num_groups), config.cache.block_size, layout)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.num_layers)
         self.runner = ModelRunner(self.model, self.block_manager, Sampler(eos), self.dtype, self.device,
                                   max_prefill_padding=config.scheduler.max_prefill_padding)
         self.detokenizer = Detokenizer(self.tokenizer)
@@ -109,7 +111,9 @@ class LLMEngine:
                 logger.info("depth router loaded from %s (grid %s)", resolved.plan_dir, list(depth_router.grid.depths))
         self.depth_router = depth_router
         if depth_router is not None:  # a chunk of a router pass runs k of L layers
-            self.scheduler.feature_cost = max(1, depth_router.feature_layers) / self.num_layers
+            k = depth_router.feature_layers
+            self.scheduler.feature_cost = max(1, k) / self.num_layers
+            self.scheduler.feature_depth = max((self.model.rank[i] + 1 for i in range(k)), default=1)
         self.load_controller: LoadController | None = None
         if config.depth_policy.policy is DepthPolicy.LOAD:
             if depth_router is None:
@@ -239,6 +243,9 @@ class LLMEngine:
             # Sequences without a depth get theirs from the router inside this prefill (ModelRunner).
             router = self.depth_router if scheduled.is_prefill and any(s.depth is None for s in seqs) else None
             result = self.runner.run(seqs, scheduled.is_prefill, router)
+            if router is not None:  # routed prompts reserved full depth; keep their depth's pages
+                for seq in seqs:
+                    self.block_manager.trim(seq, seq.depth)
             executed = sum(n * s.depth for n, s in zip(tokens, seqs))
             decode_layers = 0 if scheduled.is_prefill else executed
         num_tokens = sum(tokens) + sum(c.num_tokens for c in chunks)

@@ -38,11 +38,11 @@ class ModelRunner:
         cfg = model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         num_slots = block_manager.num_blocks * block_manager.block_size
-        # (L, 2, slots, Hkv, Dh): preallocated once; blocks of it are handed out by the block manager.
-        # Zeroed, so that every page is touched now: left untouched, a server's memory grows for
-        # minutes as blocks meet their first write, and the deep layers' pages, which reduced-depth
-        # requests skip, are written last (the 10-minute soak's slow RSS climb).
-        self.kv_cache = torch.zeros(model.num_layers, 2, num_slots, cfg.num_key_value_heads, head_dim,
+        self.layout = block_manager.layout
+        # (s, 2, slots, Hkv, Dh), s layers per page group (kv_layout.py): preallocated once; pages of
+        # it are handed out by the block manager. Zeroed, so that every page is touched now: left
+        # untouched, a server's memory grows for minutes as pages meet their first write.
+        self.kv_cache = torch.zeros(self.layout.group_layers, 2, num_slots, cfg.num_key_value_heads, head_dim,
                                     dtype=dtype, device=device)
 
     @torch.inference_mode()
@@ -170,10 +170,11 @@ class ModelRunner:
         """batch with its rows reordered (new row j = old row perm[j]) and depths `row_depths`."""
         b, t = batch.input_ids.shape
         p = torch.tensor(perm, device=batch.input_ids.device)
+        groups = batch.slot_mapping.shape[0]
         return ForwardBatch(
             input_ids=batch.input_ids[p], positions=batch.positions[p],
-            slot_mapping=batch.slot_mapping.view(b, -1)[p].reshape(-1),
-            context_blocks=None if batch.context_blocks is None else batch.context_blocks[p],
+            slot_mapping=batch.slot_mapping.view(groups, b, -1)[:, p].reshape(groups, -1),
+            context_blocks=None if batch.context_blocks is None else batch.context_blocks[:, p], kv_layout=self.layout,
             attn_mask=None if batch.attn_mask is None else batch.attn_mask[p], active_rows=self.model.active_rows(row_depths),
             row_depths=list(row_depths), last_index=batch.last_index[p], block_size=batch.block_size,
             depths=self._depths_tensor(row_depths),
@@ -188,19 +189,26 @@ class ModelRunner:
         return torch.tensor(depths, dtype=torch.int32).to(self.device)            # (B,)
 
     def _block_table(self, seqs: list[Sequence], num_blocks: int) -> torch.Tensor:
-        """(B, num_blocks) long: each seq's first num_blocks blocks, padded with scratch block 0."""
-        table = torch.zeros(len(seqs), num_blocks, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            blocks = s.block_table[:num_blocks]
-            table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.long)
-        return table
+        """(G, B, num_blocks) long: each seq's first num_blocks pages in each page group, padded
+        with scratch page 0 (so are the groups its depth does not reach)."""
+        groups = self.layout.num_groups
+        flat: list[int] = []
+        for s in seqs:
+            tables = s.block_tables
+            for g in range(groups):
+                blocks = tables[g][:num_blocks] if g < len(tables) else []
+                flat += blocks
+                flat += [0] * (num_blocks - len(blocks))
+        table = torch.tensor(flat, dtype=torch.long).view(len(seqs), groups, num_blocks)   # (B, G, nblk)
+        return table.transpose(0, 1).contiguous()                              # (G, B, nblk)
 
     def _slots(self, seqs: list[Sequence], length: int) -> torch.Tensor:
-        """(B, length) cache slots of positions 0..length-1 of each seq (beyond its blocks -> 0)."""
+        """(G, B, length) cache slots of positions 0..length-1 of each seq in each page group
+        (beyond its pages -> scratch page 0)."""
         bs = self.block_manager.block_size
-        table = self._block_table(seqs, -(-length // bs))                        # (B, nblk)
+        table = self._block_table(seqs, -(-length // bs))                        # (G, B, nblk)
         pos = torch.arange(length)
-        return table[:, pos // bs] * bs + pos % bs                              # (B, length)
+        return table[:, :, pos // bs] * bs + pos % bs                           # (G, B, length)
 
     def prepare_prefill(self, seqs: list[Sequence], depths: list[int] | None = None) -> ForwardBatch:
         """depths: each row's depth (default: the seqs' own; a routed prefill passes provisional ones)."""
@@ -214,12 +222,12 @@ class ModelRunner:
         lens = torch.tensor(lengths)
         pos = torch.arange(t)
         valid = pos[None, :] < lens[:, None]                                    # (B, T)
-        slots = torch.where(valid, self._slots(seqs, t), 0)                     # padding -> scratch slot 0
+        slots = torch.where(valid, self._slots(seqs, t), 0)                     # (G, B, T); padding -> scratch
         causal = pos[None, :, None] >= pos[None, None, :]                       # (1, T, T) query >= key
         mask = causal & valid[:, None, :]                                       # (B, T, S=T)
         return ForwardBatch(
             input_ids=ids.to(self.device), positions=pos.expand(b, t).contiguous().to(self.device),
-            slot_mapping=slots.reshape(-1).to(self.device), context_blocks=None,
+            slot_mapping=slots.reshape(slots.shape[0], -1).to(self.device), context_blocks=None, kv_layout=self.layout,
             attn_mask=mask[:, None].to(self.device), active_rows=self.model.active_rows(depths),
             row_depths=list(depths), depths=self._depths_tensor(depths),
             last_index=(lens - 1).to(self.device))
@@ -233,15 +241,17 @@ class ModelRunner:
         positions = torch.cat([torch.arange(first, first + count) for _, first, count in pieces])   # (N,)
         ids = torch.tensor([t for s, first, count in pieces for t in s.token_ids[first: first + count]])
         num_blocks = max(first + count - 1 for _, first, count in pieces) // bs + 1
-        table = self._block_table([s for s, _, _ in pieces], num_blocks)        # (P, nblk)
-        table = table.repeat_interleave(counts, dim=0)                          # (N, nblk)
-        slots = table.gather(1, (positions // bs)[:, None])[:, 0] * bs + positions % bs   # (N,)
+        table = self._block_table([s for s, _, _ in pieces], num_blocks)        # (G, P, nblk)
+        table = table.repeat_interleave(counts, dim=1)                          # (G, N, nblk)
+        index = (positions // bs)[None, :, None].expand(table.shape[0], -1, 1)  # (G, N, 1)
+        slots = table.gather(2, index)[..., 0] * bs + positions % bs            # (G, N)
         row_depths = [d for d, (_, _, count) in zip(depths, pieces) for _ in range(count)]
         first_rows = [0] + counts.cumsum(0).tolist()[:-1]
         chunks = [(r, count, first) for r, (_, first, count) in zip(first_rows, pieces) if count > 1]
         return ForwardBatch(
             input_ids=ids[:, None].to(self.device), positions=positions[:, None].to(self.device),
             slot_mapping=slots.to(self.device), context_blocks=table.to(self.device), attn_mask=None,
+            kv_layout=self.layout,
             active_rows=self.model.active_rows(row_depths), row_depths=row_depths,
             depths=self._depths_tensor(row_depths),
             last_index=torch.zeros(len(row_depths), dtype=torch.long, device=self.device), block_size=bs,
@@ -252,14 +262,14 @@ class ModelRunner:
         bs = self.block_manager.block_size
         positions = torch.tensor([s.num_tokens - 1 for s in seqs])              # (B,)
         num_blocks = int(positions.max()) // bs + 1
-        table = self._block_table(seqs, num_blocks)                             # (B, nblk)
+        table = self._block_table(seqs, num_blocks)                             # (G, B, nblk)
         rows = torch.arange(len(seqs))
-        new_slots = table[rows, positions // bs] * bs + positions % bs          # (B,)
+        new_slots = table[:, rows, positions // bs] * bs + positions % bs       # (G, B)
         ids = torch.tensor([s.token_ids[-1] for s in seqs])[:, None]            # (B, 1)
         depths = [s.depth for s in seqs]
         return ForwardBatch(
             input_ids=ids.to(self.device), positions=positions[:, None].to(self.device),
-            slot_mapping=new_slots.to(self.device), context_blocks=table.to(self.device),
+            slot_mapping=new_slots.to(self.device), context_blocks=table.to(self.device), kv_layout=self.layout,
             attn_mask=None, active_rows=self.model.active_rows(depths), row_depths=depths,
             depths=self._depths_tensor(depths),
             last_index=torch.zeros(len(seqs), dtype=torch.long, device=self.device), block_size=bs,

@@ -48,11 +48,15 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, feature_cost: float = 1.0):
-        """feature_cost: what a token run through the router's feature layers only costs,
-        as a fraction of a full token (k / L), for the chunk budget."""
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, num_layers: int,
+                 feature_cost: float = 1.0, feature_depth: int | None = None):
+        """feature_cost: what a token run through the router's feature layers only costs, as a
+        fraction of a full token (k / L), for the chunk budget; feature_depth: the depth whose
+        layers include the router's feature layers (the KV pages such a chunk writes to)."""
         self.config = config
+        self.num_layers = num_layers
         self.feature_cost = feature_cost
+        self.feature_depth = feature_depth or num_layers
         self.block_manager = block_manager
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -87,7 +91,8 @@ class Scheduler:
             # Prefill rows are padded to the longest prompt: budget the padded token count.
             if scheduled and longest_if_added * (len(scheduled) + 1) > self.config.max_num_batched_tokens:
                 break
-            if not self.block_manager.ensure_capacity(seq, seq.num_tokens):
+            # A depth still to be routed reserves full depth; the pages past it go back after.
+            if not self.block_manager.ensure_capacity(seq, seq.num_tokens, seq.depth or self.num_layers):
                 break
             self.waiting.popleft()
             longest = longest_if_added
@@ -110,7 +115,7 @@ class Scheduler:
     def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
         """Blocks for num_tokens of seq, preempting the newest running sequences as needed;
         False if seq itself had to go."""
-        while not self.block_manager.ensure_capacity(seq, num_tokens):
+        while not self.block_manager.ensure_capacity(seq, num_tokens, seq.depth):
             victim = self.running[-1]
             self.preempt(victim)
             if victim is seq:
@@ -129,13 +134,13 @@ class Scheduler:
                 continue
             chunk = self._next_chunk(seq, left)
             # No preemption for a chunk: the victims could be sequences this step decodes.
-            if self.block_manager.ensure_capacity(seq, chunk.start + chunk.num_tokens):
+            if self.block_manager.ensure_capacity(seq, chunk.start + chunk.num_tokens, self._kv_depth(chunk)):
                 chunks.append(chunk)
                 left -= self._cost(chunk)
         while self.waiting and left >= 1 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             chunk = self._next_chunk(seq, left)
-            if not self.block_manager.ensure_capacity(seq, chunk.start + chunk.num_tokens):
+            if not self.block_manager.ensure_capacity(seq, chunk.start + chunk.num_tokens, self._kv_depth(chunk)):
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
@@ -153,6 +158,9 @@ class Scheduler:
             return PrefillChunk(seq, start, count, features_only=True)
         start = seq.num_cached_tokens
         return PrefillChunk(seq, start, min(seq.num_tokens - start, int(budget)), features_only=False)
+
+    def _kv_depth(self, chunk: PrefillChunk) -> int:
+        return self.feature_depth if chunk.features_only else chunk.seq.depth
 
     def _cost(self, chunk: PrefillChunk) -> float:
         return chunk.num_tokens * (self.feature_cost if chunk.features_only else 1.0)

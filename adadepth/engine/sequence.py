@@ -32,7 +32,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[dict[int, float]] = field(default_factory=list)
-    block_table: list[int] = field(default_factory=list)
+    block_tables: list[list[int]] = field(default_factory=list)  # per KV layer group: its pages
     num_cached_tokens: int = 0               # tokens whose KV is in the cache (every layer of its depth)
     # Chunked prefill of a prompt whose depth the router has yet to pick: its pooled features so
     # far (a `PrefillFeatureSum`), summed chunk by chunk over the router's feature layers.

@@ -20,6 +20,7 @@ from torch import nn
 from adadepth.kernels.layer_ops import LayerOps
 from adadepth.kernels.paged_attention import chunk_attention
 from adadepth.model.depth_plan import DepthPlan
+from adadepth.model.kv_layout import KVLayout
 from adadepth.model.rope import rope_parameters
 
 
@@ -32,8 +33,9 @@ class ForwardBatch:
     """
     input_ids: torch.Tensor        # (B, T) long
     positions: torch.Tensor        # (B, T) long; position of each new token in its sequence
-    slot_mapping: torch.Tensor     # (B*T,) long; KV-cache slot each new token writes (padding -> scratch slot 0)
-    context_blocks: torch.Tensor | None  # decode: (B, nblk) long; KV-cache blocks holding each row's
+    slot_mapping: torch.Tensor     # (B*T,) long; KV-cache slot each new token writes (padding -> scratch slot 0);
+                                   # (G, B*T) with a `kv_layout`: one row per page group
+    context_blocks: torch.Tensor | None  # decode: (B, nblk) long ((G, B, nblk) with a `kv_layout`); KV-cache blocks holding each row's
                                          # context (padded with scratch block 0); None in a prefill,
                                          # where every row starts at position 0 and attends to the fresh k/v
     attn_mask: torch.Tensor | None  # prefill: (B, 1, T, S=T) bool, True where query may attend to key;
@@ -52,6 +54,10 @@ class ForwardBatch:
     # first_position) is a prompt chunk whose rows are consecutive tokens of one sequence. Their
     # attention runs as one SDPA over the sequence's gathered context instead of row by row.
     chunks: list[tuple[int, int, int]] | None = None
+    # The engine's cache, paged by groups of layers (kv_layout.py): kv_cache is (s, 2, slots, Hkv, Dh)
+    # and layer i reads position `position[i]` and its group's slot_mapping / context_blocks row.
+    # None: kv_cache is (L, 2, slots, Hkv, Dh), one slice per layer, shared block tables.
+    kv_layout: KVLayout | None = None
 
 
 class RMSNorm(nn.Module):
@@ -87,45 +93,50 @@ class DecoderLayer(nn.Module):
         self.ops = LayerOps()
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
-                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+                k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor | None = None,
+                context_blocks: torch.Tensor | None = None) -> torch.Tensor:
         """h: (n, T, D) active rows; returns the layer output for them (h is not modified).
-        cos/sin: (n, T, Dh/2) float32; k/v_cache: (num_slots, Hkv, Dh)."""
+        cos/sin: (n, T, Dh/2) float32; k/v_cache: (num_slots, Hkv, Dh). slot_mapping and
+        context_blocks: this layer's (its page group's); None: the batch's own."""
         ops = self.ops
         x = ops.rms_norm(h, self.input_layernorm.weight, self.input_layernorm.eps)
-        attn = self.attention(x, cos, sin, batch, k_cache, v_cache)
+        attn = self.attention(x, cos, sin, batch, k_cache, v_cache, slot_mapping, context_blocks)
         # The residual add and the next norm in one pass over the rows.
         h, x = ops.add_rms_norm(h, attn, self.post_attention_layernorm.weight, self.post_attention_layernorm.eps)
         return h + self.mlp(x)
 
     def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
-                  k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor | None = None,
+                  context_blocks: torch.Tensor | None = None) -> torch.Tensor:
         """x: (n, T, D) normed input of the active rows -> (n, T, D) attention output (after o_proj)."""
+        if slot_mapping is None:
+            slot_mapping, context_blocks = batch.slot_mapping, batch.context_blocks
         n, t, _ = x.shape
         qkv = self.qkv_proj(x)                                                  # (n, T, q + 2kv)
         # Rotate q and k in place and write this step's keys/values into the cache (padding
         # tokens land in scratch slot 0), all in one op.
-        self.ops.rope_write_kv(qkv, cos, sin, k_cache, v_cache, batch.slot_mapping, self.num_heads, self.num_kv_heads)
+        self.ops.rope_write_kv(qkv, cos, sin, k_cache, v_cache, slot_mapping, self.num_heads, self.num_kv_heads)
         q = qkv[..., : self.q_size].view(n, t, self.num_heads, self.head_dim)  # (n, T, H, Dh)
-        if batch.context_blocks is not None:
+        if context_blocks is not None:
             # Decode: one new token per row, its context in the paged cache.
             shape = (-1, batch.block_size, self.num_kv_heads, self.head_dim)
             k_blocks, v_blocks = k_cache.view(shape), v_cache.view(shape)      # (num_blocks, bs, Hkv, Dh)
             q = q.reshape(n, self.num_heads, self.head_dim)                     # (n, H, Dh)
             chunks = [c for c in batch.chunks or () if c[0] < n]                # active rows: whole chunks
             if not chunks:
-                attn = self.ops.paged_attention(q, k_blocks, v_blocks, batch.context_blocks[:n],
+                attn = self.ops.paged_attention(q, k_blocks, v_blocks, context_blocks[:n],
                                                 batch.context_lens[:n], self.scale)   # (n, H, Dh)
                 return self.o_proj(attn.view(n, t, self.q_size))                # (n, T=1, D)
             attn = torch.empty_like(q)
             single = torch.ones(n, dtype=torch.bool)
             for first, count, position in chunks:
                 rows = slice(first, first + count)
-                attn[rows] = chunk_attention(q[rows], k_blocks, v_blocks, batch.context_blocks[first],
+                attn[rows] = chunk_attention(q[rows], k_blocks, v_blocks, context_blocks[first],
                                              position, self.scale)
                 single[rows] = False
             if bool(single.any()):
                 idx = single.nonzero()[:, 0].to(q.device)
-                attn[idx] = self.ops.paged_attention(q[idx], k_blocks, v_blocks, batch.context_blocks[idx],
+                attn[idx] = self.ops.paged_attention(q[idx], k_blocks, v_blocks, context_blocks[idx],
                                                      batch.context_lens[idx], self.scale)
             return self.o_proj(attn.view(n, t, self.q_size))                    # (n, T=1, D)
         k = qkv[..., self.q_size: self.q_size + self.kv_size].view(n, t, self.num_kv_heads, self.head_dim)
@@ -279,7 +290,7 @@ class AdaptiveLlama(nn.Module):
                     h[n:] = bypass(h[n:])
                 if n == 0:
                     continue
-                out = self.layers[i](h[:n], cos[:n], sin[:n], batch, kv_cache[i, 0], kv_cache[i, 1])
+                out = self.layers[i](h[:n], cos[:n], sin[:n], batch, *layer_kv(batch, kv_cache, i))
                 if n == h.shape[0]:
                     h = out
                 else:
@@ -324,7 +335,7 @@ class AdaptiveLlama(nn.Module):
             idx = idx[: n * t]  # host-known count: the first n*t tokens are the active ones
             eps = layer.input_layernorm.eps
             x = gather_rmsnorm(h_flat, idx, count, layer.input_layernorm.weight, eps)       # (n*T, D)
-            attn = layer.attention(x.view(n, t, d), cos[:n], sin[:n], batch, kv_cache[i, 0], kv_cache[i, 1])
+            attn = layer.attention(x.view(n, t, d), cos[:n], sin[:n], batch, *layer_kv(batch, kv_cache, i))
             x = scatter_residual_add(h_flat, attn.reshape(n * t, d), idx, count,
                                      next_weight=layer.post_attention_layernorm.weight, eps=eps)  # (n*T, D)
             scatter_residual_add(h_flat, layer.mlp(x), idx, count)
@@ -332,3 +343,13 @@ class AdaptiveLlama(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()                                     # (B, V)
+
+
+def layer_kv(batch: ForwardBatch, kv_cache: torch.Tensor, layer: int):
+    """(k_cache, v_cache, slot_mapping, context_blocks) of one layer, in either cache layout."""
+    layout = batch.kv_layout
+    if layout is None:
+        return kv_cache[layer, 0], kv_cache[layer, 1], batch.slot_mapping, batch.context_blocks
+    g, j = layout.group[layer], layout.position[layer]
+    blocks = None if batch.context_blocks is None else batch.context_blocks[g]
+    return kv_cache[j, 0], kv_cache[j, 1], batch.slot_mapping[g], blocks
