@@ -39,7 +39,8 @@ class LoadSweepConfig:
     slo_ttft_ms: float = field(default=2000.0, metadata={"help": "time-to-first-token objective"})
     slo_tpot_ms: float = field(default=100.0, metadata={
         "help": "time-per-output-token objective (the load server's --slo-itl-ms)"})
-    quality: float = field(default=0.9, metadata={"help": "default quality of the min and load servers"})
+    quality: float = field(default=0.7, metadata={
+        "help": "default quality of the min and load servers (their requests name none): the floor load may go down to"})
     port: int = field(default=8400, metadata={"help": "first of the three ports"})
     seed: int = field(default=0, metadata={"help": "seed of the arrivals (the same for every server)"})
     data: str = field(default="benchmarks/data/heldout_prompts.jsonl", metadata={

@@ -199,6 +199,8 @@ class LLMEngine:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
+        if self.load_controller is not None:
+            self.load_controller.observe_arrival(len(prompt_ids), time.monotonic())
 
     def abort_request(self, request_id: str) -> None:
         seq = self.seqs.pop(request_id, None)

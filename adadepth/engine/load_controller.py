@@ -9,10 +9,12 @@ The allowance is full depth while the objectives hold and goes down as load rise
 - **Time between tokens.** `StepCostModel` (fitted on this engine's own steps) predicts a decode
   step holding every request at the allowance D: the waiting ones at D, the running ones that
   got their depth from this policy at min(depth, D) (what they would get under D), the others
-  (explicit depths, floors) at their own; plus a prefill chunk while prompts remain. Judging D
-  by the load it would settle to, not by the requests still running from an earlier allowance,
-  is what keeps the controller from swinging: it does not drop to the floor because deeper
-  requests admitted a moment ago are still draining.
+  (explicit depths, floors) at their own. Prompts arriving take their share of the engine's time
+  (prompt tokens per second, measured over the last seconds, times a token's cost at D): a
+  stream's average time per token is the decode step over the share left, decode / (1 - f).
+  Judging D by the load it would settle to, not by the requests still running from an earlier
+  allowance, is what keeps the controller from swinging: it does not drop to the floor because
+  deeper requests admitted a moment ago are still draining.
 - **Time to first token.** The oldest waiting request has waited w; the queue's prompts need
   prefilling at depth D (in chunks riding decode steps, or whole): w + that time.
 
@@ -33,6 +35,8 @@ from adadepth.engine.step_cost_model import StepCostModel
 
 _MARGIN = 0.9        # predicted time must stay under 90 % of an objective
 _RAISE_MARGIN = 0.75  # ... and under 75 % for the allowance to go up
+_ARRIVAL_WINDOW_S = 10.0  # prompt tokens per second are measured over this window
+_MAX_PREFILL_SHARE = 0.95  # beyond this share of time spent prefilling, nothing fits
 
 
 @dataclass
@@ -59,25 +63,44 @@ class LoadController:
         self.allowance = self.depths[-1]
         self._fits_above_since: float | None = None
         self._last_update: float | None = None
+        self._arrivals: deque[tuple[float, int]] = deque()   # (time, prompt tokens) in the window
+        self.prompt_token_rate = 0.0                          # prompt tokens per second, last window
         # (time, allowance) at every change, for reports; bounded.
         self.history: deque[tuple[float, int]] = deque(maxlen=4096)
 
     def observe_step(self, decode_layers: int, prefill_layers: int, seconds: float) -> None:
         self.cost.observe(decode_layers, prefill_layers, seconds)
 
+    def observe_arrival(self, num_prompt_tokens: int, now: float) -> None:
+        self._arrivals.append((now, num_prompt_tokens))
+
+    def _update_rate(self, now: float) -> None:
+        while self._arrivals and self._arrivals[0][0] < now - _ARRIVAL_WINDOW_S:
+            self._arrivals.popleft()
+        self.prompt_token_rate = sum(n for _, n in self._arrivals) / _ARRIVAL_WINDOW_S
+
+    def decode_step(self, depth: int, state: LoadState) -> float:
+        """A decode step's predicted seconds with every request under allowance `depth`."""
+        layers = state.fixed_layers + sum(min(d, depth) for d in state.load_depths) + state.num_waiting * depth
+        return self.cost.predict(layers, 0)
+
     def predicted_itl(self, depth: int, state: LoadState) -> float:
-        decode = state.fixed_layers + sum(min(d, depth) for d in state.load_depths) + state.num_waiting * depth
-        chunk = self.chunk_tokens * depth if state.waiting_prompt_tokens and self.chunk_tokens else 0
-        return self.cost.predict(decode, chunk)
+        """A stream's average time per token: decode steps, stretched by the engine's time spent
+        prefilling the prompts that keep arriving."""
+        share = self.cost.prefill_seconds(self.prompt_token_rate * depth)
+        if share >= _MAX_PREFILL_SHARE:
+            return math.inf
+        return self.decode_step(depth, state) / (1.0 - share)
 
     def predicted_ttft(self, depth: int, state: LoadState) -> float:
         if not state.num_waiting:
             return 0.0
-        if self.chunk_tokens:
+        step = self.decode_step(depth, state)
+        if self.chunk_tokens:  # the queue's prompts ride decode steps, a chunk at a time
             steps = math.ceil(state.waiting_prompt_tokens / self.chunk_tokens)
-            drain = steps * self.predicted_itl(depth, state)
+            drain = steps * (step + self.cost.prefill_seconds(self.chunk_tokens * depth))
         else:  # whole prefills, then one decode step to the first token
-            drain = self.cost.predict(0, state.waiting_prompt_tokens * depth) + self.predicted_itl(depth, state)
+            drain = self.cost.prefill_seconds(state.waiting_prompt_tokens * depth) + step
         return state.oldest_wait_s + drain
 
     def fits(self, depth: int, state: LoadState, margin: float) -> bool:
@@ -90,6 +113,7 @@ class LoadController:
         # which counts as the wait before going up (else a lull would leave it low).
         idle = self._last_update is not None and now - self._last_update >= self.raise_after_s
         self._last_update = now
+        self._update_rate(now)
         best = next((d for d in reversed(self.depths) if self.fits(d, state, _MARGIN)), self.depths[0])
         if best < self.allowance:
             if not self.fits(self.allowance, state, 1.0):  # a dead band: no drop while within the objectives

@@ -51,6 +51,10 @@ class StepCostModel:
         coef, *_ = np.linalg.lstsq(x_aug, y_aug, rcond=None)
         self.coef = np.maximum(coef, 0.0)  # a cost is never negative
 
+    def prefill_seconds(self, prefill_layers: float) -> float:
+        """What prompt work adds to a step (no fixed part)."""
+        return float(self.coef[2] * prefill_layers / _SCALE)
+
     def predict(self, decode_layers: float, prefill_layers: float) -> float:
         a, b, c = self.coef
         return float(a + b * decode_layers / _SCALE + c * prefill_layers / _SCALE)

@@ -53,6 +53,7 @@ def simulate(rates: list[tuple[float, float]], seed: int = 0, tokens: int = 64, 
     while i < len(arrivals) or queue or running:
         while i < len(arrivals) and arrivals[i] <= now:
             queue.append({"arrival": arrivals[i], "floor": next(floors)})
+            controller.observe_arrival(prompt, arrivals[i])
             i += 1
         if not queue and not running:
             now = arrivals[i]
