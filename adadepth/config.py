@@ -112,7 +112,7 @@ class SchedulerConfig:
                 f"({self.max_model_len}) so that any accepted prompt fits one prefill step")
 
 
-class DepthPolicy(enum.Enum):
+class DepthPolicyMode(enum.Enum):
     MIN = "min"    # the smallest depth predicted to reach the request's quality
     LOAD = "load"  # full depth while the latency objectives hold, down towards that floor under load
 
@@ -128,15 +128,15 @@ class DepthPolicyConfig:
     slo_itl_ms: float = field(default=100.0, metadata={"help": "time-between-tokens objective of --depth-policy load"})
 
     def __post_init__(self) -> None:
-        choices = [p.value for p in DepthPolicy]
+        choices = [p.value for p in DepthPolicyMode]
         if self.depth_policy not in choices:
             raise ValueError(f"depth_policy must be one of {choices}, got {self.depth_policy!r}")
         if not (self.slo_ttft_ms > 0 and self.slo_itl_ms > 0):
             raise ValueError("slo_ttft_ms and slo_itl_ms must be > 0")
 
     @property
-    def policy(self) -> DepthPolicy:
-        return DepthPolicy(self.depth_policy)
+    def policy(self) -> DepthPolicyMode:
+        return DepthPolicyMode(self.depth_policy)
 
 
 @dataclass

@@ -232,6 +232,12 @@ def run_router_eval(model: ModelConfig, config: RouterEvalConfig) -> dict:
         os.makedirs(os.path.dirname(os.path.abspath(config.json)), exist_ok=True)
         with open(config.json, "w") as f:
             json.dump(report, f, indent=1)
+        # The curve the gateway answers `quality` with (copy it beside the model's layer order).
+        from adadepth.server.depth_policy import DEPTH_CURVE_FILE, write_depth_curve
+
+        write_depth_curve(report["results"], os.path.join(os.path.dirname(os.path.abspath(config.json)),
+                                                          DEPTH_CURVE_FILE),
+                          f"adadepth router eval on {report['num_prompts']} held-out prompts")
     if config.plot:
         from adadepth.router.router_eval_plot import plot_router_eval
 

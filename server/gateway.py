@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -42,7 +43,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from starlette.background import BackgroundTask
 
-from adadepth.config import EngineConfig
+from adadepth.config import DepthPolicyMode, EngineConfig
 from adadepth.model.depth_plan import LAYER_ORDER_FILE, DepthPlan
 from adadepth.model.loader import load_config, resolve_model
 from adadepth.outputs import DepthDecision
@@ -50,10 +51,11 @@ from adadepth.sampling_params import SamplingParams
 from adadepth.server.api_server import _api_key_check
 from adadepth.server.backend_map import Backend, BackendMap
 from adadepth.server.config import ServerConfig
-from adadepth.server.depth_policy import DepthPolicy, FullDepthPolicy
+from adadepth.server.depth_policy import DepthCurvePolicy, DepthPolicy, FullDepthPolicy
 from adadepth.server.errors import APIError, bad_request, from_validation_error, from_value_error, install_error_handlers
 from adadepth.server.gateway_metrics import GatewayMetrics, ProxyTrace
 from adadepth.server.gateway_relay import Relay, unreachable, upstream_error
+from adadepth.server.tier_selector import QUEUE_INTERVAL_S, TierSelector
 from adadepth.server.lifecycle import InFlightMiddleware, ServerLifecycle, serve_until_drained
 from adadepth.server.openai_serving import ClientDisconnected, OpenAIServing, shutting_down
 from adadepth.server.protocol import StreamOptions, StrictModel
@@ -78,6 +80,7 @@ class GatewayModel:
     max_model_len: int
     tokenizer: object
     plan: DepthPlan | None  # the layer order (no bypass tensors); None before any is stored
+    depth_curve: DepthCurvePolicy | None = None  # the router's calibration curve, when stored
 
     @classmethod
     def load(cls, engine_config: EngineConfig) -> "GatewayModel":
@@ -99,7 +102,8 @@ class GatewayModel:
                                  f"model has {num_layers}")
         max_len = min(engine_config.scheduler.max_model_len, getattr(hf_config, "max_position_embeddings", 1 << 30))
         return cls(mc.served_model_name or resolved.name, (mc.model,), num_layers, max_len,
-                   AutoTokenizer.from_pretrained(resolved.checkpoint_dir), plan)
+                   AutoTokenizer.from_pretrained(resolved.checkpoint_dir), plan,
+                   DepthCurvePolicy.find(resolved.plan_dir, num_layers))
 
 
 # ---- endpoints -------------------------------------------------------------------------
@@ -158,13 +162,17 @@ class _BackendState:
 
 class Gateway:
     def __init__(self, model: GatewayModel, backends: BackendMap, config: ServerConfig,
-                 policy: DepthPolicy | None = None):
+                 policy: DepthPolicy | None = None, load_aware: bool = False):
+        """load_aware (`--depth-policy load`): a request may go to a deeper tier than its quality
+        needs, the deepest that is not queueing (from the tiers' own /metrics)."""
         if backends.num_layers != model.num_layers:
             raise ValueError(f"the backend map is for {backends.num_layers} layers, the model has {model.num_layers}")
         self.model = model
         self.backends = backends
         self.config = config
-        self.policy = policy or FullDepthPolicy(model.num_layers)
+        self.policy = policy or model.depth_curve or FullDepthPolicy(model.num_layers)
+        curve = self.policy.curve if isinstance(self.policy, DepthCurvePolicy) else None
+        self.tiers = TierSelector(backends, load_aware, curve)
         self.metrics = GatewayMetrics(model.name, model.num_layers, model.max_model_len)
         self.model_names = {model.name, *model.aliases}
         self.state = {b.depth: _BackendState(b.model) for b in backends.backends}
@@ -200,9 +208,14 @@ class Gateway:
                                "last_error": self.state[b.depth].last_error} for b in self.backends.backends}
 
     async def _probe_forever(self) -> None:
+        last_health = -math.inf
         while True:
-            await asyncio.gather(*(self.probe(b) for b in self.backends.backends))
-            await asyncio.sleep(HEALTH_INTERVAL_S)
+            if time.monotonic() - last_health >= HEALTH_INTERVAL_S:
+                last_health = time.monotonic()
+                await asyncio.gather(*(self.probe(b) for b in self.backends.backends))
+            if self.tiers.load_aware:
+                await self.tiers.read_queues(self.client)
+            await asyncio.sleep(QUEUE_INTERVAL_S if self.tiers.load_aware else HEALTH_INTERVAL_S)
 
     async def probe(self, backend: Backend) -> None:
         state = self.state[backend.depth]
@@ -275,7 +288,7 @@ class Gateway:
             raise bad_request(f"the model '{fields.model}' does not exist; this server serves '{self.model.name}'",
                               param="model", code="model_not_found")
         decision = self.decide(body, fields, endpoint)
-        backend = self.backends.tier_for(decision.depth)
+        backend, decision = self.tiers.pick(decision)
         upstream = {k: v for k, v in body.items() if k not in ADADEPTH_FIELDS}
         upstream["model"] = await self.served_model(backend)
         stream = bool(fields.stream)
@@ -412,7 +425,11 @@ def run_gateway(engine_config: EngineConfig, config: ServerConfig, policy: Depth
     if backends.deepest.depth < model.num_layers:
         logger.warning("the deepest tier runs %d of %d layers: requests for more run at depth %d",
                        backends.deepest.depth, model.num_layers, backends.deepest.depth)
-    app = build_gateway_app(Gateway(model, backends, config, policy))
+    if model.depth_curve is not None:  # `quality` is answered, as an engine with a router does
+        config = config.for_router(True)
+    load_aware = engine_config.depth_policy.policy is DepthPolicyMode.LOAD
+    app = build_gateway_app(Gateway(model, backends, config, policy, load_aware=load_aware))
     logger.info("gateway for %s (%d layers) on http://%s:%d; tiers: %s", model.name, model.num_layers, config.host,
                 config.port, ", ".join(f"{b.depth} -> {b.url}" for b in backends.backends))
     serve_until_drained(app, config)
+

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adadepth.config import DepthPolicy, EngineConfig
+from adadepth.config import DepthPolicyMode, EngineConfig
 from adadepth.engine.block_manager import BlockManager
 from adadepth.engine.detokenizer import Detokenizer
 from adadepth.engine.load_controller import LoadController, LoadState
@@ -115,7 +115,7 @@ class LLMEngine:
             self.scheduler.feature_cost = max(1, k) / self.num_layers
             self.scheduler.feature_depth = max((self.model.rank[i] + 1 for i in range(k)), default=1)
         self.load_controller: LoadController | None = None
-        if config.depth_policy.policy is DepthPolicy.LOAD:
+        if config.depth_policy.policy is DepthPolicyMode.LOAD:
             if depth_router is None:
                 logger.warning("--depth-policy load needs a depth router; without one every request runs full depth")
             else:
