@@ -18,15 +18,23 @@ The allowance is full depth while the objectives hold and goes down as load rise
 - **Time to first token.** The oldest waiting request has waited w; the queue's prompts need
   prefilling at depth D (in chunks riding decode steps, or whole): w + that time.
 
+The model misses what it does not see (the server around the engine, the client, a noisy
+machine), so its time-per-token predictions are scaled by the ratio of the measured mean step time
+(from one decode step's end to the next over the last 3 s) to what it predicted for the current allowance (smoothed, 0.5-3).
+And the measurement has the last word: while the measured mean step is over 90 % of the objective,
+the allowance goes one grid step down every 3 s whatever the model says.
+
 The allowance is the deepest grid depth predicted to meet both (with a 10 % margin). Stability:
 it drops at once once the current allowance is predicted to miss an objective (to the deepest
-depth that fits), but rises one grid step at a time, and only after the next depth up has been
-predicted to fit with a wider margin (25 %) for `raise_after_s`: between the two it stays put. A depth
+depth that fits), but rises one grid step at a time, only 10 s after the last drop and after the next depth up has
+been predicted (and the measured time per token seen) to fit with a wider margin (25 %) for
+`raise_after_s`: between the two it stays put. A depth
 is held for a request's life, so decisions change only whom the next requests become.
 """
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -36,6 +44,11 @@ from adadepth.engine.step_cost_model import StepCostModel
 _MARGIN = 0.9        # predicted time must stay under 90 % of an objective
 _RAISE_MARGIN = 0.75  # ... and under 75 % for the allowance to go up
 _ARRIVAL_WINDOW_S = 10.0  # prompt tokens per second are measured over this window
+_STEP_WINDOW_S = 3.0     # the measured mean decode step: over this window
+_FEEDBACK_EVERY_S = 3.0  # while measured time per token is over the objective: one step down per this
+_COOLDOWN_S = 10.0        # no raise for this long after a drop
+_CORRECTION_BOUNDS = (0.5, 3.0)
+_CORRECTION_SMOOTHING = 0.2
 _MAX_PREFILL_SHARE = 0.95  # beyond this share of time spent prefilling, nothing fits
 
 
@@ -65,11 +78,29 @@ class LoadController:
         self._last_update: float | None = None
         self._arrivals: deque[tuple[float, int]] = deque()   # (time, prompt tokens) in the window
         self.prompt_token_rate = 0.0                          # prompt tokens per second, last window
+        self._steps: deque[tuple[float, float]] = deque()     # (time, seconds) of recent decode steps
+        self.correction = 1.0          # measured / predicted time per token, smoothed
+        self._last_feedback = -math.inf
+        self._last_drop = -math.inf
         # (time, allowance) at every change, for reports; bounded.
         self.history: deque[tuple[float, int]] = deque(maxlen=4096)
 
-    def observe_step(self, decode_layers: int, prefill_layers: int, seconds: float) -> None:
+    def observe_step(self, decode_layers: int, prefill_layers: int, seconds: float,
+                     now: float | None = None) -> None:
         self.cost.observe(decode_layers, prefill_layers, seconds)
+        if decode_layers:  # a step that gave streams a token
+            self._steps.append((time.monotonic() if now is None else now, seconds))
+
+    def measured_itl(self, now: float) -> float | None:
+        """What streams saw over the last few seconds: the mean time from one decode step's end to
+        the next (the steps themselves, prefills in between, and the server around the engine;
+        gaps over a second are idle time, not counted). None: too few steps."""
+        while self._steps and self._steps[0][0] < now - _STEP_WINDOW_S:
+            self._steps.popleft()
+        gaps = [b - a for (a, _), (b, _) in zip(self._steps, list(self._steps)[1:]) if b - a < 1.0]
+        if len(gaps) < 3:
+            return None
+        return sum(gaps) / len(gaps)
 
     def observe_arrival(self, num_prompt_tokens: int, now: float) -> None:
         self._arrivals.append((now, num_prompt_tokens))
@@ -90,7 +121,7 @@ class LoadController:
         share = self.cost.prefill_seconds(self.prompt_token_rate * depth)
         if share >= _MAX_PREFILL_SHARE:
             return math.inf
-        return self.decode_step(depth, state) / (1.0 - share)
+        return self.correction * self.decode_step(depth, state) / (1.0 - share)
 
     def predicted_ttft(self, depth: int, state: LoadState) -> float:
         if not state.num_waiting:
@@ -114,17 +145,32 @@ class LoadController:
         idle = self._last_update is not None and now - self._last_update >= self.raise_after_s
         self._last_update = now
         self._update_rate(now)
+        measured = self.measured_itl(now)
+        if measured is not None:
+            predicted = self.predicted_itl(self.allowance, state) / self.correction
+            if 0 < predicted < math.inf:
+                low, high = _CORRECTION_BOUNDS
+                ratio = min(high, max(low, measured / predicted))
+                self.correction += _CORRECTION_SMOOTHING * (ratio - self.correction)
+        over = measured is not None and measured > _MARGIN * self.slo_itl
+        if over and now - self._last_feedback >= _FEEDBACK_EVERY_S and self.allowance > self.depths[0]:
+            self._last_feedback = now
+            self._set(self.depths[self.depths.index(self.allowance) - 1], now)
+            return self.allowance
         best = next((d for d in reversed(self.depths) if self.fits(d, state, _MARGIN)), self.depths[0])
         if best < self.allowance:
             if not self.fits(self.allowance, state, 1.0):  # a dead band: no drop while within the objectives
                 self._set(best, now)
-        elif best > self.allowance and idle:
+        elif best > self.allowance and idle and not over:
             relaxed = next((d for d in reversed(self.depths) if self.fits(d, state, _RAISE_MARGIN)), self.depths[0])
             if relaxed > self.allowance:
                 self._set(relaxed, now)
         elif best > self.allowance:
             up = self.depths[self.depths.index(self.allowance) + 1]
-            if self.fits(up, state, _RAISE_MARGIN):
+            # After a drop, its effect takes a while to show (requests keep their depth): wait.
+            calm = (measured is None or measured <= _RAISE_MARGIN * self.slo_itl) and \
+                now - self._last_drop >= _COOLDOWN_S
+            if calm and self.fits(up, state, _RAISE_MARGIN):
                 if self._fits_above_since is None:
                     self._fits_above_since = now
                 elif now - self._fits_above_since >= self.raise_after_s:
@@ -136,6 +182,8 @@ class LoadController:
         return self.allowance
 
     def _set(self, depth: int, now: float) -> None:
+        if depth < self.allowance:
+            self._last_drop = now
         self.allowance = depth
         self._fits_above_since = None
         self.history.append((now, depth))

@@ -67,7 +67,7 @@ def simulate(rates: list[tuple[float, float]], seed: int = 0, tokens: int = 64, 
                 q["depth"] = max(q["floor"], next(d for d in GRID if d >= allowance))
                 q["left"] = tokens
             seconds = step_seconds(0, prompt * sum(q["depth"] for q in queue))
-            controller.observe_step(0, prompt * sum(q["depth"] for q in queue), seconds)
+            controller.observe_step(0, prompt * sum(q["depth"] for q in queue), seconds, now)
             now += seconds
             for q in queue:
                 q["ttft"] = now - q["arrival"]
@@ -75,7 +75,7 @@ def simulate(rates: list[tuple[float, float]], seed: int = 0, tokens: int = 64, 
             queue = []
         else:
             seconds = step_seconds(sum(r["depth"] for r in running), 0)
-            controller.observe_step(sum(r["depth"] for r in running), 0, seconds)
+            controller.observe_step(sum(r["depth"] for r in running), 0, seconds, now)
             now += seconds
             for r in running:
                 r["left"] -= 1
@@ -107,3 +107,18 @@ def test_rising_steady_falling_load():
     assert ups == sorted(ups) and ups[-1] == 30
     # The objectives held: time to first token within 2 s for every request.
     assert max(r["ttft"] for r in done) <= 2.0
+
+
+def test_measured_steps_overrule_an_optimistic_model():
+    """The cost model believes steps are 4x cheaper than they are: the measured mean step (over
+    the objective) pulls the allowance down anyway, and the correction factor learns the gap."""
+    controller = LoadController(DepthPolicyConfig(depth_policy="load", slo_ttft_ms=2000, slo_itl_ms=100),
+                                GRID, 30, chunk_tokens=0, cost=StepCostModel(prior=(0.002, 0.01, 0.01), refit_every=10**9))
+    state = LoadState(fixed_layers=0, load_depths=[30] * 40, num_waiting=0, waiting_prompt_tokens=0, oldest_wait_s=0.0)
+    now = 0.0
+    for _ in range(200):  # 24 s of steps taking 120 ms, modelled at ~14 ms
+        now += 0.12
+        controller.observe_step(1200, 0, 0.12, now)
+        controller.update(state, now)
+    assert controller.allowance == GRID[0]
+    assert controller.correction > 2.0
