@@ -21,13 +21,14 @@ The allowance is full depth while the objectives hold and goes down as load rise
 The model misses what it does not see (the server around the engine, the client, a noisy
 machine), so its time-per-token predictions are scaled by the ratio of the measured mean step time
 (from one decode step's end to the next over the last 3 s) to what it predicted for the current allowance (smoothed, 0.5-3).
-And the measurement has the last word: while the measured mean step is over 90 % of the objective,
-the allowance goes one grid step down every 3 s whatever the model says.
+And the measurement has the last word: while the measured time per token is over 80 % of the
+objective, the allowance is scaled down by the overshoot (a step's time is roughly proportional to
+its layers; at least one grid step) every 3 s, whatever the model says.
 
-The allowance is the deepest grid depth predicted to meet both (with a 10 % margin). Stability:
+The allowance is the deepest grid depth predicted to meet both (with a 20 % margin). Stability:
 it drops at once once the current allowance is predicted to miss an objective (to the deepest
 depth that fits), but rises one grid step at a time, only 10 s after the last drop and after the next depth up has
-been predicted (and the measured time per token seen) to fit with a wider margin (25 %) for
+been predicted (and the measured time per token seen) to fit with a wider margin (35 %) for
 `raise_after_s`: between the two it stays put. A depth
 is held for a request's life, so decisions change only whom the next requests become.
 """
@@ -41,8 +42,10 @@ from dataclasses import dataclass
 from adadepth.config import DepthPolicyConfig
 from adadepth.engine.step_cost_model import StepCostModel
 
-_MARGIN = 0.9        # predicted time must stay under 90 % of an objective
-_RAISE_MARGIN = 0.75  # ... and under 75 % for the allowance to go up
+# Predicted (and measured mean) time per token must stay under 80 % of the objective: the
+# objective holds per request, and requests that overlap busier moments run slower than the mean.
+_MARGIN = 0.8
+_RAISE_MARGIN = 0.65  # ... and under 65 % for the allowance to go up
 _ARRIVAL_WINDOW_S = 10.0  # prompt tokens per second are measured over this window
 _STEP_WINDOW_S = 3.0     # the measured mean decode step: over this window
 _FEEDBACK_EVERY_S = 3.0  # while measured time per token is over the objective: one step down per this
@@ -154,8 +157,13 @@ class LoadController:
                 self.correction += _CORRECTION_SMOOTHING * (ratio - self.correction)
         over = measured is not None and measured > _MARGIN * self.slo_itl
         if over and now - self._last_feedback >= _FEEDBACK_EVERY_S and self.allowance > self.depths[0]:
+            # A step's time is roughly proportional to its layers: scale the depth down by the
+            # overshoot (at least one grid step).
             self._last_feedback = now
-            self._set(self.depths[self.depths.index(self.allowance) - 1], now)
+            target = self.allowance * _MARGIN * self.slo_itl / measured
+            below = [d for d in self.depths if d < self.allowance]
+            fitting = [d for d in below if d <= target]
+            self._set(max(fitting) if fitting else below[0], now)
             return self.allowance
         best = next((d for d in reversed(self.depths) if self.fits(d, state, _MARGIN)), self.depths[0])
         if best < self.allowance:
