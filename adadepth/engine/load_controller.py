@@ -19,18 +19,19 @@ The allowance is full depth while the objectives hold and goes down as load rise
   prefilling at depth D (in chunks riding decode steps, or whole): w + that time.
 
 The model misses what it does not see (the server around the engine, the client, a noisy
-machine), so its time-per-token predictions are scaled by the ratio of the measured mean step time
-(from one decode step's end to the next over the last 3 s) to what it predicted for the current allowance (smoothed, 0.5-3).
-And the measurement has the last word: while the measured time per token is over 80 % of the
+machine), so its time-per-token predictions are scaled by the ratio of the measured time per token
+(from one decode step's end to the next, last 3 s) to what it predicted for the current allowance
+(smoothed, within 0.5-3). And the measurement has the last word: while it is over 80 % of the
 objective, the allowance is scaled down by the overshoot (a step's time is roughly proportional to
 its layers; at least one grid step) every 3 s, whatever the model says.
 
-The allowance is the deepest grid depth predicted to meet both (with a 20 % margin). Stability:
-it drops at once once the current allowance is predicted to miss an objective (to the deepest
-depth that fits), but rises one grid step at a time, only 10 s after the last drop and after the next depth up has
-been predicted (and the measured time per token seen) to fit with a wider margin (35 %) for
-`raise_after_s`: between the two it stays put. A depth
-is held for a request's life, so decisions change only whom the next requests become.
+The allowance is the deepest grid depth predicted to meet both objectives within 80 % (they hold
+per request, and requests that overlap busier moments run slower than the mean). Stability: it
+drops at once when the current allowance is predicted to miss (to the deepest depth that fits),
+but rises one grid step at a time, no sooner than 10 s after a drop and only after the next depth
+up has been predicted, and the measured time per token seen, to fit within 65 % for
+`raise_after_s`: between the two it stays put. A depth is held for a request's life, so decisions
+change only what the next requests get.
 """
 from __future__ import annotations
 
