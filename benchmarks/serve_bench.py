@@ -352,8 +352,10 @@ def format_table(report: dict) -> str:
     for r in report["results"]:
         if r.get("request_rate"):
             agreement = r.get("mean_predicted_agreement")
-            lines.append(f"rate {r['request_rate']:.2f}/s: goodput {r['goodput_req_s']:.2f} req/s "
-                         f"({100 * r['slo_met_fraction']:.0f} % met the objectives), mean depth "
+            has_slo = report["config"].get("slo_ttft_ms") is not None or report["config"].get("slo_tpot_ms") is not None
+            goodput = (f"goodput {r['goodput_req_s']:.2f} req/s ({100 * r['slo_met_fraction']:.0f} % met the "
+                       "objectives), " if has_slo else "")
+            lines.append(f"rate {r['request_rate']:.2f}/s: {goodput}mean depth "
                          f"{r['mean_depth'] if r['mean_depth'] is None else round(r['mean_depth'], 1)}, mean predicted "
                          f"agreement {agreement if agreement is None else round(agreement, 3)}, sources {r['depth_sources']}")
         if "repeats" in r:

@@ -420,6 +420,9 @@ def build_gateway_app(gateway: Gateway) -> FastAPI:
 
 def run_gateway(engine_config: EngineConfig, config: ServerConfig, policy: DepthPolicy | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every upstream call at INFO: with --depth-policy load that is each tier's /metrics
+    # twice a second.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     model = GatewayModel.load(engine_config)
     backends = BackendMap.parse(config.backend_map, model.num_layers)
     if backends.deepest.depth < model.num_layers:
