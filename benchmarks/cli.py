@@ -7,7 +7,8 @@ import importlib
 OPTIONAL_BENCHMARKS = ("adadepth.benchmarks.depth_bench", "adadepth.benchmarks.step_profile",
                        "adadepth.benchmarks.dtype_agreement", "adadepth.benchmarks.structured_bench",
                        "adadepth.benchmarks.soak", "adadepth.benchmarks.fuzz",
-                       "adadepth.benchmarks.chunked_prefill_bench", "adadepth.benchmarks.load_sweep")
+                       "adadepth.benchmarks.chunked_prefill_bench", "adadepth.benchmarks.load_sweep",
+                       "adadepth.benchmarks.load_decisions")
 
 
 def add_parser(subparsers) -> None:
