@@ -269,21 +269,24 @@ class LLMEngine:
     def load_state(self) -> LoadState:
         """What the load controller needs: the depths that will decode, and the queue."""
         now = time.monotonic()
-        fixed = num_open = prompt_tokens = 0
-        raised: list[int] = []
+        fixed = num_open = num_raised = prompt_tokens = 0
+        floors: list[int] = []
         oldest = now
         for seq in (*self.scheduler.running, *self.scheduler.waiting):
+            source = seq.depth_decision.source if seq.depth_decision is not None else None
             if seq.depth is None:
                 num_open += 1
-            elif seq.depth_decision is not None and seq.depth_decision.source == "load":
-                raised.append(seq.depth)
+            elif source == "load":
+                num_raised += 1
+            elif source == "router":
+                floors.append(seq.depth)
             else:
                 fixed += seq.depth
             if not seq.is_prefilled:
                 prompt_tokens += seq.num_tokens - seq.num_cached_tokens
             if seq.first_token_time is None:
                 oldest = min(oldest, seq.arrival_time)
-        return LoadState(fixed, raised, num_open, prompt_tokens, now - oldest)
+        return LoadState(fixed, floors, num_raised, num_open, prompt_tokens, now - oldest)
 
     def _append_token(self, seq: Sequence, token: int, logprobs, now: float) -> None:
         seq.output_token_ids.append(token)

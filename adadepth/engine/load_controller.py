@@ -7,9 +7,9 @@ max(floor, allowance) (rounded up to a router grid depth, whose predicted agreem
 The allowance is full depth while the objectives hold and goes down as load rises:
 
 - **Time between tokens.** `StepCostModel` (fitted on this engine's own steps) predicts a decode
-  step holding every request at the allowance D: the waiting ones at D, the running ones that
-  got their depth from this policy at min(depth, D) (what they would get under D), the others
-  (explicit depths, floors) at their own. Prompts arriving take their share of the engine's time
+  step holding requests like the current ones under the allowance D: the waiting and the raised
+  ones at D, the ones at their floor f at max(f, D) (what they would get under D), explicit depths
+  at their own. Prompts arriving take their share of the engine's time
   (prompt tokens per second, measured over the last seconds, times a token's cost at D): a
   stream's average time per token is the decode step over the share left, decode / (1 - f).
   Judging D by the load it would settle to, not by the requests still running from an earlier
@@ -60,7 +60,8 @@ _MAX_PREFILL_SHARE = 0.95  # beyond this share of time spent prefilling, nothing
 class LoadState:
     """What the engine holds right now, as the controller needs it."""
     fixed_layers: int            # sum of depths of the sequences whose depth no allowance changes
-    load_depths: list[int]       # depths of the sequences this policy raised above their floor
+    floor_depths: list[int]      # depths of the routed sequences at their quality's floor
+    num_raised: int              # routed sequences this policy raised above their floor
     num_waiting: int             # sequences whose depth is still open (queued or in their router pass)
     waiting_prompt_tokens: int   # their prompt tokens still to prefill
     oldest_wait_s: float         # how long the oldest of them has waited
@@ -68,7 +69,7 @@ class LoadState:
 
 class LoadController:
     def __init__(self, config: DepthPolicyConfig, depths: list[int], num_layers: int, chunk_tokens: int,
-                 raise_after_s: float = 2.0, cost: StepCostModel | None = None):
+                 raise_after_s: float = 5.0, cost: StepCostModel | None = None):
         """depths: the router's grid (ascending; the last is full depth)."""
         self.slo_ttft = config.slo_ttft_ms / 1000
         self.slo_itl = config.slo_itl_ms / 1000
@@ -115,8 +116,11 @@ class LoadController:
         self.prompt_token_rate = sum(n for _, n in self._arrivals) / _ARRIVAL_WINDOW_S
 
     def decode_step(self, depth: int, state: LoadState) -> float:
-        """A decode step's predicted seconds with every request under allowance `depth`."""
-        layers = state.fixed_layers + sum(min(d, depth) for d in state.load_depths) + state.num_waiting * depth
+        """A decode step's predicted seconds once the requests like these ran under allowance
+        `depth`: routed ones at max(floor, depth) (raised ones, whose floor is below their
+        depth, at `depth`), the rest at their own."""
+        layers = (state.fixed_layers + sum(max(f, depth) for f in state.floor_depths)
+                  + (state.num_raised + state.num_waiting) * depth)
         return self.cost.predict(layers, 0)
 
     def predicted_itl(self, depth: int, state: LoadState) -> float:

@@ -58,8 +58,8 @@ def simulate(rates: list[tuple[float, float]], seed: int = 0, tokens: int = 64, 
         if not queue and not running:
             now = arrivals[i]
             continue
-        state = LoadState(sum(r["depth"] for r in running if r["depth"] == r["floor"]),
-                          [r["depth"] for r in running if r["depth"] > r["floor"]], len(queue), prompt * len(queue),
+        state = LoadState(0, [r["depth"] for r in running if r["depth"] == r["floor"]],
+                          sum(1 for r in running if r["depth"] > r["floor"]), len(queue), prompt * len(queue),
                           now - min((q["arrival"] for q in queue), default=now))
         allowance = controller.update(state, now)
         if queue:  # admit everyone waiting: one whole prefill
@@ -114,7 +114,8 @@ def test_measured_steps_overrule_an_optimistic_model():
     the objective) pulls the allowance down anyway, and the correction factor learns the gap."""
     controller = LoadController(DepthPolicyConfig(depth_policy="load", slo_ttft_ms=2000, slo_itl_ms=100),
                                 GRID, 30, chunk_tokens=0, cost=StepCostModel(prior=(0.002, 0.01, 0.01), refit_every=10**9))
-    state = LoadState(fixed_layers=0, load_depths=[30] * 40, num_waiting=0, waiting_prompt_tokens=0, oldest_wait_s=0.0)
+    state = LoadState(fixed_layers=0, floor_depths=[], num_raised=40, num_waiting=0, waiting_prompt_tokens=0,
+                      oldest_wait_s=0.0)
     now = 0.0
     for _ in range(200):  # 24 s of steps taking 120 ms, modelled at ~14 ms
         now += 0.12
