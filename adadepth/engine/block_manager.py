@@ -37,13 +37,6 @@ class BlockManager:
     def groups_for_depth(self, depth: int) -> int:
         return self.layout.groups_for_depth(depth)
 
-    def pages_needed(self, num_tokens: int, depth: int) -> int:
-        """Pages a sequence of num_tokens holds at `depth`."""
-        return self.blocks_needed(num_tokens) * self.groups_for_depth(depth)
-
-    def can_allocate(self, num_tokens: int, depth: int) -> bool:
-        return self.pages_needed(num_tokens, depth) <= len(self.free_blocks)
-
     def ensure_capacity(self, seq: Sequence, num_tokens: int, depth: int) -> bool:
         """Grow seq's block tables of the groups `depth` reaches to hold num_tokens; False (and
         no change) if pages ran out."""

@@ -98,7 +98,6 @@ class LLMEngine:
         self.max_model_len = min(config.scheduler.max_model_len, getattr(hf_config, "max_position_embeddings", 1 << 30))
         layout = KVLayout.for_ranks(self.model.rank, config.cache.kv_group_layers)
         self.block_manager = BlockManager(config.cache.num_pages(layout.num_groups), config.cache.block_size, layout)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.num_layers)
         self.runner = ModelRunner(self.model, self.block_manager, Sampler(eos), self.dtype, self.device,
                                   max_prefill_padding=config.scheduler.max_prefill_padding)
         self.detokenizer = Detokenizer(self.tokenizer)
@@ -110,10 +109,13 @@ class LLMEngine:
             if depth_router is not None:
                 logger.info("depth router loaded from %s (grid %s)", resolved.plan_dir, list(depth_router.grid.depths))
         self.depth_router = depth_router
-        if depth_router is not None:  # a chunk of a router pass runs k of L layers
+        if depth_router is None:
+            self.scheduler = Scheduler(config.scheduler, self.block_manager, self.num_layers)
+        else:  # a chunk of a router pass runs its k feature layers of the L
             k = depth_router.feature_layers
-            self.scheduler.feature_cost = max(1, k) / self.num_layers
-            self.scheduler.feature_depth = max((self.model.rank[i] + 1 for i in range(k)), default=1)
+            self.scheduler = Scheduler(config.scheduler, self.block_manager, self.num_layers,
+                                       feature_cost=max(1, k) / self.num_layers,
+                                       feature_depth=max((self.model.rank[i] + 1 for i in range(k)), default=1))
         self.load_controller: LoadController | None = None
         if config.depth_policy.policy is DepthPolicyMode.LOAD:
             if depth_router is None:
@@ -228,7 +230,8 @@ class LLMEngine:
                     seq.depth_allowance = controller.allowance
         # Work, counted before the sampled tokens are appended (num_tokens grows by one below).
         if scheduled.is_prefill:
-            tokens, prompt_tokens = [s.num_tokens for s in seqs], sum(s.num_tokens for s in seqs)
+            tokens = [s.num_tokens for s in seqs]
+            prompt_tokens = sum(tokens)
         else:
             tokens, prompt_tokens = [1] * len(seqs), sum(c.num_tokens for c in chunks if not c.features_only)
         if chunks:

@@ -113,6 +113,9 @@ class ModelRunner:
         main = [(s, s.num_tokens - 1, 1) for s in decode] + [(c.seq, c.start, c.num_tokens) for c in chunks
                                                                 if not c.features_only]
         main.sort(key=lambda piece: -piece[0].depth)                           # deepest first (stable)
+        # The pieces that end their sequence sample its next token: every decode row, and each
+        # chunk that completes its prompt.
+        sampling = [i for i, (s, first, count) in enumerate(main) if first + count == s.num_tokens]
         num_layers = self.model.num_layers
         pieces = [(c.seq, c.start, c.num_tokens) for c in feature_chunks] + main
         depths = [num_layers] * len(feature_chunks) + [s.depth for s, _, _ in main]
@@ -125,19 +128,19 @@ class ModelRunner:
             n_feat = sum(c.num_tokens for c in feature_chunks)
             self._pool_features(feature_chunks, h[:n_feat, 0], router)
             if not main:
-                return StepResult(SamplerOutput([], []), h.new_zeros(0, h.shape[-1]), [])
+                return _sampled_nothing(h)
             rows = list(range(n_feat, h.shape[0]))
             chunks_left = [(r - n_feat, count, first) for r, count, first in batch.chunks if r >= n_feat]
             batch = self._permute_rows(batch, rows, [batch.row_depths[r] for r in rows])
             batch.chunks = chunks_left
             h, start = h[n_feat:], k
         h = self.model.run_layers(h, batch, self.kv_cache, start, num_layers)
-        sampled_seqs = [s for s, first, count in main if first + count == s.num_tokens]
-        if not sampled_seqs:
-            return StepResult(SamplerOutput([], []), h.new_zeros(0, h.shape[-1]), [])
+        if not sampling:  # only prompt chunks that leave their prompt unfinished
+            return _sampled_nothing(h)
+        sampled_seqs = [main[i][0] for i in sampling]
         # Each sampled sequence's last token row.
         ends = torch.tensor([c for _, _, c in main]).cumsum(0) - 1              # (pieces,)
-        last = ends[[i for i, (s, first, count) in enumerate(main) if first + count == s.num_tokens]]
+        last = ends[sampling]
         hidden = self.model.norm(h[last.to(h.device), 0])                       # (B, D)
         logits = self.model.compute_logits(hidden)                              # (B, V)
         return StepResult(self.sampler(logits, sampled_seqs), hidden, sampled_seqs)
@@ -146,7 +149,7 @@ class ModelRunner:
     def _pool_features(chunks: list[PrefillChunk], h: torch.Tensor, router) -> None:
         """h: (tokens, D) the feature layers' output for `chunks`' tokens, in order. Adds each
         chunk to its sequence's pooled features; a prompt whose last chunk this was gets its depth."""
-        from adadepth.router.prefill_features import PrefillFeatureSum
+        from adadepth.router.prefill_features import PrefillFeatures, PrefillFeatureSum
 
         done, offset = [], 0
         for c in chunks:
@@ -160,8 +163,6 @@ class ModelRunner:
                 done.append(c.seq)
         if not done:
             return
-        from adadepth.router.prefill_features import PrefillFeatures
-
         features = PrefillFeatures.cat([s.router_features.features() for s in done])
         for seq, decision in zip(done, router.route_features(features, done)):
             seq.depth, seq.depth_decision, seq.router_features = decision.depth, decision, None
@@ -274,6 +275,10 @@ class ModelRunner:
             depths=self._depths_tensor(depths),
             last_index=torch.zeros(len(seqs), dtype=torch.long, device=self.device), block_size=bs,
             context_lens=(positions + 1).to(self.device))
+
+
+def _sampled_nothing(h: torch.Tensor) -> StepResult:
+    return StepResult(SamplerOutput([], []), h.new_zeros(0, h.shape[-1]), [])
 
 
 def in_callers_order(order: list[int], sampled: SamplerOutput, hidden: torch.Tensor) -> StepResult:

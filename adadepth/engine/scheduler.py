@@ -34,11 +34,6 @@ class PrefillChunk:
     num_tokens: int
     features_only: bool  # depth not picked yet: only the router's feature layers run
 
-    @property
-    def completes(self) -> bool:
-        """The chunk ends the prompt at the sequence's depth: it samples the first token."""
-        return not self.features_only and self.start + self.num_tokens == self.seq.num_tokens
-
 
 @dataclass
 class SchedulerOutput:
@@ -85,7 +80,7 @@ class Scheduler:
     def _schedule_prefill(self) -> list[Sequence]:
         scheduled: list[Sequence] = []
         longest = 0
-        while self.waiting and len(self.running) + len(scheduled) < self.config.max_num_seqs:
+        while self.waiting and len(self.running) < self.config.max_num_seqs:  # admitted ones count
             seq = self.waiting[0]
             longest_if_added = max(longest, seq.num_tokens)
             # Prefill rows are padded to the longest prompt: budget the padded token count.
@@ -94,14 +89,18 @@ class Scheduler:
             # A depth still to be routed reserves full depth; the pages past it go back after.
             if not self.block_manager.ensure_capacity(seq, seq.num_tokens, seq.depth or self.num_layers):
                 break
-            self.waiting.popleft()
             longest = longest_if_added
-            seq.status = SequenceStatus.RUNNING
-            if seq.first_scheduled_time is None:
-                seq.first_scheduled_time = time.monotonic()
-            scheduled.append(seq)
-        self.running.extend(scheduled)
+            scheduled.append(self._admit())
         return scheduled
+
+    def _admit(self) -> Sequence:
+        """The queue's first sequence, now running."""
+        seq = self.waiting.popleft()
+        seq.status = SequenceStatus.RUNNING
+        if seq.first_scheduled_time is None:
+            seq.first_scheduled_time = time.monotonic()
+        self.running.append(seq)
+        return seq
 
     def _schedule_decode(self) -> list[Sequence]:
         scheduled: list[Sequence] = []
@@ -142,11 +141,7 @@ class Scheduler:
             chunk = self._next_chunk(seq, left)
             if not self.block_manager.ensure_capacity(seq, chunk.start + chunk.num_tokens, self._kv_depth(chunk)):
                 break
-            self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
-            if seq.first_scheduled_time is None:
-                seq.first_scheduled_time = time.monotonic()
-            self.running.append(seq)
+            self._admit()
             chunks.append(chunk)
             left -= self._cost(chunk)
         return chunks
