@@ -11,7 +11,6 @@ every chunk size in turn (the same weights, the same cache), in one run.
 from __future__ import annotations
 
 import dataclasses
-import json
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -139,7 +138,7 @@ def run(cfg: ChunkedPrefillConfig) -> dict:
         print(f"chunk {budget:>4}: stream ITL p50 {m['stream_itl_ms']['p50']:6.1f} p99 {m['stream_itl_ms']['p99']:6.1f} "
               f"max {m['stream_itl_ms']['max']:6.1f} ms; long prompt TTFT p50 {m['long_prompt_ttft_ms']['p50']:6.0f} "
               f"max {m['long_prompt_ttft_ms']['max']:6.0f} ms; {m['output_tok_s']:6.1f} out tok/s", flush=True)
-    from adadepth.benchmarks.machine import machine_info
+    from adadepth.benchmarks.machine import machine_info, save_report
 
     machine = machine_info()
     report = {"benchmark": "chunked_prefill", "date": machine["date"], "commit": machine["commit"],
@@ -147,12 +146,7 @@ def run(cfg: ChunkedPrefillConfig) -> dict:
                   f"--{k.replace('_', '-')} {v}" for k, v in dataclasses.asdict(cfg).items() if v is not None),
               "config": dataclasses.asdict(cfg), "machine": machine, "dtype": str(llm.engine.dtype),
               "results": results}
-    out = Path(cfg.out)
-    out = out if out.is_absolute() else REPO_ROOT / out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    plot(report, out.with_suffix(".png"))
-    print(f"wrote {out}")
+    print(f"wrote {save_report(report, cfg.out, plot)}")
     return report
 
 

@@ -10,7 +10,6 @@ equals the float32 one token for token (a stricter figure: one early difference 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,7 +81,7 @@ def run(cfg: DtypeAgreementConfig) -> dict:
         counts = per_source.setdefault(r.source or "all", [0, 0])
         counts[0], counts[1] = counts[0] + hits, counts[1] + len(c)
     identical = sum(a == b for a, b in zip(ref_out, low_out))
-    from adadepth.benchmarks.machine import machine_info
+    from adadepth.benchmarks.machine import machine_info, save_report
 
     machine = machine_info()
     report = {
@@ -94,9 +93,7 @@ def run(cfg: DtypeAgreementConfig) -> dict:
         "identical_free_running_continuations": identical / len(records) if records else None,
         "seconds": time.perf_counter() - t0,
     }
-    out = Path(cfg.out) if Path(cfg.out).is_absolute() else REPO_ROOT / cfg.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    out = save_report(report, cfg.out)
     print(f"{cfg.dtype} vs float32 at full depth, {len(records)} prompts: teacher-forced agreement "
           f"{report['teacher_forced_agreement']:.4f} over {total} positions; identical continuations "
           f"{report['identical_free_running_continuations']:.3f}\nwrote {out}")

@@ -9,7 +9,6 @@ JSON (+ PNG: allowance and queue over time, phases marked).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import subprocess
 import threading
@@ -17,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from adadepth.benchmarks.load_sweep import REPO_ROOT, LoadSweepConfig, _bench, _metric, _wait_up, server_commands
+from adadepth.benchmarks.load_sweep import LoadSweepConfig, _bench, _metric, _wait_up, server_commands
 
 
 @dataclass
@@ -43,7 +42,7 @@ class LoadDecisionsConfig:
 
 
 def run(cfg: LoadDecisionsConfig) -> dict:
-    from adadepth.benchmarks.machine import machine_info
+    from adadepth.benchmarks.machine import machine_info, save_report
 
     raw = Path(cfg.raw_dir)
     raw.mkdir(parents=True, exist_ok=True)
@@ -104,12 +103,7 @@ def run(cfg: LoadDecisionsConfig) -> dict:
                   f"--{k.replace('_', '-')} {v}" for k, v in dataclasses.asdict(cfg).items()),
               "config": dataclasses.asdict(cfg), "machine": machine, "server": " ".join(cmd[1:]),
               "phases": phases, "trace": trace}
-    out = Path(cfg.out)
-    out = out if out.is_absolute() else REPO_ROOT / out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    plot(report, out.with_suffix(".png"))
-    print(f"wrote {out}")
+    print(f"wrote {save_report(report, cfg.out, plot)}")
     return report
 
 

@@ -102,7 +102,7 @@ def _bench(cfg: LoadSweepConfig, url: str, extra: list[str], out: Path) -> dict:
 
 
 def run(cfg: LoadSweepConfig) -> dict:
-    from adadepth.benchmarks.machine import machine_info
+    from adadepth.benchmarks.machine import machine_info, save_report
 
     raw = Path(cfg.raw_dir)
     raw.mkdir(parents=True, exist_ok=True)
@@ -164,12 +164,7 @@ def run(cfg: LoadSweepConfig) -> dict:
               "capacity": {"concurrency": cfg.capacity_concurrency, "request_throughput_req_s": capacity,
                            "output_throughput_tok_s": capacity_level["output_throughput_tok_s"]},
               "load_allowance_at_end": allowance, "kv_admission": kv_admission(cfg), "rows": rows}
-    out = Path(cfg.out)
-    out = out if out.is_absolute() else REPO_ROOT / out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    plot(report, out.with_suffix(".png"))
-    print(f"wrote {out}")
+    print(f"wrote {save_report(report, cfg.out, plot)}")
     return report
 
 

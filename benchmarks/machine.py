@@ -1,8 +1,10 @@
 """Describe the machine a benchmark ran on, so every saved figure says where it came from."""
 from __future__ import annotations
 
+import json
 import os
 import platform
+from pathlib import Path
 
 
 def git_commit() -> str | None:
@@ -34,3 +36,15 @@ def machine_info() -> dict:
     except OSError:
         pass
     return info
+
+
+def save_report(report: dict, out: str, plot=None) -> Path:
+    """Write a benchmark's JSON to `out` (a relative path is taken from the repository root) and,
+    given `plot(report, png_path)`, its plot beside it; returns the JSON's path."""
+    path = Path(out)
+    path = path if path.is_absolute() else Path(__file__).resolve().parents[1] / path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    if plot is not None:
+        plot(report, path.with_suffix(".png"))
+    return path

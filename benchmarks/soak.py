@@ -284,10 +284,9 @@ def run(cfg: SoakConfig) -> dict:
             report_exit = proc.wait(120)
     if proc is not None:
         report["server_exit_code_after_sigterm"] = report_exit
-    out = Path(cfg.out) if Path(cfg.out).is_absolute() else REPO_ROOT / cfg.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    plot(report, out.with_suffix(".png"))
+    from adadepth.benchmarks.machine import save_report
+
+    out = save_report(report, cfg.out, plot)
     print(f"{report['requests']} requests in {report['seconds']} s: {report['outcomes']}; lost {report['lost']}; "
           f"KV leaked {report['kv_blocks_leaked']}; RSS growth after warm-up {report['rss_growth_after_warmup']}\n"
           f"wrote {out}")
