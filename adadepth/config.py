@@ -89,9 +89,6 @@ class SchedulerConfig:
     max_num_seqs: int = field(default=64, metadata={"help": "most sequences decoded together in one step"})
     max_num_batched_tokens: int = field(default=4096, metadata={"help": "most prompt tokens in one prefill step"})
     max_model_len: int = field(default=2048, metadata={"help": "longest prompt + output, in tokens"})
-    max_prefill_padding: float = field(default=0.25, metadata={"help": (
-        "a prefill is split into forward passes of similar prompt lengths so that padding stays "
-        "under this fraction of the real prompt tokens")})
     prefill_chunk_tokens: int = field(default=64, metadata={"help": (
         "chunked prefill: most prompt tokens a step that decodes may also carry, so that a new "
         "prompt joins running streams in pieces instead of pausing them for its whole prefill; "
@@ -104,8 +101,6 @@ class SchedulerConfig:
             raise ValueError("max_model_len must be >= 2")
         if self.prefill_chunk_tokens < 0:
             raise ValueError("prefill_chunk_tokens must be >= 0")
-        if not self.max_prefill_padding >= 0:
-            raise ValueError("max_prefill_padding must be >= 0")
         if self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_model_len "

@@ -100,7 +100,7 @@ def time_decode(llm, depths: list[int], kernels: bool, prompt_len: int, steps: i
             if engine.device.type == "cuda" else {}
     out = {"context_len": round(float(batch.context_lens.float().mean())), **graphed}
     if prefill:  # the same rows as one packed prefill forward (every position again): compute-bound
-        pbatch = runner.prepare_prefill(seqs)
+        pbatch = runner.prepare_tokens([(s, 0, s.num_tokens) for s in seqs], [s.depth for s in seqs])
         pre = []
         with torch.inference_mode():
             for _ in range(max(3, steps // 5)):

@@ -51,9 +51,13 @@ def chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     blocks = block_table[: -(-length // bs)]                                    # (nblk',)
     keys = k_cache.index_select(0, blocks).view(-1, num_kv_heads, head_dim)[:length]     # (S, Hkv, Dh)
     values = v_cache.index_select(0, blocks).view(-1, num_kv_heads, head_dim)[:length]
-    query_pos = torch.arange(first_position, length, device=q.device)
-    mask = torch.arange(length, device=q.device)[None, :] <= query_pos[:, None]            # (c, S)
+    if first_position == 0:  # a whole prompt: plain causal attention (SDPA's causal path, no mask to read)
+        mask, causal = None, True
+    else:
+        query_pos = torch.arange(first_position, length, device=q.device)
+        mask = (torch.arange(length, device=q.device)[None, :] <= query_pos[:, None])[None, None]   # (1, 1, c, S)
+        causal = False
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],  # (1, H|Hkv, c|S, Dh)
-        attn_mask=mask[None, None], scale=scale, enable_gqa=num_heads != num_kv_heads)     # (1, H, c, Dh)
+        attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=num_heads != num_kv_heads)   # (1, H, c, Dh)
     return out[0].transpose(0, 1)                                               # (c, H, Dh)

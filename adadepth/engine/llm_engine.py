@@ -98,8 +98,7 @@ class LLMEngine:
         self.max_model_len = min(config.scheduler.max_model_len, getattr(hf_config, "max_position_embeddings", 1 << 30))
         layout = KVLayout.for_ranks(self.model.rank, config.cache.kv_group_layers)
         self.block_manager = BlockManager(config.cache.num_pages(layout.num_groups), config.cache.block_size, layout)
-        self.runner = ModelRunner(self.model, self.block_manager, Sampler(eos), self.dtype, self.device,
-                                  max_prefill_padding=config.scheduler.max_prefill_padding)
+        self.runner = ModelRunner(self.model, self.block_manager, Sampler(eos), self.dtype, self.device)
         self.detokenizer = Detokenizer(self.tokenizer)
         if depth_router is None:
             # The router trained for this model and layer order, stored beside its plan (if any).

@@ -1,5 +1,10 @@
 """Owns the model and its KV cache; turns a scheduled batch into sampled tokens.
 
+Every step that carries prompt tokens (a prefill of newcomers, or prompt chunks riding a decode
+step) runs packed: one row per token, no padding, so its matmuls cost the real tokens only (a
+prefill padded to its longest prompt paid for ~1.8x the tokens of 16 held-out prompts). Each
+prompt's attention is one SDPA over its sequence's paged context.
+
 Routed prefill: when a prefill holds sequences without a depth, a depth router decides it from
 this very prefill. Layers 0..k-1 (k = `router.feature_layers`, all run at every depth the router
 may pick) run first with the undecided rows at full depth; the router reads their residual
@@ -29,9 +34,8 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, model: AdaptiveLlama, block_manager: BlockManager, sampler: Sampler,
-                 dtype: torch.dtype, device: torch.device, max_prefill_padding: float = float("inf")):
+                 dtype: torch.dtype, device: torch.device):
         self.model = model
-        self.max_prefill_padding = max_prefill_padding
         self.block_manager = block_manager
         self.sampler = sampler
         self.device = device
@@ -47,94 +51,65 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool, router=None) -> StepResult:
-        """Run one step for seqs (any order; all have a depth, unless `router` is given for a
-        prefill: then it decides the missing ones, see `_run_routed_prefill`). Results come back
-        in seqs' order."""
+        """Run one step for seqs (any order): whole prompts (`is_prefill`) or one decode token each.
+        Every sequence has a depth, unless `router` is given for a prefill: then the router decides
+        the missing ones inside the step (see `run_mixed`). Results come back in seqs' order."""
         if is_prefill:
-            groups = prefill_groups([s.num_tokens for s in seqs], self.max_prefill_padding)
-            if len(groups) > 1:
-                return self._run_groups(seqs, groups, router)
-        if router is not None and is_prefill and any(s.depth is None for s in seqs):
-            return self._run_routed_prefill(seqs, router)
+            result = self.run_mixed([], [PrefillChunk(s, 0, s.num_tokens, features_only=False) for s in seqs], router)
+            index = {id(s): i for i, s in enumerate(seqs)}
+            return in_callers_order([index[id(s)] for s in result.seqs], result.sampled, result.hidden)
         order = sorted(range(len(seqs)), key=lambda i: -seqs[i].depth)          # deepest first
         sorted_seqs = [seqs[i] for i in order]
-        batch = self.prepare_prefill(sorted_seqs) if is_prefill else self.prepare_decode(sorted_seqs)
+        batch = self.prepare_decode(sorted_seqs)
         hidden = self.model(batch, self.kv_cache)                               # (B, D)
         logits = self.model.compute_logits(hidden)                              # (B, V)
         return in_callers_order(order, self.sampler(logits, sorted_seqs), hidden)
 
-    def _run_groups(self, seqs: list[Sequence], groups: list[list[int]], router) -> StepResult:
-        """A prefill run as several forward passes (one per length group), results in seqs' order."""
-        results = [self.run([seqs[i] for i in group], True, router) for group in groups]
-        sampled = SamplerOutput([t for r in results for t in r.sampled.token_ids],
-                                [lp for r in results for lp in r.sampled.logprobs])
-        return in_callers_order([i for group in groups for i in group], sampled,
-                                torch.cat([r.hidden for r in results]))                 # (B, D)
-
-    def _run_routed_prefill(self, seqs: list[Sequence], router) -> StepResult:
-        """Prefill in two parts around the router. `router` has `feature_layers` (k) and
-        `route(hidden (n, T, D), lengths (n,), seqs) -> list[DepthDecision]`."""
-        num_layers, k = self.model.num_layers, router.feature_layers
-        provisional = [num_layers if s.depth is None else s.depth for s in seqs]
-        order = sorted(range(len(seqs)), key=lambda i: -provisional[i])         # deepest first
-        rows = [seqs[i] for i in order]
-        batch = self.prepare_prefill(rows, [provisional[i] for i in order])
-        h = self.model.embed(batch)                                             # (B, T, D)
-        h = self.model.run_layers(h, batch, self.kv_cache, 0, k)
-        undecided = [p for p, s in enumerate(rows) if s.depth is None]
-        picked = torch.tensor(undecided, device=h.device)
-        decisions = router.route(h[picked], batch.last_index[picked] + 1, [rows[p] for p in undecided])
-        rank = self.model.rank
-        for p, decision in zip(undecided, decisions):
-            if any(rank[layer] >= decision.depth for layer in range(k)):
-                raise ValueError(f"router chose depth {decision.depth}, which skips one of the layers 0..{k - 1} "
-                                 "it already ran; its depths must include its feature layers")
-            rows[p].depth, rows[p].depth_decision = decision.depth, decision
-        # Re-sort by the final depths (stable: ties keep their order) and carry on from layer k.
-        resort = sorted(range(len(rows)), key=lambda p: -rows[p].depth)
-        rows, order = [rows[p] for p in resort], [order[p] for p in resort]
-        batch = self._permute_rows(batch, resort, [s.depth for s in rows])
-        h = h[torch.tensor(resort, device=h.device)]
-        h = self.model.run_layers(h, batch, self.kv_cache, k, num_layers)
-        hidden = self.model.final_hidden(h, batch)                              # (B, D)
-        return in_callers_order(order, self.sampler(self.model.compute_logits(hidden), rows), hidden)
-
     @torch.inference_mode()
     def run_mixed(self, decode: list[Sequence], chunks: list[PrefillChunk], router=None) -> StepResult:
-        """A decode step that also carries prompt chunks. Every token is a row of its own (T = 1):
-        a chunk's token attends, like a decode row, to its sequence's cached positions up to its
-        own (the step writes the chunk's keys and values before any row reads them), so rows of
-        one token and chunks of many share every matmul with no padding.
+        """A step of decode rows and prompt pieces (whole prompts or chunks). Every token is a row
+        of its own (T = 1): a prompt token attends, like a decode row, to its sequence's cached
+        positions up to its own (the step writes the prompt's keys and values before any row reads
+        them), so decode rows and prompts of any lengths share every matmul with no padding.
 
         Rows: first the tokens of `features_only` chunks (their sequences' depth is not picked
-        yet; they run layers 0..k-1 only and feed the router), then the rest, deepest first.
-        Samples for the decode rows and the chunks that complete their prompt."""
+        yet; they run layers 0..k-1 only and feed the router), then the rest, deepest first. A
+        whole prompt without a depth (a prefill of newcomers) runs layers 0..k-1 at full depth
+        with everyone, the router reads its rows there and decides, and it carries on from layer k
+        at its depth: nothing is computed twice. Samples for the decode rows and the pieces that
+        complete their prompt."""
         feature_chunks = [c for c in chunks if c.features_only]
+        num_layers = self.model.num_layers
         main = [(s, s.num_tokens - 1, 1) for s in decode] + [(c.seq, c.start, c.num_tokens) for c in chunks
                                                                 if not c.features_only]
-        main.sort(key=lambda piece: -piece[0].depth)                           # deepest first (stable)
-        # The pieces that end their sequence sample its next token: every decode row, and each
-        # chunk that completes its prompt.
-        sampling = [i for i, (s, first, count) in enumerate(main) if first + count == s.num_tokens]
-        num_layers = self.model.num_layers
+        main.sort(key=lambda piece: -_provisional(piece[0], num_layers))       # deepest first (stable)
+        undecided = [p for p, (s, _, _) in enumerate(main) if s.depth is None]
         pieces = [(c.seq, c.start, c.num_tokens) for c in feature_chunks] + main
-        depths = [num_layers] * len(feature_chunks) + [s.depth for s, _, _ in main]
+        depths = [num_layers] * len(feature_chunks) + [_provisional(s, num_layers) for s, _, _ in main]
         batch = self.prepare_tokens(pieces, depths)
         h = self.model.embed(batch)                                             # (N, 1, D)
         start = 0
-        if feature_chunks:
+        if feature_chunks or undecided:
             k = router.feature_layers
             h = self.model.run_layers(h, batch, self.kv_cache, 0, k)
             n_feat = sum(c.num_tokens for c in feature_chunks)
             self._pool_features(feature_chunks, h[:n_feat, 0], router)
             if not main:
                 return _sampled_nothing(h)
-            rows = list(range(n_feat, h.shape[0]))
-            chunks_left = [(r - n_feat, count, first) for r, count, first in batch.chunks if r >= n_feat]
-            batch = self._permute_rows(batch, rows, [batch.row_depths[r] for r in rows])
-            batch.chunks = chunks_left
-            h, start = h[n_feat:], k
+            first_rows = _first_rows(main)
+            if undecided:
+                self._route_whole(main, undecided, first_rows, h[n_feat:, 0], router, k)
+            # Re-sort by the final depths (stable: ties keep their order) and carry on from layer k.
+            resort = sorted(range(len(main)), key=lambda p: -main[p][0].depth)
+            rows = [n_feat + first_rows[p] + j for p in resort for j in range(main[p][2])]
+            main = [main[p] for p in resort]
+            batch = self._permute_rows(batch, rows, [s.depth for s, _, count in main for _ in range(count)])
+            batch.chunks = [(r, count, first) for r, (_, first, count) in zip(_first_rows(main), main) if count > 1]
+            h, start = h[torch.tensor(rows, device=h.device)], k
         h = self.model.run_layers(h, batch, self.kv_cache, start, num_layers)
+        # The pieces that end their sequence sample its next token: every decode row, and each
+        # piece that completes its prompt.
+        sampling = [i for i, (s, first, count) in enumerate(main) if first + count == s.num_tokens]
         if not sampling:  # only prompt chunks that leave their prompt unfinished
             return _sampled_nothing(h)
         sampled_seqs = [main[i][0] for i in sampling]
@@ -144,6 +119,22 @@ class ModelRunner:
         hidden = self.model.norm(h[last.to(h.device), 0])                       # (B, D)
         logits = self.model.compute_logits(hidden)                              # (B, V)
         return StepResult(self.sampler(logits, sampled_seqs), hidden, sampled_seqs)
+
+    def _route_whole(self, main: list[tuple[Sequence, int, int]], undecided: list[int], first_rows: list[int],
+                     h: torch.Tensor, router, k: int) -> None:
+        """Decide the depth of the whole prompts main[p], p in `undecided`, from their rows of h
+        ((tokens, D), after the feature layers; piece p's rows start at first_rows[p])."""
+        from adadepth.router.prefill_features import PrefillFeatures, PrefillFeatureSum
+
+        seqs = [main[p][0] for p in undecided]
+        features = PrefillFeatures.cat([
+            PrefillFeatureSum.start(h[first_rows[p]: first_rows[p] + main[p][2]]).features() for p in undecided])
+        rank = self.model.rank
+        for seq, decision in zip(seqs, router.route_features(features, seqs)):
+            if any(rank[layer] >= decision.depth for layer in range(k)):
+                raise ValueError(f"router chose depth {decision.depth}, which skips one of the layers 0..{k - 1} "
+                                 "it already ran; its depths must include its feature layers")
+            seq.depth, seq.depth_decision = decision.depth, decision
 
     @staticmethod
     def _pool_features(chunks: list[PrefillChunk], h: torch.Tensor, router) -> None:
@@ -211,28 +202,6 @@ class ModelRunner:
         pos = torch.arange(length)
         return table[:, :, pos // bs] * bs + pos % bs                           # (G, B, length)
 
-    def prepare_prefill(self, seqs: list[Sequence], depths: list[int] | None = None) -> ForwardBatch:
-        """depths: each row's depth (default: the seqs' own; a routed prefill passes provisional ones)."""
-        depths = [s.depth for s in seqs] if depths is None else depths
-        lengths = [s.num_tokens for s in seqs]
-        t = max(lengths)
-        b = len(seqs)
-        ids = torch.zeros(b, t, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, : lengths[i]] = torch.tensor(s.token_ids, dtype=torch.long)
-        lens = torch.tensor(lengths)
-        pos = torch.arange(t)
-        valid = pos[None, :] < lens[:, None]                                    # (B, T)
-        slots = torch.where(valid, self._slots(seqs, t), 0)                     # (G, B, T); padding -> scratch
-        causal = pos[None, :, None] >= pos[None, None, :]                       # (1, T, T) query >= key
-        mask = causal & valid[:, None, :]                                       # (B, T, S=T)
-        return ForwardBatch(
-            input_ids=ids.to(self.device), positions=pos.expand(b, t).contiguous().to(self.device),
-            slot_mapping=slots.reshape(slots.shape[0], -1).to(self.device), context_blocks=None, kv_layout=self.layout,
-            attn_mask=mask[:, None].to(self.device), active_rows=self.model.active_rows(depths),
-            row_depths=list(depths), depths=self._depths_tensor(depths),
-            last_index=(lens - 1).to(self.device))
-
     def prepare_tokens(self, pieces: list[tuple[Sequence, int, int]], depths: list[int]) -> ForwardBatch:
         """One row per token: positions [first, first + count) of each piece's sequence, at the
         piece's depth (`depths`, descending). Every row reads its sequence's paged context up to
@@ -247,8 +216,7 @@ class ModelRunner:
         index = (positions // bs)[None, :, None].expand(table.shape[0], -1, 1)  # (G, N, 1)
         slots = table.gather(2, index)[..., 0] * bs + positions % bs            # (G, N)
         row_depths = [d for d, (_, _, count) in zip(depths, pieces) for _ in range(count)]
-        first_rows = [0] + counts.cumsum(0).tolist()[:-1]
-        chunks = [(r, count, first) for r, (_, first, count) in zip(first_rows, pieces) if count > 1]
+        chunks = [(r, count, first) for r, (_, first, count) in zip(_first_rows(pieces), pieces) if count > 1]
         return ForwardBatch(
             input_ids=ids[:, None].to(self.device), positions=positions[:, None].to(self.device),
             slot_mapping=slots.to(self.device), context_blocks=table.to(self.device), attn_mask=None,
@@ -277,6 +245,20 @@ class ModelRunner:
             context_lens=(positions + 1).to(self.device))
 
 
+def _provisional(seq: Sequence, num_layers: int) -> int:
+    """A sequence's depth, or full depth while the router has yet to pick one."""
+    return num_layers if seq.depth is None else seq.depth
+
+
+def _first_rows(pieces: list[tuple[Sequence, int, int]]) -> list[int]:
+    """Row of each piece's first token, pieces laid out one after another."""
+    rows, row = [], 0
+    for _, _, count in pieces:
+        rows.append(row)
+        row += count
+    return rows
+
+
 def _sampled_nothing(h: torch.Tensor) -> StepResult:
     return StepResult(SamplerOutput([], []), h.new_zeros(0, h.shape[-1]), [])
 
@@ -289,27 +271,3 @@ def in_callers_order(order: list[int], sampled: SamplerOutput, hidden: torch.Ten
     return StepResult(
         SamplerOutput([sampled.token_ids[p] for p in inverse], [sampled.logprobs[p] for p in inverse]),
         hidden[torch.tensor(inverse, device=hidden.device)])
-
-
-def prefill_groups(lengths: list[int], max_padding: float) -> list[list[int]]:
-    """Split a prefill into groups of similar prompt length, so that each group's padding (rows
-    padded to the group's longest prompt) stays within `max_padding` x its real tokens.
-
-    Why: a prefill pads every row to the longest prompt, and on CPU the matmuls over padding cost
-    as much as over real tokens (16 GSM8K prompts of 61..166 tokens: 1490 real, 2656 padded; run
-    as length groups the same prefill took ~40 % less time). Returns index lists, longest first;
-    one group when no split is needed.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    groups: list[list[int]] = []
-    for i in order:
-        if groups:
-            group = groups[-1]
-            longest = lengths[group[0]]
-            real = sum(lengths[j] for j in group) + lengths[i]
-            if longest * (len(group) + 1) <= (1 + max_padding) * real:
-                group.append(i)
-                continue
-        groups.append([i])
-    return groups
-

@@ -79,17 +79,16 @@ class Scheduler:
 
     def _schedule_prefill(self) -> list[Sequence]:
         scheduled: list[Sequence] = []
-        longest = 0
+        num_tokens = 0
         while self.waiting and len(self.running) < self.config.max_num_seqs:  # admitted ones count
             seq = self.waiting[0]
-            longest_if_added = max(longest, seq.num_tokens)
-            # Prefill rows are padded to the longest prompt: budget the padded token count.
-            if scheduled and longest_if_added * (len(scheduled) + 1) > self.config.max_num_batched_tokens:
+            # A prefill runs packed (no padding): budget its real tokens.
+            if scheduled and num_tokens + seq.num_tokens > self.config.max_num_batched_tokens:
                 break
             # A depth still to be routed reserves full depth; the pages past it go back after.
             if not self.block_manager.ensure_capacity(seq, seq.num_tokens, seq.depth or self.num_layers):
                 break
-            longest = longest_if_added
+            num_tokens += seq.num_tokens
             scheduled.append(self._admit())
         return scheduled
 

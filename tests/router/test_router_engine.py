@@ -9,7 +9,6 @@ import torch
 from conftest import ORDER, make_router
 
 from adadepth import LLM, SamplingParams
-from adadepth.engine.model_runner import prefill_groups
 from adadepth.model.depth_plan import DepthPlan
 from adadepth.router.depth_grid import DepthGrid
 from adadepth.router.difficulty_router import DifficultyRouter
@@ -31,16 +30,16 @@ def greedy(n=12, **kw):
 
 
 class Recorder:
-    """Wraps a router: records the hidden states it was given."""
+    """Wraps a router: records the features it was given."""
 
     def __init__(self, router):
         self.router = router
         self.feature_layers = router.feature_layers
-        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.seen: list[PrefillFeatures] = []
 
-    def route(self, hidden, lengths, seqs):
-        self.seen.append((hidden.clone(), lengths.clone()))
-        return self.router.route(hidden, lengths, seqs)
+    def route_features(self, features, seqs):
+        self.seen.append(features)
+        return self.router.route_features(features, seqs)
 
 
 def count_layer_calls(model, monkeypatch) -> list[int]:
@@ -64,15 +63,15 @@ def test_features_come_from_the_prefill_with_no_extra_pass(router_ckpt, cache_di
     rows = count_layer_calls(model, monkeypatch)
     out = llm.generate(PROMPTS[3], greedy(n=1, quality=0.5))[0]
     depth = out.depth
-    # One prefill step: each layer of the chosen depth ran once on the one row, no other layer ran.
-    assert rows == [1 if PLAN.rank[layer] < depth else 0 for layer in range(6)]
+    # One prefill step: each layer of the chosen depth ran once on the prompt's token rows, no other layer ran.
+    ids = llm.tokenizer.encode(PROMPTS[3])
+    assert rows == [len(ids) if PLAN.rank[layer] < depth else 0 for layer in range(6)]
     assert out.depth_decision.source == "router"
     # The router saw the residual stream after layers 0..k-1 of that prefill: same as offline extraction.
-    (hidden, lengths), = recorder.seen
-    ids = llm.tokenizer.encode(PROMPTS[3])
-    assert hidden.shape == (1, len(ids), 64) and lengths.tolist() == [len(ids)]
+    features, = recorder.seen
+    assert features.lengths.tolist() == [len(ids)]
     offline = FeatureExtractor(model, recorder.feature_layers).extract([ids])
-    assert torch.allclose(PrefillFeatures.from_hidden(hidden, lengths).pooled, offline.pooled, atol=1e-10)
+    assert torch.allclose(features.pooled, offline.pooled, atol=1e-10)
 
 
 @pytest.mark.parametrize("feature_layers,kernels", [(2, False), (0, False), (2, True)])
@@ -90,10 +89,8 @@ def test_routed_output_equals_explicit_depth(router_ckpt, cache_dir, feature_lay
         assert r.token_ids == e.token_ids
         assert e.depth_decision.source == "request"
         assert r.depth_decision.predicted_agreement is not None and r.depth_decision.quality is not None
-    # One router call per prefill forward pass (prompts of similar length share one; see prefill_groups).
-    lengths = [len(llm.tokenizer.encode(p)) for p in PROMPTS]
-    num_groups = len(prefill_groups(lengths, llm.engine.config.scheduler.max_prefill_padding))
-    assert router.stats.prompts == len(PROMPTS) and router.stats.calls == num_groups
+    # One router call for the whole prefill: every prompt runs in one packed step.
+    assert router.stats.prompts == len(PROMPTS) and router.stats.calls == 1
 
 
 def test_mixed_routed_and_explicit_batch(router_ckpt, cache_dir):
@@ -134,14 +131,19 @@ def test_permuted_batch_equals_a_fresh_one(router_ckpt, cache_dir):
         engine.add_request(f"r{i}", p, greedy(depth=[6, 5, 3, 2][i]))
     seqs = engine.scheduler.schedule().seqs
     runner = engine.runner
-    batch = runner.prepare_prefill(seqs)
+    pieces = [(s, 0, s.num_tokens) for s in seqs]                              # whole prompts, packed
+    batch = runner.prepare_tokens(pieces, [s.depth for s in seqs])
     perm = [2, 0, 3, 1]
     depths = [5, 4, 4, 2]
-    for s, d in zip([seqs[p] for p in perm], depths):
-        s.depth = d
-    fresh = runner.prepare_prefill([seqs[p] for p in perm])
-    permuted = runner._permute_rows(batch, perm, depths)
+    first = [0]
+    for s in seqs:
+        first.append(first[-1] + s.num_tokens)
+    rows = [r for p in perm for r in range(first[p], first[p + 1])]           # each prompt's token rows
+    fresh = runner.prepare_tokens([pieces[p] for p in perm], depths)
+    permuted = runner._permute_rows(batch, rows, [d for p, d in zip(perm, depths) for _ in range(seqs[p].num_tokens)])
     for f in dataclasses.fields(fresh):
+        if f.name == "chunks":  # row spans: the caller sets them for the new order
+            continue
         a, b = getattr(fresh, f.name), getattr(permuted, f.name)
         assert (torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b), f.name
 
