@@ -1,5 +1,5 @@
-"""The fused C++ CPU kernels (paged decode attention, the small layer ops, grammar masks), built
-once per machine.
+"""The fused C++ CPU kernels (paged decode attention, the small layer ops, bf16 matmuls of a few
+rows, grammar masks), built once per machine.
 
 The C++ sources are compiled by `torch.utils.cpp_extension` (a C++ compiler is needed) the first
 time, into the adadepth cache folder, and registered as `torch.ops.adadepth.*`.
@@ -20,7 +20,7 @@ import torch
 from .layer_ops import LayerOps
 
 SOURCES = [Path(__file__).with_name(name)
-           for name in ("paged_attention_cpu.cpp", "layer_ops_cpu.cpp", "token_bitmask_cpu.cpp")]
+           for name in ("paged_attention_cpu.cpp", "layer_ops_cpu.cpp", "token_bitmask_cpu.cpp", "skinny_linear_cpu.cpp")]
 HEADERS = [Path(__file__).with_name("cpu_math.h")]
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,7 @@ def _registered_ops() -> LayerOps | None:
     try:
         ops = torch.ops.adadepth
         return LayerOps(rms_norm=ops.rms_norm, add_rms_norm=ops.add_rms_norm, rope_write_kv=ops.rope_write_kv,
-                        silu_and_mul=ops.silu_and_mul, paged_attention=ops.paged_decode_attention)
+                        silu_and_mul=ops.silu_and_mul, paged_attention=ops.paged_decode_attention,
+                        skinny_linear=ops.skinny_linear if ops.skinny_linear_supported() else None)
     except (AttributeError, RuntimeError):
         return None

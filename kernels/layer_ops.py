@@ -64,7 +64,7 @@ def silu_and_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class LayerOps:
-    """What a decoder layer calls besides its matmuls (each with its reference's semantics)."""
+    """What a decoder layer calls besides its oneDNN matmuls (each with its reference's semantics)."""
     rms_norm: Callable = rms_norm_ref
     add_rms_norm: Callable = add_rms_norm_ref
     rope_write_kv: Callable = rope_write_kv_ref
@@ -72,3 +72,7 @@ class LayerOps:
     # The reference decode attention gathers whole blocks (masked, but 0 * NaN is NaN), so the KV
     # cache starts zeroed (ModelRunner); the kernel reads only each row's context.
     paged_attention: Callable = paged_decode_attention_ref
+    # bf16 matmuls of at most `PackedLinear.skinny_max_rows` rows (decode at batch 1-2), reading
+    # the plain weight at the memory's pace (skinny_linear_cpu.cpp; reference: F.linear). None:
+    # every matmul goes through oneDNN.
+    skinny_linear: Callable | None = None

@@ -4,8 +4,9 @@ a decode that also carries pieces of new prompts (chunked prefill).
 Continuous batching: requests join (prefill) and leave (finish/abort) between steps. When the
 server is idle, prompts run whole in a prefill step of their own (the fastest way to a first
 token). While sequences decode, a new prompt instead rides along the decode steps in chunks of
-at most `prefill_chunk_tokens` tokens: a decode step pays for a few dozen prompt tokens, not for
-a whole prompt, so running streams keep their pace (time between tokens) while newcomers join.
+`prefill_chunk_tokens` tokens: a decode step pays for a few dozen prompt tokens, not for a whole
+prompt, so running streams keep their pace (time between tokens) while newcomers join. When more
+sequences wait for their prefill than decode, the budget grows in proportion (`_chunk_budget`).
 
 A prompt whose depth the router has yet to pick first runs chunk by chunk through the router's
 feature layers only (k of L layers, pooled as it goes); once its last chunk is in, the router
@@ -66,7 +67,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput | None:
         while self.running and self.config.prefill_chunk_tokens:
             decode = self._schedule_decode()
-            chunks = self._schedule_chunks(self.config.prefill_chunk_tokens)
+            chunks = self._schedule_chunks(self._chunk_budget(len(decode)))
             if decode or chunks:
                 return SchedulerOutput(decode, is_prefill=False, chunks=chunks)
             if self.running:  # only prompts under way, and no block left for any: the newest waits
@@ -76,6 +77,20 @@ class Scheduler:
             return SchedulerOutput(prefill, is_prefill=True)
         decode = self._schedule_decode()
         return SchedulerOutput(decode, is_prefill=False) if decode else None
+
+    def _chunk_budget(self, num_decoding: int) -> int:
+        """Prompt tokens this decode step may carry: `prefill_chunk_tokens` per step, times the
+        number of sequences waiting for their prefill per sequence decoding (at least 1x, at most
+        `max_num_batched_tokens`).
+
+        Why: prompts then get a share of each step in proportion to how many sequences wait for
+        them. A few arrivals among many streams ride along in small chunks (the streams keep their
+        pace); a burst of arrivals next to a few streams (a wave of requests replacing the ones
+        that just finished) is prefilled in a step or two instead of 64 tokens at a time, which had
+        held 15 new prompts back for ~25 steps behind one decoding stream."""
+        num_prefilling = len(self.waiting) + sum(1 for s in self.running if not s.is_prefilled)
+        scale = max(1.0, num_prefilling / max(1, num_decoding))
+        return min(self.config.max_num_batched_tokens, int(self.config.prefill_chunk_tokens * scale))
 
     def _schedule_prefill(self) -> list[Sequence]:
         scheduled: list[Sequence] = []

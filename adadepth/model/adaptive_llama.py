@@ -184,9 +184,15 @@ class AdaptiveLlama(nn.Module):
             self.bypass[str(i)] if str(i) in self.bypass else None for i in range(self.num_layers)]
 
     def use_ops(self, ops: LayerOps | None) -> None:
-        """Every layer calls `ops` (same semantics as the references), or the references when None."""
+        """Every layer calls `ops` (same semantics as the references), or the references when None;
+        packed matmuls take its skinny kernel for products of a few rows, if it has one."""
+        from adadepth.model.packed_linear import PackedLinear
+
         for layer in self.layers:
             layer.ops = ops or LayerOps()
+        for module in self.modules():
+            if isinstance(module, PackedLinear):
+                module.use_skinny(ops.skinny_linear if ops is not None else None)
 
     def pack_linears(self) -> int:
         """Run every matmul through oneDNN on pre-packed weights (CPU fp32/bf16; see packed_linear)."""

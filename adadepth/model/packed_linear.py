@@ -36,6 +36,19 @@ class PackedLinear(nn.Module):
         self.bias = linear.bias
         self._packed: torch.Tensor | None = None
         self._packed_key: tuple | None = None
+        # bf16 products of at most `skinny_max_rows` rows go to this kernel instead (use_skinny).
+        self.skinny = None
+
+    # Decode steps of the default model on a 2-core Zen 4 (AVX512-BF16), the two paths interleaved:
+    # faster with the skinny kernel at batch 1 to 4 (benchmarks/results/skinny_linear.json); it
+    # takes at most 4 rows.
+    skinny_max_rows = 4
+
+    def use_skinny(self, kernel) -> None:
+        """Route bf16 products of a few rows to `kernel(x (M, K), w (N, K), bias) -> (M, N)`
+        (None: oneDNN for all), where the shapes fit it (K a multiple of 32, N of 16)."""
+        fits = self.in_features % 32 == 0 and self.out_features % 16 == 0
+        self.skinny = kernel if fits else None
 
     def _can_pack(self, x: torch.Tensor) -> bool:
         w = self.weight
@@ -56,6 +69,9 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._can_pack(x):
             return F.linear(x, self.weight, self.bias)
+        if self.skinny is not None and x.dtype == torch.bfloat16 and x.numel() <= self.skinny_max_rows * self.in_features:
+            rows = x.reshape(-1, self.in_features)                              # (M, K), M <= skinny_max_rows
+            return self.skinny(rows, self.weight, self.bias).view(*x.shape[:-1], self.out_features)
         # (..., in) -> (..., out); oneDNN takes any leading dims and strided rows.
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight(), self.bias, "none", [], "")
 

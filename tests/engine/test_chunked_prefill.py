@@ -21,8 +21,9 @@ def make_llm(path, cache_dir, chunk, **kw):
 
 def run_joining(llm, params, join_every=3, check=None):
     """The first request alone, then one more every `join_every` steps (each joins while the
-    others decode). Returns {request id: (token ids, logprobs)}; `check(engine, decoding)` runs
-    after each step with the ids that were decoding before it."""
+    others decode). Returns {request id: (token ids, logprobs)}; `check(engine, decoding, prefilling)`
+    runs after each step with the ids that were decoding before it and the number of sequences that
+    were waiting for their prefill."""
     engine = llm.engine
     tokens: dict[str, list[int]] = {}
     logprobs: dict[str, list[float]] = {}
@@ -33,12 +34,13 @@ def run_joining(llm, params, join_every=3, check=None):
             i, (prompt, p) = pending.pop(0)
             engine.add_request(f"r{i}", prompt, p)
         decoding = {s.request_id for s in engine.scheduler.running if s.is_prefilled}
+        prefilling = len(engine.scheduler.waiting) + sum(not s.is_prefilled for s in engine.scheduler.running)
         for out in engine.step():
             tokens.setdefault(out.request_id, []).extend(out.token_ids)
             logprobs.setdefault(out.request_id, []).extend(
                 next(iter(lp.values())) for lp in out.outputs[0].logprobs or [])
         if check is not None:
-            check(engine, decoding)
+            check(engine, decoding, prefilling)
         step += 1
     return tokens, logprobs
 
@@ -50,7 +52,7 @@ def test_chunks_generate_what_whole_prefills_do(tiny_llama, cache_dir):
     whole = make_llm(tiny_llama, cache_dir, chunk=0)
     chunk_steps = []
 
-    def check(engine, decoding):
+    def check(engine, decoding, prefilling):
         step = engine.last_step
         if step.is_prefill:  # whole prompts run in a step of their own only when nothing decodes
             assert not decoding
@@ -58,8 +60,9 @@ def test_chunks_generate_what_whole_prefills_do(tiny_llama, cache_dir):
         decoded = step.num_seqs
         # Every stream that was decoding got its token this step: chunks never pause them ...
         assert decoded >= len(decoding)
-        # ... and a step carries at most `budget` prompt tokens besides them.
-        assert step.num_tokens - decoded <= budget
+        # ... and a step carries at most `budget` prompt tokens besides them, times the sequences
+        # waiting for a prefill per sequence decoding.
+        assert step.num_tokens - decoded <= budget * max(1, prefilling / len(decoding))
         if step.num_chunks:
             chunk_steps.append(step)
 
@@ -73,9 +76,34 @@ def test_chunks_generate_what_whole_prefills_do(tiny_llama, cache_dir):
     # decode row once the rest is cached), spread over at least total / budget steps.
     chunk_tokens = sum(step.num_tokens - step.num_seqs for step in chunk_steps)
     assert sum(lengths) - len(lengths) <= chunk_tokens <= sum(lengths)
-    assert len(chunk_steps) >= chunk_tokens / budget
+    assert len(chunk_steps) >= chunk_tokens / (2 * budget)  # one joins at a time: at most 2 wait per decoding
     assert max(lengths) > 2 * budget
     assert chunked.engine.block_manager.usage == 0.0
+
+
+def test_a_burst_next_to_few_streams_gets_a_larger_budget(tiny_llama, cache_dir):
+    """Four prompts arrive while one stream decodes: the first step may carry 4 / 1 times the
+    budget, and the burst is in after far fewer steps than a fixed budget takes; the stream still
+    gets its token every step."""
+    budget = 4
+    llm = make_llm(tiny_llama, cache_dir, chunk=budget)
+    engine = llm.engine
+    engine.add_request("stream", PROMPTS[3], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    engine.step()
+    prompts = [llm.tokenizer.encode(p) for p in PROMPTS[:3] + PROMPTS[4:]]
+    for i, ids in enumerate(prompts):
+        engine.add_request(f"burst{i}", ids, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+    steps = []
+    while any(not s.is_prefilled for s in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
+        steps.append(engine.last_step)
+        assert not engine.last_step.is_prefill and engine.last_step.num_seqs >= 1   # the stream kept decoding
+    prompt_tokens = [st.num_tokens - st.num_seqs for st in steps]
+    assert prompt_tokens[0] == budget * len(prompts)                            # 4 waiting / 1 decoding
+    # The budget shrinks as prompts complete and start decoding (3 waiting / 2 decoding, ...), yet
+    # the burst is in well before a fixed budget's steps.
+    assert len(steps) < -(-sum(len(p) for p in prompts) // budget) * 2 / 3
+    assert max(prompt_tokens) <= engine.config.scheduler.max_num_batched_tokens
 
 
 def test_chunks_with_preemption_lose_nothing(tiny_llama, cache_dir):
@@ -97,7 +125,7 @@ def test_chunk_budget_zero_keeps_prompts_whole(tiny_llama, cache_dir):
     llm = make_llm(tiny_llama, cache_dir, chunk=0)
     params = [SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, depth=d) for d in DEPTHS]
 
-    def check(engine, decoding):
+    def check(engine, decoding, prefilling):
         assert engine.last_step.num_chunks == 0
 
     run_joining(llm, params, join_every=2, check=check)

@@ -65,6 +65,8 @@ CASES = [  # n, H, Hkv, Dh, block_size, max_len
     (16, 9, 3, 64, 16, 224),     # SmolLM2-135M's heads at batch 16
     (5, 8, 1, 32, 1, 20),        # multi-query, one token per block
     (2, 6, 6, 128, 8, 130),      # plain multi-head, wide heads
+    (4, 16, 2, 128, 16, 51),     # eight query heads per kv head, wide heads
+    (3, 12, 1, 64, 16, 40),      # twelve query heads per kv head (the portable loop's case)
 ]
 
 

@@ -1,0 +1,135 @@
+"""`adadepth bench skinny`: decode steps with the skinny bf16 matmul kernel against oneDNN alone.
+
+One engine, decoding `batch` held-out prompts at full depth; the two matmul paths take turns
+(`--rounds` rounds of `--steps` timed steps each, after warm-up steps), so both see the same
+machine, contexts and neighbours. Reports each round's median step time and the ratio of the
+medians over all rounds. Needs a CPU with AVX512-BF16 (the kernel's only target).
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class SkinnyBenchConfig:
+    model: str = field(default="default", metadata={"help": "model to run (bf16)"})
+    batches: str = field(default="1,2,4", metadata={"help": "comma-separated decode batch sizes (1..4)"})
+    rounds: int = field(default=4, metadata={"help": "rounds per path, the paths alternating"})
+    steps: int = field(default=20, metadata={"help": "timed decode steps per round"})
+    prompts: str = field(default="benchmarks/data/heldout_prompts.jsonl", metadata={
+        "help": "prompts jsonl (messages lines); a relative path is taken from the repository root"})
+    out: str = field(default="benchmarks/results/skinny_linear.json", metadata={"help": "JSON output"})
+
+    def __post_init__(self) -> None:
+        self.batch_list = [int(b) for b in self.batches.split(",") if b.strip()]
+        if not self.batch_list or any(not 1 <= b <= 4 for b in self.batch_list):
+            raise ValueError("batches must be in 1..4 (the kernel takes at most 4 rows)")
+        if self.rounds < 1 or self.steps < 1:
+            raise ValueError("rounds and steps must be >= 1")
+
+
+def _timed_steps(engine, steps: int) -> float:
+    """Median seconds of `steps` decode steps, after 3 untimed ones."""
+    for _ in range(3):
+        engine.step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run(cfg: SkinnyBenchConfig) -> dict:
+    from adadepth import LLM, SamplingParams
+    from adadepth.benchmarks.machine import machine_info, save_report
+    from adadepth.benchmarks.step_profile import load_chats
+    from adadepth.model.packed_linear import PackedLinear
+
+    llm = LLM(cfg.model, dtype="bfloat16", num_kv_tokens=16384)
+    engine = llm.engine
+    linears = [m for m in engine.model.modules() if isinstance(m, PackedLinear)]
+    kernel = next((m.skinny for m in linears if m.skinny is not None), None)
+    if kernel is None:
+        raise SystemExit("the skinny kernel is not in use here (no AVX512-BF16, no C++ compiler, or --no-cpu-kernels)")
+    prompts = Path(cfg.prompts)
+    chats = load_chats(prompts if prompts.is_absolute() else REPO_ROOT / prompts, max(cfg.batch_list))
+    ids = [llm.tokenizer.encode(llm.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False),
+                                add_special_tokens=False) for c in chats]
+    budget = 2 * cfg.rounds * (cfg.steps + 3) + 8
+    cases = {}
+    for batch in cfg.batch_list:
+        for i in range(batch):
+            engine.add_request(f"skinny-{batch}-{i}", ids[i], SamplingParams(max_tokens=budget, temperature=0,
+                                                                          ignore_eos=True))
+        engine.step()                                                           # the prefill
+        rounds = {"skinny": [], "onednn": []}
+        for r in range(2 * cfg.rounds):
+            path = "skinny" if r % 2 == 0 else "onednn"
+            for m in linears:
+                m.use_skinny(kernel if path == "skinny" else None)
+            rounds[path].append(1000 * _timed_steps(engine, cfg.steps))
+        for m in linears:
+            m.use_skinny(kernel)
+        while engine.has_unfinished_requests():
+            for seq in list(engine.seqs):
+                engine.abort_request(seq)
+            engine.step()
+        skinny, onednn = statistics.median(rounds["skinny"]), statistics.median(rounds["onednn"])
+        cases[str(batch)] = {"step_ms_per_round": rounds, "step_ms_median": {"skinny": skinny, "onednn": onednn},
+                             "speedup": onednn / skinny, "decode_tok_s": {"skinny": 1000 * batch / skinny,
+                                                                          "onednn": 1000 * batch / onednn}}
+        print(f"batch {batch}: step {skinny:.1f} ms with the skinny kernel, {onednn:.1f} ms with oneDNN alone "
+              f"(x{onednn / skinny:.2f}); rounds {[round(x, 1) for x in rounds['skinny']]} vs "
+              f"{[round(x, 1) for x in rounds['onednn']]}", flush=True)
+    machine = machine_info()
+    report = {"benchmark": "skinny_linear", "date": machine["date"], "commit": machine["commit"],
+              "command": "adadepth bench skinny " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in
+                                                            dataclasses.asdict(cfg).items()),
+              "machine": machine, "dtype": str(engine.dtype), "model": cfg.model, "cases": cases}
+    path = save_report(report, cfg.out, plot)
+    print(f"wrote {path}")
+    return report
+
+
+def plot(report: dict, png) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = list(report["cases"])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    width = 0.38
+    for k, (path, label) in enumerate([("onednn", "oneDNN alone"), ("skinny", "skinny kernel (batch <= 4)")]):
+        ax.bar([i + (k - 0.5) * width for i in range(len(batches))],
+               [report["cases"][b]["step_ms_median"][path] for b in batches], width, label=label)
+    ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
+    ax.set_ylabel("decode step, ms (median of rounds)")
+    machine = report["machine"]
+    ax.set_title(f"{report['model']} bf16, {machine.get('cpu', '')} {' '.join(machine.get('isa', [])[-2:])}",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def _run(args) -> None:
+    from adadepth.cli_args import dataclass_from_args
+
+    run(dataclass_from_args(SkinnyBenchConfig, args))
+
+
+def add_parser(subparsers) -> None:
+    from adadepth.cli_args import add_dataclass_args
+
+    parser = subparsers.add_parser("skinny", help="decode steps: the skinny bf16 matmul kernel against oneDNN alone")
+    add_dataclass_args(parser, SkinnyBenchConfig)
+    parser.set_defaults(func=_run)

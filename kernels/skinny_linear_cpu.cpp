@@ -1,0 +1,124 @@
+// y = x @ W^T (+ b) for a few rows of x, bf16, on CPUs with AVX512-BF16.
+//
+// Why: a decode step at batch 1 or 2 is bound by reading the weights once, and oneDNN's bf16
+// inner product reads cold weights (a layer's matrices, gone from cache since the last step) at
+// 11-22 GB/s on a 2-core Zen 4 whose cores pull ~35 GB/s: it is built for wider products. Here
+// each thread walks its share of W's rows front to back (plain row-major, the model's own
+// Parameter: no second copy), every 32 bf16 weights feed one `vdpbf16ps` per row of x (exact
+// products, float32 sums), and the 16 partial-sum vectors of 16 output columns are reduced
+// together by one transpose-and-add tree.
+//
+// Semantics (same as F.linear on bf16 tensors, which is the reference): x (M, K) bf16, w (N, K)
+// bf16, b (N,) bf16 or none; y (M, N) bf16 = round(sum_k x[m, k] w[n, k] + b[n]), summed in float32.
+// M in 1..4, K a multiple of 32, N a multiple of 16 (the caller checks and keeps oneDNN otherwise).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+#if defined(__AVX512BF16__)
+// Lane t of the result = the sum of v[t]'s 16 lanes. Four levels of shuffles and adds, each
+// halving the vectors; the tree leaves the sums in lane order 0,2,1,3, 8,10,9,11, 4,6,5,7,
+// 12,14,13,15 (worked out level by level), which one permute puts back in order.
+inline __m512 sum16(const __m512* v) {
+  __m512 w[8], x[4], y[2];
+  for (int i = 0; i < 8; ++i)  // 256-bit halves
+    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[i], v[i + 8], 0x44), _mm512_shuffle_f32x4(v[i], v[i + 8], 0xEE));
+  for (int i = 0; i < 4; ++i)  // 128-bit quarters
+    x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(w[i], w[i + 4], 0x88), _mm512_shuffle_f32x4(w[i], w[i + 4], 0xDD));
+  for (int i = 0; i < 2; ++i)  // pairs inside each quarter
+    y[i] = _mm512_add_ps(_mm512_shuffle_ps(x[i], x[i + 2], 0x44), _mm512_shuffle_ps(x[i], x[i + 2], 0xEE));
+  const __m512 z = _mm512_add_ps(_mm512_shuffle_ps(y[0], y[1], 0x88), _mm512_shuffle_ps(y[0], y[1], 0xDD));
+  const __m512i order = _mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15);
+  return _mm512_permutexvar_ps(order, z);
+}
+
+template <int M>
+void skinny(const c10::BFloat16* x, const c10::BFloat16* w, const c10::BFloat16* b, c10::BFloat16* y, int64_t N,
+            int64_t K) {
+  // A task is 16 output columns: 16 rows of W, ~18 KB for K = 576.
+  at::parallel_for(0, N / 16, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n0 = task * 16;
+      __m512 partial[M][16];  // [m][j]: x row m's products with W row n0 + j, before their sum
+      for (int j = 0; j < 16; ++j) {
+        const c10::BFloat16* wr = w + (n0 + j) * K;
+        __m512 acc[M];
+        for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k += 32) {
+          const __m512bh wv = (__m512bh)_mm512_loadu_si512(wr + k);
+          for (int m = 0; m < M; ++m)
+            acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)_mm512_loadu_si512(x + m * K + k), wv);
+        }
+        for (int m = 0; m < M; ++m) partial[m][j] = acc[m];
+      }
+      // bf16 -> f32 is a 16-bit shift.
+      const __m512 bias = b == nullptr ? _mm512_setzero_ps()
+          : _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + n0))), 16));
+      for (int m = 0; m < M; ++m) {
+        const __m512 sums = _mm512_add_ps(sum16(partial[m]), bias);
+        // Round to nearest even, as PyTorch rounds float32 to bf16.
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + m * N + n0), (__m256i)_mm512_cvtneps_pbh(sums));
+      }
+    }
+  });
+}
+#endif
+
+at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "expected x (M, K) and w (N, K)");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "skinny_linear takes bfloat16");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(M >= 1 && M <= 4 && K % 32 == 0 && N % 16 == 0,
+              "skinny_linear takes 1..4 rows, K a multiple of 32 and N of 16");
+  TORCH_CHECK(w.is_contiguous(), "w must be contiguous");
+  const at::Tensor xc = x.contiguous();
+  const c10::BFloat16* bp = nullptr;
+  at::Tensor bc;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == at::kBFloat16 && bias->numel() == N, "bias must be (N,) bfloat16");
+    bc = bias->contiguous();
+    bp = bc.data_ptr<c10::BFloat16>();
+  }
+  at::Tensor y = at::empty({M, N}, x.options());
+#if defined(__AVX512BF16__)
+  const c10::BFloat16* xp = xc.data_ptr<c10::BFloat16>();
+  const c10::BFloat16* wp = w.data_ptr<c10::BFloat16>();
+  c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
+  switch (M) {
+    case 1: skinny<1>(xp, wp, bp, yp, N, K); break;
+    case 2: skinny<2>(xp, wp, bp, yp, N, K); break;
+    case 3: skinny<3>(xp, wp, bp, yp, N, K); break;
+    default: skinny<4>(xp, wp, bp, yp, N, K); break;
+  }
+#else
+  TORCH_CHECK(false, "skinny_linear needs a CPU with AVX512-BF16 (this build has none)");
+#endif
+  return y;
+}
+
+bool skinny_linear_supported() {
+#if defined(__AVX512BF16__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(adadepth, m) {
+  m.def("skinny_linear(Tensor x, Tensor w, Tensor? bias) -> Tensor");
+  // Whether this machine's build has the kernel (compiled with -march=native).
+  m.def("skinny_linear_supported() -> bool", &skinny_linear_supported);
+}
+
+TORCH_LIBRARY_IMPL(adadepth, CPU, m) { m.impl("skinny_linear", &skinny_linear); }

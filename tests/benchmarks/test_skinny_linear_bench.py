@@ -1,0 +1,33 @@
+"""`adadepth bench skinny` on the tiny model: both matmul paths timed in alternating rounds."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from adadepth.benchmarks.skinny_linear_bench import SkinnyBenchConfig, run
+from adadepth.kernels.cpu_ops import load_cpu_ops
+
+
+def test_skinny_bench_on_the_tiny_model(tiny_llama, cache_dir, tmp_path, monkeypatch):
+    ops = load_cpu_ops(str(tmp_path / "ext"))
+    if ops is None or ops.skinny_linear is None:
+        pytest.skip("no C++ compiler or no AVX512-BF16 on this CPU")
+    monkeypatch.setenv("ADADEPTH_CACHE_DIR", cache_dir)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"what is {i} + {i}?"}],
+                                           "source": "a"}) + "\n" for i in range(4)))
+    out = tmp_path / "skinny.json"
+    report = run(SkinnyBenchConfig(model=tiny_llama, batches="1,3", rounds=2, steps=2, prompts=str(prompts),
+                                   out=str(out)))
+    assert json.loads(out.read_text())["cases"].keys() == {"1", "3"} and out.with_suffix(".png").exists()
+    for case in report["cases"].values():
+        assert len(case["step_ms_per_round"]["skinny"]) == len(case["step_ms_per_round"]["onednn"]) == 2
+        medians = case["step_ms_median"]
+        assert case["speedup"] == pytest.approx(medians["onednn"] / medians["skinny"])
+    assert report["dtype"] == "torch.bfloat16" and report["command"].startswith("adadepth bench skinny")
+
+
+def test_batches_beyond_the_kernel_are_refused():
+    with pytest.raises(ValueError, match="1..4"):
+        SkinnyBenchConfig(batches="1,8")
