@@ -48,12 +48,16 @@ def profile_case(llm, chats: list[list[dict]], fractions: list[float], steps: in
     ids = [llm.tokenizer.encode(llm.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False),
                                 add_special_tokens=False) for c in chats]
     row_depths = [max(1, round(fractions[i % len(fractions)] * num_layers)) for i in range(len(ids))]
-    budget = steps + profiled + 8
+    # Room for the steps that finish the prefill too: prompts past one step's token budget join
+    # in chunks while the first ones already decode, and no row may finish before the timed steps.
+    budget = steps + profiled + 8 + 256
     for i, (prompt, depth) in enumerate(zip(ids, row_depths)):
         engine.add_request(f"step-profile-{time.monotonic_ns()}-{i}", prompt,
                            SamplingParams(max_tokens=budget, temperature=0, ignore_eos=True, depth=depth))
     while engine.scheduler.waiting or any(not s.output_token_ids for s in engine.scheduler.running):
         engine.step()                                                           # prefill
+    if len(engine.scheduler.running) != len(ids):
+        raise RuntimeError(f"{len(engine.scheduler.running)} of {len(ids)} rows are decoding (KV cache too small?)")
     for _ in range(3):
         engine.step()                                                           # warm decode steps
     times = []
