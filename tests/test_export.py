@@ -11,7 +11,7 @@ import torch
 from adadepth import LLM, SamplingParams
 from adadepth.cli import main
 from adadepth.export import EXPORT_META_FILE, ExportConfig, export_depth
-from adadepth.model.adaptive_llama import ForwardBatch
+from adadepth.model.forward_batch import ForwardBatch
 from adadepth.model.depth_plan import DepthPlan
 from adadepth.model.loader import ARTIFACT_FILE
 from tiny_model import build_tiny_checkpoint

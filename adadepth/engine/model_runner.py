@@ -21,7 +21,8 @@ from adadepth.engine.block_manager import BlockManager
 from adadepth.engine.sampler import Sampler, SamplerOutput
 from adadepth.engine.scheduler import PrefillChunk
 from adadepth.engine.sequence import Sequence
-from adadepth.model.adaptive_llama import AdaptiveLlama, ForwardBatch
+from adadepth.model.adaptive_llama import AdaptiveLlama
+from adadepth.model.forward_batch import ForwardBatch
 
 
 @dataclass

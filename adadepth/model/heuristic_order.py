@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from adadepth.model.adaptive_llama import AdaptiveLlama, ForwardBatch
+from adadepth.model.adaptive_llama import AdaptiveLlama
+from adadepth.model.forward_batch import ForwardBatch
 from adadepth.model.depth_plan import DepthPlan
 
 # Fixed token ids rather than text: the heuristic must not depend on a tokenizer being present.

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from adadepth.model.adaptive_llama import AdaptiveLlama, ForwardBatch
+from adadepth.model.adaptive_llama import AdaptiveLlama
+from adadepth.model.forward_batch import ForwardBatch
 from adadepth.model.depth_plan import DepthPlan
 from adadepth.model.loader import (ResolvedModel, apply_artifact, load_config, load_plan, load_state_dict,
                                    resolve_model)
