@@ -72,7 +72,7 @@ class LayerOps:
     # The reference decode attention gathers whole blocks (masked, but 0 * NaN is NaN), so the KV
     # cache starts zeroed (ModelRunner); the kernel reads only each row's context.
     paged_attention: Callable = paged_decode_attention_ref
-    # bf16 matmuls of at most `PackedLinear.skinny_max_rows` rows (decode at batch 1-2), reading
+    # bf16 matmuls of at most `PackedLinear.skinny_max_rows` rows (decode at batch 1-4), reading
     # the plain weight at the memory's pace (skinny_linear_cpu.cpp; reference: F.linear). None:
     # every matmul goes through oneDNN.
     skinny_linear: Callable | None = None

@@ -1,8 +1,9 @@
 // y = x @ W^T (+ b) for a few rows of x, bf16, on CPUs with AVX512-BF16.
 //
-// Why: a decode step at batch 1 or 2 is bound by reading the weights once, and oneDNN's bf16
-// inner product reads cold weights (a layer's matrices, gone from cache since the last step) at
-// 11-22 GB/s on a 2-core Zen 4 whose cores pull ~35 GB/s: it is built for wider products. Here
+// Why: a decode step at batch 1-4 is bound by reading the weights once, and oneDNN's bf16 inner
+// product reads cold weights (a layer's matrices, gone from cache since the last step) well below
+// the memory's pace: it is built for wider products (decode steps 1.16-1.55x faster with this
+// kernel on a 2-core Zen 4, benchmarks/results/skinny_linear.json). Here
 // each thread walks its share of W's rows front to back (plain row-major, the model's own
 // Parameter: no second copy), every 32 bf16 weights feed one `vdpbf16ps` per row of x (exact
 // products, float32 sums), and the 16 partial-sum vectors of 16 output columns are reduced

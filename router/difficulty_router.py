@@ -6,8 +6,9 @@ is). An explicit `depth` never reaches the router; a request with neither depth 
 runs at full depth. The choice is made once, in the request's first prefill, and kept for its
 whole life (a preempted request is recomputed at the depth it was given).
 
-Engine hook (used by `ModelRunner`): `feature_layers` (k) and `route(hidden, lengths, seqs)`,
-called with the residual stream after layers 0..k-1 of the undecided rows of a prefill.
+Engine hook (used by `ModelRunner`): `feature_layers` (k) and `route_features(features, seqs)`,
+called with each undecided prompt's residual stream after layers 0..k-1, pooled (whole prompts
+in their prefill step, chunked ones as their chunks pass).
 
 Saved beside the model's depth plan (artifact folder or checkpoint folder):
     router.json          feature config, depth grid, layer-order fingerprint, training summary
@@ -99,13 +100,8 @@ class DifficultyRouter:
             decisions.append(DepthDecision(depth, self.num_layers, source, quality, round(agreement, 4)))
         return decisions
 
-    def route(self, hidden: torch.Tensor, lengths: torch.Tensor, seqs) -> list[DepthDecision]:
-        """Engine hook. hidden: (n, T, D) residual stream after layers 0..k-1 of n prompts
-        (right-padded); lengths: (n,) their token counts; seqs: their `Sequence`s."""
-        return self.route_features(PrefillFeatures.from_hidden(hidden, lengths), seqs)
-
     def route_features(self, features: PrefillFeatures, seqs) -> list[DepthDecision]:
-        """Engine hook for prompts whose features were pooled already (chunked prefill)."""
+        """Engine hook: depths for `seqs` from their pooled prefill features."""
         t0 = time.perf_counter()
         decisions = self.decide(features, [s.params.quality for s in seqs],
                                 [getattr(s, "depth_allowance", None) for s in seqs])

@@ -195,14 +195,6 @@ class ModelRunner:
         table = torch.tensor(flat, dtype=torch.long).view(len(seqs), groups, num_blocks)   # (B, G, nblk)
         return table.transpose(0, 1).contiguous()                              # (G, B, nblk)
 
-    def _slots(self, seqs: list[Sequence], length: int) -> torch.Tensor:
-        """(G, B, length) cache slots of positions 0..length-1 of each seq in each page group
-        (beyond its pages -> scratch page 0)."""
-        bs = self.block_manager.block_size
-        table = self._block_table(seqs, -(-length // bs))                        # (G, B, nblk)
-        pos = torch.arange(length)
-        return table[:, :, pos // bs] * bs + pos % bs                           # (G, B, length)
-
     def prepare_tokens(self, pieces: list[tuple[Sequence, int, int]], depths: list[int]) -> ForwardBatch:
         """One row per token: positions [first, first + count) of each piece's sequence, at the
         piece's depth (`depths`, descending). Every row reads its sequence's paged context up to
