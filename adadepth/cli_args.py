@@ -36,3 +36,12 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str = "") -
 def dataclass_from_args(cls, args: argparse.Namespace, prefix: str = ""):
     values = {f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(cls) if f.init}
     return cls(**values)
+
+
+def add_config_command(subparsers, name: str, cls, run, help: str) -> argparse.ArgumentParser:
+    """A subcommand whose flags are the fields of the config dataclass `cls` and which calls
+    `run(config)` with the config they make."""
+    parser = subparsers.add_parser(name, help=help)
+    add_dataclass_args(parser, cls)
+    parser.set_defaults(func=lambda args: run(dataclass_from_args(cls, args)))
+    return parser

@@ -179,16 +179,9 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _run(args) -> None:
-    from adadepth.cli_args import dataclass_from_args
-
-    run(dataclass_from_args(ChunkedPrefillConfig, args))
-
-
 def add_parser(bench_subparsers) -> None:
-    from adadepth.cli_args import add_dataclass_args
+    from adadepth.cli_args import add_config_command
 
-    parser = bench_subparsers.add_parser("chunked", help="long prompts arriving while streams decode: "
-                                                         "whole versus chunked prefill, engine only")
-    add_dataclass_args(parser, ChunkedPrefillConfig)
-    parser.set_defaults(func=_run)
+    add_config_command(bench_subparsers, "chunked", ChunkedPrefillConfig, run,
+                       help="long prompts arriving while streams decode: whole versus chunked prefill, "
+                            "engine only")

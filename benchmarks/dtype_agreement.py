@@ -100,15 +100,8 @@ def run(cfg: DtypeAgreementConfig) -> dict:
     return report
 
 
-def _run(args) -> None:
-    from adadepth.cli_args import dataclass_from_args
-
-    run(dataclass_from_args(DtypeAgreementConfig, args))
-
-
 def add_parser(bench_subparsers) -> None:
-    from adadepth.cli_args import add_dataclass_args
+    from adadepth.cli_args import add_config_command
 
-    parser = bench_subparsers.add_parser("dtype", help="greedy tokens of a reduced dtype against float32 (held-out prompts)")
-    add_dataclass_args(parser, DtypeAgreementConfig)
-    parser.set_defaults(func=_run)
+    add_config_command(bench_subparsers, "dtype", DtypeAgreementConfig, run,
+                       help="greedy tokens of a reduced dtype against float32 (held-out prompts)")

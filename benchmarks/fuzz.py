@@ -125,19 +125,17 @@ def run(cfg: FuzzConfig) -> dict:
     return report
 
 
-def _run(args) -> None:
+def _run_checked(cfg) -> None:
+    """run(cfg), exiting 1 when the run found a failure."""
     import sys
 
-    from adadepth.cli_args import dataclass_from_args
-
-    report = run(dataclass_from_args(FuzzConfig, args))
+    report = run(cfg)
     if report["totals"]["server_errors"] or report["totals"]["failed_checks"] or not report["healthy_after"]:
         sys.exit(1)
 
 
 def add_parser(bench_subparsers) -> None:
-    from adadepth.cli_args import add_dataclass_args
+    from adadepth.cli_args import add_config_command
 
-    parser = bench_subparsers.add_parser("fuzz", help="schemathesis against the live server's OpenAPI schema")
-    add_dataclass_args(parser, FuzzConfig)
-    parser.set_defaults(func=_run)
+    add_config_command(bench_subparsers, "fuzz", FuzzConfig, _run_checked,
+                       help="schemathesis against the live server's OpenAPI schema")

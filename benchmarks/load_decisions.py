@@ -132,16 +132,8 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _run(args) -> None:
-    from adadepth.cli_args import dataclass_from_args
-
-    run(dataclass_from_args(LoadDecisionsConfig, args))
-
-
 def add_parser(bench_subparsers) -> None:
-    from adadepth.cli_args import add_dataclass_args
+    from adadepth.cli_args import add_config_command
 
-    parser = bench_subparsers.add_parser("decisions", help="the load policy's decisions over time under "
-                                                           "rising and falling Poisson load")
-    add_dataclass_args(parser, LoadDecisionsConfig)
-    parser.set_defaults(func=_run)
+    add_config_command(bench_subparsers, "decisions", LoadDecisionsConfig, run,
+                       help="the load policy's decisions over time under rising and falling Poisson load")

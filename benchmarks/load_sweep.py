@@ -244,16 +244,9 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _run(args) -> None:
-    from adadepth.cli_args import dataclass_from_args
-
-    run(dataclass_from_args(LoadSweepConfig, args))
-
-
 def add_parser(bench_subparsers) -> None:
-    from adadepth.cli_args import add_dataclass_args
+    from adadepth.cli_args import add_config_command
 
-    parser = bench_subparsers.add_parser("load", help="goodput under Poisson arrivals: full depth, "
-                                                      "--depth-policy min and load side by side")
-    add_dataclass_args(parser, LoadSweepConfig)
-    parser.set_defaults(func=_run)
+    add_config_command(bench_subparsers, "load", LoadSweepConfig, run,
+                       help="goodput under Poisson arrivals: full depth, --depth-policy min and load "
+                            "side by side")

@@ -121,15 +121,8 @@ def plot(report: dict, png) -> None:
     plt.close(fig)
 
 
-def _run(args) -> None:
-    from adadepth.cli_args import dataclass_from_args
-
-    run(dataclass_from_args(SkinnyBenchConfig, args))
-
-
 def add_parser(subparsers) -> None:
-    from adadepth.cli_args import add_dataclass_args
+    from adadepth.cli_args import add_config_command
 
-    parser = subparsers.add_parser("skinny", help="decode steps: the skinny bf16 matmul kernel against oneDNN alone")
-    add_dataclass_args(parser, SkinnyBenchConfig)
-    parser.set_defaults(func=_run)
+    add_config_command(subparsers, "skinny", SkinnyBenchConfig, run,
+                       help="decode steps: the skinny bf16 matmul kernel against oneDNN alone")

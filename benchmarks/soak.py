@@ -315,18 +315,16 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _run(args) -> None:
-    from adadepth.cli_args import dataclass_from_args
-
-    report = run(dataclass_from_args(SoakConfig, args))
+def _run_checked(cfg) -> None:
+    """run(cfg), exiting 1 when the run found a failure."""
+    report = run(cfg)
     if report["lost"] or report["kv_blocks_leaked"]:
         sys.exit(1)
 
 
 def add_parser(bench_subparsers) -> None:
-    from adadepth.cli_args import add_dataclass_args
+    from adadepth.cli_args import add_config_command
 
-    parser = bench_subparsers.add_parser("soak", help="a live server under mixed, partly hostile load (loopback only)")
-    add_dataclass_args(parser, SoakConfig)
-    parser.set_defaults(func=_run)
+    add_config_command(bench_subparsers, "soak", SoakConfig, _run_checked,
+                       help="a live server under mixed, partly hostile load (loopback only)")
 

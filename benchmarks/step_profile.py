@@ -136,18 +136,11 @@ def run(cfg: StepProfileConfig) -> dict:
     return report
 
 
-def _run(args) -> None:
-    from adadepth.cli_args import dataclass_from_args
-
-    run(dataclass_from_args(StepProfileConfig, args))
-
-
 def add_parser(bench_subparsers) -> None:
-    from adadepth.cli_args import add_dataclass_args
+    from adadepth.cli_args import add_config_command
 
-    parser = bench_subparsers.add_parser("step", help="decode step time per op (torch.profiler), engine only")
-    add_dataclass_args(parser, StepProfileConfig)
-    parser.set_defaults(func=_run)
+    add_config_command(bench_subparsers, "step", StepProfileConfig, run,
+                       help="decode step time per op (torch.profiler), engine only")
 
 
 if __name__ == "__main__":

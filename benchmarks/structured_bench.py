@@ -201,15 +201,8 @@ def run(cfg: StructuredBenchConfig) -> dict:
     return report
 
 
-def _run(args) -> None:
-    from adadepth.cli_args import dataclass_from_args
-
-    run(dataclass_from_args(StructuredBenchConfig, args))
-
-
 def add_parser(bench_subparsers) -> None:
-    from adadepth.cli_args import add_dataclass_args
+    from adadepth.cli_args import add_config_command
 
-    parser = bench_subparsers.add_parser("structured", help="JSON-schema outputs: validity per depth, cost per step")
-    add_dataclass_args(parser, StructuredBenchConfig)
-    parser.set_defaults(func=_run)
+    add_config_command(bench_subparsers, "structured", StructuredBenchConfig, run,
+                       help="JSON-schema outputs: validity per depth, cost per step")
