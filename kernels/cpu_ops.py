@@ -13,6 +13,7 @@ import os
 import platform
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -85,11 +86,28 @@ def _put_ninja_on_path() -> None:
         os.environ["PATH"] = found + os.pathsep + os.environ.get("PATH", "")
 
 
+# Prompt chunks up to this many (query, key) pairs run through the paged kernel (LayerOps.
+# chunk_pairs_limit): where it measured as fast as SDPA or faster on a 2-core Zen 4
+# (benchmarks/results/chunk_attention.json, whole prompts): its AVX512-BF16 path up to a
+# 1024-token prompt (1024 * 1025 / 2 pairs), its portable float32 loop up to ~48 tokens.
+CHUNK_PAIRS_BF16 = 1024 * 1025 // 2
+CHUNK_PAIRS_PORTABLE = 48 * 49 // 2
+
+
+def _chunk_pairs_limit(bf16_fast) -> Callable[[torch.dtype, int, int], int]:
+    def limit(dtype: torch.dtype, head_dim: int, group: int) -> int:
+        if dtype not in (torch.float32, torch.bfloat16):
+            return 0  # the kernel's dtypes only
+        return CHUNK_PAIRS_BF16 if dtype == torch.bfloat16 and bf16_fast(head_dim, group) else CHUNK_PAIRS_PORTABLE
+    return limit
+
+
 def _registered_ops() -> LayerOps | None:
     try:
         ops = torch.ops.adadepth
         return LayerOps(rms_norm=ops.rms_norm, add_rms_norm=ops.add_rms_norm, rope_write_kv=ops.rope_write_kv,
                         silu_and_mul=ops.silu_and_mul, paged_attention=ops.paged_decode_attention,
-                        skinny_linear=ops.skinny_linear if ops.skinny_linear_supported() else None)
+                        skinny_linear=ops.skinny_linear if ops.skinny_linear_supported() else None,
+                        chunk_pairs_limit=_chunk_pairs_limit(ops.paged_attention_bf16_fast))
     except (AttributeError, RuntimeError):
         return None

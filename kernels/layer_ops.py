@@ -76,3 +76,9 @@ class LayerOps:
     # the plain weight at the memory's pace (skinny_linear_cpu.cpp; reference: F.linear). None:
     # every matmul goes through oneDNN.
     skinny_linear: Callable | None = None
+    # (dtype, head_dim, query heads per kv head) -> the most (query, key) position pairs a prompt
+    # chunk may have for its rows to go through `paged_attention` like decode rows (one call for the
+    # whole step) instead of one SDPA per chunk. Where the paged kernel's cost per pair is SDPA's or
+    # lower (benchmarks/results/chunk_attention.json). None: every chunk through SDPA (the reference
+    # decode attention gathers each row's whole context, so it is no way to run a chunk).
+    chunk_pairs_limit: Callable | None = None

@@ -44,26 +44,24 @@ void norm_rows(const scalar_t* x, const scalar_t* delta, const scalar_t* w, doub
                scalar_t* sum_out, int64_t rows, int64_t D) {
   using acc_t = at::opmath_type<scalar_t>;
   at::parallel_for(0, rows, grain_rows(D), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> v(D);
+    std::vector<acc_t> v(D), t(D), wf(D);
+    adadepth_cpu::widen(w, wf.data(), D);
     for (int64_t r = begin; r < end; ++r) {
-      const scalar_t* xr = x + r * D;
-      acc_t ss = 0;
+      adadepth_cpu::widen(x + r * D, v.data(), D);
       if (delta != nullptr) {
-        const scalar_t* dr = delta + r * D;
-        scalar_t* sr = sum_out + r * D;
-        for (int64_t d = 0; d < D; ++d) {
-          const scalar_t s = static_cast<scalar_t>(static_cast<acc_t>(xr[d]) + static_cast<acc_t>(dr[d]));
-          sr[d] = s;
-          v[d] = static_cast<acc_t>(s);
-        }
-      } else {
-        for (int64_t d = 0; d < D; ++d) v[d] = static_cast<acc_t>(xr[d]);
+        // The sum is rounded to scalar_t (it is the residual stream the next layer reads), and the
+        // norm is taken of that rounded value.
+        adadepth_cpu::widen(delta + r * D, t.data(), D);
+        for (int64_t d = 0; d < D; ++d) v[d] += t[d];
+        adadepth_cpu::narrow(v.data(), sum_out + r * D, D);
+        adadepth_cpu::widen(sum_out + r * D, v.data(), D);
       }
+      acc_t ss = 0;
 #pragma omp simd reduction(+ : ss)
       for (int64_t d = 0; d < D; ++d) ss += v[d] * v[d];
       const acc_t inv = acc_t(1) / std::sqrt(ss / static_cast<acc_t>(D) + static_cast<acc_t>(eps));
-      scalar_t* o = out + r * D;
-      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(v[d] * inv * static_cast<acc_t>(w[d]));
+      for (int64_t d = 0; d < D; ++d) t[d] = v[d] * inv * wf[d];
+      adadepth_cpu::narrow(t.data(), out + r * D, D);
     }
   });
 }
@@ -154,14 +152,13 @@ void silu_and_mul_rows(const scalar_t* in, scalar_t* out, int64_t rows, int64_t 
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* gr = in + r * 2 * I;
       const scalar_t* ur = gr + I;
-      for (int64_t i = 0; i < I; ++i) g[i] = static_cast<acc_t>(gr[i]);
-      for (int64_t i = 0; i < I; ++i) u[i] = static_cast<acc_t>(ur[i]);
+      adadepth_cpu::widen(gr, g.data(), I);
+      adadepth_cpu::widen(ur, u.data(), I);
       acc_t* gp = g.data();
       const acc_t* up = u.data();
 #pragma omp simd
       for (int64_t i = 0; i < I; ++i) gp[i] = gp[i] / (acc_t(1) + adadepth_cpu::vexp(-gp[i])) * up[i];
-      scalar_t* o = out + r * I;
-      for (int64_t i = 0; i < I; ++i) o[i] = static_cast<scalar_t>(gp[i]);
+      adadepth_cpu::narrow(gp, out + r * I, I);
     }
   });
 }

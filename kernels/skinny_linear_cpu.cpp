@@ -18,29 +18,11 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
-#if defined(__AVX512BF16__)
-#include <immintrin.h>
-#endif
+#include "cpu_math.h"
 
 namespace {
 
 #if defined(__AVX512BF16__)
-// Lane t of the result = the sum of v[t]'s 16 lanes. Four levels of shuffles and adds, each
-// halving the vectors; the tree leaves the sums in lane order 0,2,1,3, 8,10,9,11, 4,6,5,7,
-// 12,14,13,15 (worked out level by level), which one permute puts back in order.
-inline __m512 sum16(const __m512* v) {
-  __m512 w[8], x[4], y[2];
-  for (int i = 0; i < 8; ++i)  // 256-bit halves
-    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[i], v[i + 8], 0x44), _mm512_shuffle_f32x4(v[i], v[i + 8], 0xEE));
-  for (int i = 0; i < 4; ++i)  // 128-bit quarters
-    x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(w[i], w[i + 4], 0x88), _mm512_shuffle_f32x4(w[i], w[i + 4], 0xDD));
-  for (int i = 0; i < 2; ++i)  // pairs inside each quarter
-    y[i] = _mm512_add_ps(_mm512_shuffle_ps(x[i], x[i + 2], 0x44), _mm512_shuffle_ps(x[i], x[i + 2], 0xEE));
-  const __m512 z = _mm512_add_ps(_mm512_shuffle_ps(y[0], y[1], 0x88), _mm512_shuffle_ps(y[0], y[1], 0xDD));
-  const __m512i order = _mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15);
-  return _mm512_permutexvar_ps(order, z);
-}
-
 template <int M>
 void skinny(const c10::BFloat16* x, const c10::BFloat16* w, const c10::BFloat16* b, c10::BFloat16* y, int64_t N,
             int64_t K) {
@@ -62,10 +44,9 @@ void skinny(const c10::BFloat16* x, const c10::BFloat16* w, const c10::BFloat16*
       }
       // bf16 -> f32 is a 16-bit shift.
       const __m512 bias = b == nullptr ? _mm512_setzero_ps()
-          : _mm512_castsi512_ps(_mm512_slli_epi32(
-                _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + n0))), 16));
+          : adadepth_cpu::widen16(b + n0);
       for (int m = 0; m < M; ++m) {
-        const __m512 sums = _mm512_add_ps(sum16(partial[m]), bias);
+        const __m512 sums = _mm512_add_ps(adadepth_cpu::sum16(partial[m]), bias);
         // Round to nearest even, as PyTorch rounds float32 to bf16.
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + m * N + n0), (__m256i)_mm512_cvtneps_pbh(sums));
       }

@@ -79,7 +79,12 @@ class DecoderLayer(nn.Module):
             shape = (-1, batch.block_size, self.num_kv_heads, self.head_dim)
             k_blocks, v_blocks = k_cache.view(shape), v_cache.view(shape)      # (num_blocks, bs, Hkv, Dh)
             q = q.reshape(n, self.num_heads, self.head_dim)                     # (n, H, Dh)
-            chunks = [c for c in batch.chunks or () if c[0] < n]                # active rows: whole chunks
+            # Prompt chunks small enough for the paged kernel run with the decode rows (every row
+            # has its own context length and block table); larger ones get one SDPA each.
+            limit = self.ops.chunk_pairs_limit
+            limit = 0 if limit is None else limit(q.dtype, self.head_dim, self.num_heads // self.num_kv_heads)
+            chunks = [c for c in batch.chunks or ()                             # active rows: whole chunks
+                      if c[0] < n and c[1] * c[2] + c[1] * (c[1] + 1) // 2 > limit]
             if not chunks:
                 attn = self.ops.paged_attention(q, k_blocks, v_blocks, context_blocks[:n],
                                                 batch.context_lens[:n], self.scale)   # (n, H, Dh)
