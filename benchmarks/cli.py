@@ -8,7 +8,8 @@ OPTIONAL_BENCHMARKS = ("adadepth.benchmarks.depth_bench", "adadepth.benchmarks.s
                        "adadepth.benchmarks.dtype_agreement", "adadepth.benchmarks.structured_bench",
                        "adadepth.benchmarks.soak", "adadepth.benchmarks.fuzz",
                        "adadepth.benchmarks.chunked_prefill_bench", "adadepth.benchmarks.load_sweep",
-                       "adadepth.benchmarks.load_decisions", "adadepth.benchmarks.skinny_linear_bench")
+                       "adadepth.benchmarks.load_decisions", "adadepth.benchmarks.skinny_linear_bench",
+                       "adadepth.benchmarks.chunk_attention_bench")
 
 
 def add_parser(subparsers) -> None:

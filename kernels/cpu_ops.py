@@ -87,11 +87,11 @@ def _put_ninja_on_path() -> None:
 
 
 # Prompt chunks up to this many (query, key) pairs run through the paged kernel (LayerOps.
-# chunk_pairs_limit): where it measured as fast as SDPA or faster on a 2-core Zen 4
-# (benchmarks/results/chunk_attention.json, whole prompts): its AVX512-BF16 path up to a
-# 1024-token prompt (1024 * 1025 / 2 pairs), its portable float32 loop up to ~48 tokens.
-CHUNK_PAIRS_BF16 = 1024 * 1025 // 2
-CHUNK_PAIRS_PORTABLE = 48 * 49 // 2
+# chunk_pairs_limit), below where it stopped beating SDPA on whole prompts on a 2-core Zen 4
+# (benchmarks/results/chunk_attention.json): its AVX512-BF16 path was faster up to 512 tokens and
+# slower from 1024, its portable float32 loop even with SDPA at 32 tokens and slower from 64.
+CHUNK_PAIRS_BF16 = 768 * 769 // 2
+CHUNK_PAIRS_PORTABLE = 32 * 33 // 2
 
 
 def _chunk_pairs_limit(bf16_fast) -> Callable[[torch.dtype, int, int], int]:
