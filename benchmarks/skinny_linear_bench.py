@@ -1,9 +1,11 @@
-"""`adadepth bench skinny`: decode steps with the skinny bf16 matmul kernel against oneDNN alone.
+"""`adadepth bench skinny`: decode steps with the small-batch bf16 matmul kernels against oneDNN alone.
 
-One engine, decoding `batch` held-out prompts at full depth; the two matmul paths take turns
+The kernels: skinny (1-4 rows, plain weight) and paired (up to `PackedLinear.paired_max_rows` rows,
+a copy packed in k-pairs). One engine, decoding `batch` held-out prompts at full depth; the two
+matmul paths take turns
 (`--rounds` rounds of `--steps` timed steps each, after warm-up steps), so both see the same
 machine, contexts and neighbours. Reports each round's median step time and the ratio of the
-medians over all rounds. Needs a CPU with AVX512-BF16 (the kernel's only target).
+medians over all rounds. Needs a CPU with AVX512-BF16 (the kernels' only target).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 @dataclass
 class SkinnyBenchConfig:
     model: str = field(default="default", metadata={"help": "model to run (bf16)"})
-    batches: str = field(default="1,2,4", metadata={"help": "comma-separated decode batch sizes (1..4)"})
+    batches: str = field(default="1,2,4,8,16,32,48", metadata={"help": "comma-separated decode batch sizes (1..48)"})
     rounds: int = field(default=4, metadata={"help": "rounds per path, the paths alternating"})
     steps: int = field(default=20, metadata={"help": "timed decode steps per round"})
     prompts: str = field(default="benchmarks/data/heldout_prompts.jsonl", metadata={
@@ -28,8 +30,8 @@ class SkinnyBenchConfig:
 
     def __post_init__(self) -> None:
         self.batch_list = [int(b) for b in self.batches.split(",") if b.strip()]
-        if not self.batch_list or any(not 1 <= b <= 4 for b in self.batch_list):
-            raise ValueError("batches must be in 1..4 (the kernel takes at most 4 rows)")
+        if not self.batch_list or any(not 1 <= b <= 48 for b in self.batch_list):
+            raise ValueError("batches must be in 1..48 (past 48 rows oneDNN runs either way)")
         if self.rounds < 1 or self.steps < 1:
             raise ValueError("rounds and steps must be >= 1")
 
@@ -52,41 +54,48 @@ def run(cfg: SkinnyBenchConfig) -> dict:
     from adadepth.benchmarks.step_profile import load_chats
     from adadepth.model.packed_linear import PackedLinear
 
-    llm = LLM(cfg.model, dtype="bfloat16", num_kv_tokens=16384)
+    llm = LLM(cfg.model, dtype="bfloat16", num_kv_tokens=32768)
     engine = llm.engine
     linears = [m for m in engine.model.modules() if isinstance(m, PackedLinear)]
-    kernel = next((m.skinny for m in linears if m.skinny is not None), None)
-    if kernel is None:
-        raise SystemExit("the skinny kernel is not in use here (no AVX512-BF16, no C++ compiler, or --no-cpu-kernels)")
+    skinny = next((m.skinny for m in linears if m.skinny is not None), None)
+    paired = next((m.paired for m in linears if m.paired is not None), None)
+    if skinny is None or paired is None:
+        raise SystemExit("the small-batch kernels are not in use here (no AVX512-BF16, no C++ compiler, "
+                         "or --no-cpu-kernels)")
     prompts = Path(cfg.prompts)
     chats = load_chats(prompts if prompts.is_absolute() else REPO_ROOT / prompts, max(cfg.batch_list))
     ids = [llm.tokenizer.encode(llm.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False),
                                 add_special_tokens=False) for c in chats]
-    budget = 2 * cfg.rounds * (cfg.steps + 3) + 8
+    # Rows that joined first decode while the last prompts are prefilled: room for those steps too.
+    budget = 2 * cfg.rounds * (cfg.steps + 3) + 8 + 256
     cases = {}
     for batch in cfg.batch_list:
         for i in range(batch):
             engine.add_request(f"skinny-{batch}-{i}", ids[i], SamplingParams(max_tokens=budget, temperature=0,
                                                                           ignore_eos=True))
-        engine.step()                                                           # the prefill
-        rounds = {"skinny": [], "onednn": []}
+        while engine.scheduler.waiting or any(not s.output_token_ids for s in engine.scheduler.running):
+            engine.step()                                                       # the prefill (maybe chunked)
+        rounds = {"kernels": [], "onednn": []}
         for r in range(2 * cfg.rounds):
-            path = "skinny" if r % 2 == 0 else "onednn"
+            path = "kernels" if r % 2 == 0 else "onednn"
             for m in linears:
-                m.use_skinny(kernel if path == "skinny" else None)
+                m.use_skinny(skinny if path == "kernels" else None)
+                m.use_paired(paired if path == "kernels" else None)
             rounds[path].append(1000 * _timed_steps(engine, cfg.steps))
         for m in linears:
-            m.use_skinny(kernel)
+            m.use_skinny(skinny)
+            m.use_paired(paired)
         while engine.has_unfinished_requests():
             for seq in list(engine.seqs):
                 engine.abort_request(seq)
             engine.step()
-        skinny, onednn = statistics.median(rounds["skinny"]), statistics.median(rounds["onednn"])
-        cases[str(batch)] = {"step_ms_per_round": rounds, "step_ms_median": {"skinny": skinny, "onednn": onednn},
-                             "speedup": onednn / skinny, "decode_tok_s": {"skinny": 1000 * batch / skinny,
-                                                                          "onednn": 1000 * batch / onednn}}
-        print(f"batch {batch}: step {skinny:.1f} ms with the skinny kernel, {onednn:.1f} ms with oneDNN alone "
-              f"(x{onednn / skinny:.2f}); rounds {[round(x, 1) for x in rounds['skinny']]} vs "
+        kernels, onednn = statistics.median(rounds["kernels"]), statistics.median(rounds["onednn"])
+        kernel = "skinny" if batch <= PackedLinear.skinny_max_rows else "paired"
+        cases[str(batch)] = {"kernel": kernel, "step_ms_per_round": rounds,
+                             "step_ms_median": {"kernels": kernels, "onednn": onednn}, "speedup": onednn / kernels,
+                             "decode_tok_s": {"kernels": 1000 * batch / kernels, "onednn": 1000 * batch / onednn}}
+        print(f"batch {batch}: step {kernels:.1f} ms with the {kernel} kernel, {onednn:.1f} ms with oneDNN alone "
+              f"(x{onednn / kernels:.2f}); rounds {[round(x, 1) for x in rounds['kernels']]} vs "
               f"{[round(x, 1) for x in rounds['onednn']]}", flush=True)
     machine = machine_info()
     report = {"benchmark": "skinny_linear", "date": machine["date"], "commit": machine["commit"],
@@ -107,7 +116,7 @@ def plot(report: dict, png) -> None:
     batches = list(report["cases"])
     fig, ax = plt.subplots(figsize=(6, 3.5))
     width = 0.38
-    for k, (path, label) in enumerate([("onednn", "oneDNN alone"), ("skinny", "skinny kernel (batch <= 4)")]):
+    for k, (path, label) in enumerate([("onednn", "oneDNN alone"), ("kernels", "skinny (<= 4 rows) / paired kernel")]):
         ax.bar([i + (k - 0.5) * width for i in range(len(batches))],
                [report["cases"][b]["step_ms_median"][path] for b in batches], width, label=label)
     ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
@@ -125,4 +134,4 @@ def add_parser(subparsers) -> None:
     from adadepth.cli_args import add_config_command
 
     add_config_command(subparsers, "skinny", SkinnyBenchConfig, run,
-                       help="decode steps: the skinny bf16 matmul kernel against oneDNN alone")
+                       help="decode steps: the small-batch bf16 matmul kernels against oneDNN alone")

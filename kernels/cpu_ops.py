@@ -21,7 +21,8 @@ import torch
 from .layer_ops import LayerOps
 
 SOURCES = [Path(__file__).with_name(name)
-           for name in ("paged_attention_cpu.cpp", "layer_ops_cpu.cpp", "token_bitmask_cpu.cpp", "skinny_linear_cpu.cpp")]
+           for name in ("paged_attention_cpu.cpp", "layer_ops_cpu.cpp", "token_bitmask_cpu.cpp", "skinny_linear_cpu.cpp",
+                        "paired_linear_cpu.cpp")]
 HEADERS = [Path(__file__).with_name("cpu_math.h")]
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ def _registered_ops() -> LayerOps | None:
         return LayerOps(rms_norm=ops.rms_norm, add_rms_norm=ops.add_rms_norm, rope_write_kv=ops.rope_write_kv,
                         silu_and_mul=ops.silu_and_mul, paged_attention=ops.paged_decode_attention,
                         skinny_linear=ops.skinny_linear if ops.skinny_linear_supported() else None,
+                        paired_linear=ops.paired_linear if ops.skinny_linear_supported() else None,
                         chunk_pairs_limit=_chunk_pairs_limit(ops.paged_attention_bf16_fast))
     except (AttributeError, RuntimeError):
         return None

@@ -76,6 +76,10 @@ class LayerOps:
     # the plain weight at the memory's pace (skinny_linear_cpu.cpp; reference: F.linear). None:
     # every matmul goes through oneDNN.
     skinny_linear: Callable | None = None
+    # bf16 matmuls of more rows, up to `PackedLinear.paired_max_rows` (decode at batch 5-48), from a
+    # copy of the weight packed in k-pairs (paired_linear_cpu.cpp; reference: paired_linear_ref).
+    # None: oneDNN.
+    paired_linear: Callable | None = None
     # (dtype, head_dim, query heads per kv head) -> the most (query, key) position pairs a prompt
     # chunk may have for its rows to go through `paged_attention` like decode rows (one call for the
     # whole step) instead of one SDPA per chunk. Where the paged kernel's cost per pair is SDPA's or

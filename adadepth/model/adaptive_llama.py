@@ -55,7 +55,7 @@ class AdaptiveLlama(nn.Module):
 
     def use_ops(self, ops: LayerOps | None) -> None:
         """Every layer calls `ops` (same semantics as the references), or the references when None;
-        packed matmuls take its skinny kernel for products of a few rows, if it has one."""
+        packed matmuls take its small-batch kernels (skinny: 1-4 rows, paired: up to 48), if it has them."""
         from adadepth.model.packed_linear import PackedLinear
 
         for layer in self.layers:
@@ -63,6 +63,7 @@ class AdaptiveLlama(nn.Module):
         for module in self.modules():
             if isinstance(module, PackedLinear):
                 module.use_skinny(ops.skinny_linear if ops is not None else None)
+                module.use_paired(ops.paired_linear if ops is not None else None)
 
     def pack_linears(self) -> int:
         """Run every matmul through oneDNN on pre-packed weights (CPU fp32/bf16; see packed_linear)."""

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adadepth.kernels.paired_linear import pack_pairs
+
 
 def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -36,8 +38,12 @@ class PackedLinear(nn.Module):
         self.bias = linear.bias
         self._packed: torch.Tensor | None = None
         self._packed_key: tuple | None = None
-        # bf16 products of at most `skinny_max_rows` rows go to this kernel instead (use_skinny).
+        # bf16 products of at most `skinny_max_rows` rows go to this kernel instead (use_skinny), and
+        # those of at most `paired_max_rows` to the paired kernel, on a copy packed in k-pairs (use_paired).
         self.skinny = None
+        self.paired = None
+        self._paired_w: torch.Tensor | None = None
+        self._paired_key: tuple | None = None
 
     # Decode steps of the default model on a 2-core Zen 4 (AVX512-BF16), the two paths interleaved:
     # faster with the skinny kernel at batch 1 to 4 (benchmarks/results/skinny_linear.json); it
@@ -49,6 +55,28 @@ class PackedLinear(nn.Module):
         (None: oneDNN for all), where the shapes fit it (K a multiple of 32, N of 16)."""
         fits = self.in_features % 32 == 0 and self.out_features % 16 == 0
         self.skinny = kernel if fits else None
+
+    # Decode steps of 5 to 48 rows: the paired kernel beat oneDNN on the default model's matmuls with
+    # weights gone cold since the last step, by 1.2-1.8x, and lost from 64 rows on (on a 2-core Zen 4;
+    # benchmarks/results/skinny_linear.json has the steps it gives).
+    paired_max_rows = 48
+
+    def use_paired(self, kernel) -> None:
+        """Route bf16 products of skinny_max_rows+1 .. paired_max_rows rows to `kernel(x (M, K),
+        w_paired (N/16, K/2, 16, 2), bias) -> (M, N)` (None: oneDNN), where the shapes fit it (K even,
+        N a multiple of 16). The k-pair copy of the weight is made at the first such product."""
+        fits = self.in_features % 2 == 0 and self.out_features % 16 == 0
+        self.paired = kernel if fits else None
+        if self.paired is None:
+            self._paired_w = self._paired_key = None
+
+    def paired_weight(self) -> torch.Tensor:
+        w = self.weight
+        key = (w.data_ptr(), None if w.is_inference() else w._version, w.shape)
+        if self._paired_w is None or self._paired_key != key:
+            self._paired_w = pack_pairs(w.detach())                            # (N/16, K/2, 16, 2)
+            self._paired_key = key
+        return self._paired_w
 
     def _can_pack(self, x: torch.Tensor) -> bool:
         w = self.weight
@@ -69,9 +97,14 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._can_pack(x):
             return F.linear(x, self.weight, self.bias)
-        if self.skinny is not None and x.dtype == torch.bfloat16 and x.numel() <= self.skinny_max_rows * self.in_features:
-            rows = x.reshape(-1, self.in_features)                              # (M, K), M <= skinny_max_rows
-            return self.skinny(rows, self.weight, self.bias).view(*x.shape[:-1], self.out_features)
+        if x.dtype == torch.bfloat16:
+            rows = x.numel() // self.in_features
+            if self.skinny is not None and rows <= self.skinny_max_rows:
+                y = self.skinny(x.reshape(rows, self.in_features), self.weight, self.bias)   # (M, K) -> (M, N)
+                return y.view(*x.shape[:-1], self.out_features)
+            if self.paired is not None and rows <= self.paired_max_rows:
+                y = self.paired(x.reshape(rows, self.in_features), self.paired_weight(), self.bias)   # (M, N)
+                return y.view(*x.shape[:-1], self.out_features)
         # (..., in) -> (..., out); oneDNN takes any leading dims and strided rows.
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight(), self.bias, "none", [], "")
 

@@ -24,7 +24,8 @@ def wide_heads(tmp_path_factory) -> str:
 
 
 def generate_both_routes(path: str, cache_dir: str, dtype: str, steps: int, monkeypatch):
-    """(outputs through the paged kernel, outputs through SDPA, SDPA calls in each)."""
+    """(outputs with the chunk limit, outputs through SDPA alone, SDPA calls in each, the SDPA
+    calls the limit lets through: a prompt past it, in every layer)."""
     llm = LLM(path, dtype=dtype, cache_dir=cache_dir, num_kv_tokens=2048, max_model_len=256,
               max_num_batched_tokens=256)
     layers = [m for m in llm.engine.model.modules() if isinstance(m, DecoderLayer)]
@@ -39,7 +40,11 @@ def generate_both_routes(path: str, cache_dir: str, dtype: str, steps: int, monk
     for layer in layers:
         layer.ops = dataclasses.replace(ops, chunk_pairs_limit=None)
     via_sdpa = llm.generate(PROMPTS, params)
-    return via_kernel, via_sdpa, kernel_calls, len(calls) - kernel_calls
+    cfg = llm.engine.model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    limit = ops.chunk_pairs_limit(getattr(torch, dtype), head_dim, cfg.num_attention_heads // cfg.num_key_value_heads)
+    past = sum(n * (n + 1) // 2 > limit for n in (len(llm.tokenizer.encode(p)) for p in PROMPTS))
+    return via_kernel, via_sdpa, kernel_calls, len(calls) - kernel_calls, past * len(layers)
 
 
 @pytest.mark.parametrize("dtype, steps, tol", [("float32", 5, 1e-4), ("bfloat16", 1, 0.05)])
@@ -48,9 +53,9 @@ def test_small_chunks_take_the_paged_kernel_with_the_same_tokens(wide_heads, cac
     """float32: the same tokens and logprobs for 5 steps. bf16: the first token (the prefill's
     logits) and its logprob; later tokens may part ways, as bf16 rounding differs between the two
     routes' sums and a tiny random model's logits have near ties."""
-    via_kernel, via_sdpa, kernel_calls, sdpa_calls = generate_both_routes(wide_heads, cache_dir, dtype, steps,
-                                                                          monkeypatch)
-    assert kernel_calls == 0 and sdpa_calls > 0  # every prompt is far below either limit
+    via_kernel, via_sdpa, kernel_calls, sdpa_calls, past_limit = generate_both_routes(wide_heads, cache_dir, dtype,
+                                                                                      steps, monkeypatch)
+    assert kernel_calls == past_limit < sdpa_calls  # only prompts past the limit kept SDPA
     for a, b in zip(via_kernel, via_sdpa):
         assert a.token_ids == b.token_ids
         lp_a = torch.tensor([next(iter(x.values())) for x in a.outputs[0].logprobs])
