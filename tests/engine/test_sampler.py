@@ -123,6 +123,27 @@ def test_sampled_tokens_stay_inside_min_p():
     assert len(seen) == int(allowed.sum()), "every token above the threshold is drawn in 200 tries"
 
 
+def test_sampled_frequencies_follow_the_distribution_and_seeded_rows_ignore_neighbours():
+    """Many rows of one distribution in one call: each token's share is its probability (within 5
+    standard errors), a token of probability 0 is never drawn, and a seeded row draws the same
+    token whatever rows share its batch."""
+    probs = torch.tensor([0.5, 0.25, 0.125, 0.0, 0.0625, 0.0625] + [0.0] * (VOCAB - 6), dtype=torch.float64)
+    logits = probs.log().expand(4000, VOCAB).clone()                                # (B, V), -inf where 0
+    seqs = [make_seq(i, [1], [], temperature=1.0) for i in range(4000)]
+    tokens = torch.tensor(Sampler(set())(logits, seqs).token_ids)
+    counts = torch.bincount(tokens, minlength=VOCAB).double()
+    assert counts[probs == 0].sum() == 0
+    stderr = (4000 * probs * (1 - probs)).sqrt()
+    assert bool(((counts - 4000 * probs).abs() <= 5 * stderr + 1e-9).all()), counts[:6].tolist()
+
+    def seeded(neighbours: int) -> int:
+        seq = make_seq(0, [1], [], temperature=1.0, seed=7)
+        seq.generator = torch.Generator().manual_seed(7)
+        batch = [seq] + [make_seq(i + 1, [1], [], temperature=1.0) for i in range(neighbours)]
+        return Sampler(set())(logits[: len(batch)].clone(), batch).token_ids[0]
+    assert len({seeded(n) for n in (0, 3, 17)}) == 1
+
+
 @pytest.mark.parametrize("kw, message", [
     ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": -3}, "frequency_penalty"),
     ({"repetition_penalty": 0}, "repetition_penalty"), ({"min_p": 1.5}, "min_p"),
