@@ -69,8 +69,8 @@ void attend_any(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
 //
 // Why: the portable loop below widens every key to float32 and sums each q . k across one vector
 // (a horizontal reduction per position and head). It measured compute-bound, not memory-bound:
-// as slow on a context that fits in cache as on one scattered over a large cache, and twice as
-// fast with two threads as with one. Here 32 key values feed one `vdpbf16ps` (exact products,
+// as slow on a context that fits in cache as on one scattered over a large cache, and faster with
+// a second thread. Here 32 key values feed one `vdpbf16ps` (exact products,
 // float32 sums) and the partial sums of 16 positions are reduced together by one transpose-and-add
 // tree; values are widened once per position and shared by the G query heads of their kv head.
 

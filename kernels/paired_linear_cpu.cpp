@@ -2,8 +2,8 @@
 // copy of W packed in k-pairs.
 //
 // Why: between two decode steps a layer's weights leave the cache, and at these batch sizes
-// oneDNN's bf16 inner product spends much of its time waiting for them to come back (the same
-// product ran 1.2-1.8x faster here on weights still in cache). This kernel streams each 16-column
+// oneDNN's bf16 inner product spends much of its time waiting for them to come back (it ran the
+// same products faster on weights still in cache). This kernel streams each 16-column
 // block of the packed weight front to back once, asks for it a few KB ahead of use, and keeps up to
 // 16 rows' accumulators in registers while it does (benchmarks/results/skinny_linear.json).
 //

@@ -42,8 +42,9 @@ class Sampler:
             probs = torch.softmax(self.sampling_logits(logits, seqs), dim=-1)    # (B, V)
             # Inverse CDF: one uniform number per row picks the first token whose cumulative
             # probability exceeds it (tokens of probability 0 never). A random number per vocabulary
-            # entry (an exponential race) cost ~16 ms a step at batch 16 on a 2-core CPU. Seeded
-            # rows draw theirs from their own generator: their tokens do not depend on neighbours.
+            # entry (an exponential race) made sampled steps of a CPU server far slower than greedy
+            # ones. Seeded rows draw theirs from their own generator: their tokens do not depend on
+            # their batch neighbours.
             u = torch.rand(b, dtype=torch.float64, device=device)                # (B,)
             for i, s in enumerate(seqs):
                 if s.generator is not None and not s.params.greedy:

@@ -56,9 +56,9 @@ class PackedLinear(nn.Module):
         fits = self.in_features % 32 == 0 and self.out_features % 16 == 0
         self.skinny = kernel if fits else None
 
-    # Decode steps of 5 to 48 rows: the paired kernel beat oneDNN on the default model's matmuls with
-    # weights gone cold since the last step, by 1.2-1.8x, and lost from 64 rows on (on a 2-core Zen 4;
-    # benchmarks/results/skinny_linear.json has the steps it gives).
+    # Decode steps of 5 to 48 rows: faster with the paired kernel on a 2-core Zen 4
+    # (benchmarks/results/skinny_linear.json); in a microbenchmark of the default model's matmuls
+    # oneDNN was as fast or faster from 64 rows on.
     paired_max_rows = 48
 
     def use_paired(self, kernel) -> None:
