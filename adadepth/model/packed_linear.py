@@ -64,11 +64,14 @@ class PackedLinear(nn.Module):
     def use_paired(self, kernel) -> None:
         """Route bf16 products of skinny_max_rows+1 .. paired_max_rows rows to `kernel(x (M, K),
         w_paired (N/16, K/2, 16, 2), bias) -> (M, N)` (None: oneDNN), where the shapes fit it (K even,
-        N a multiple of 16). The k-pair copy of the weight is made at the first such product."""
+        N a multiple of 16). The k-pair copy of a bf16 weight is made here, at load, so that the first
+        decode step of such a batch does not pay for it; it is rebuilt if the weight changes."""
         fits = self.in_features % 2 == 0 and self.out_features % 16 == 0
         self.paired = kernel if fits else None
         if self.paired is None:
             self._paired_w = self._paired_key = None
+        elif self.weight.dtype == torch.bfloat16 and self.weight.device.type == "cpu":
+            self.paired_weight()
 
     def paired_weight(self) -> torch.Tensor:
         w = self.weight

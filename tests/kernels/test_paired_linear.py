@@ -60,6 +60,7 @@ def test_paired_linear_refuses_what_it_does_not_take(kernel):
 def test_packed_linear_routes_by_rows_and_repacks_a_changed_weight(kernel):
     layer = PackedLinear(nn.Linear(64, 32, dtype=torch.bfloat16))
     layer.use_paired(kernel)
+    assert layer._paired_w is not None and layer._paired_w.shape == (2, 32, 16, 2)   # packed at load
     calls = []
     layer.paired = lambda x, w, b: calls.append(x.shape[0]) or kernel(x, w, b)
     with torch.no_grad():
