@@ -23,7 +23,7 @@ from .layer_ops import LayerOps
 SOURCES = [Path(__file__).with_name(name)
            for name in ("paged_attention_cpu.cpp", "layer_ops_cpu.cpp", "token_bitmask_cpu.cpp", "skinny_linear_cpu.cpp",
                         "paired_linear_cpu.cpp")]
-HEADERS = [Path(__file__).with_name("cpu_math.h")]
+HEADERS = [Path(__file__).with_name(name) for name in ("cpu_math.h", "cpu_linear.h")]
 logger = logging.getLogger(__name__)
 
 

@@ -34,6 +34,18 @@ inline void prefetch_block(const scalar_t* p, int64_t elems) {
   for (int64_t off = 0; off < elems * static_cast<int64_t>(sizeof(scalar_t)); off += 64) __builtin_prefetch(c + off);
 }
 
+// scores[s] = exp(scores[s] - m) for s < len (m: their maximum); returns their sum, the softmax's
+// denominator.
+inline float softmax_numerators(float* scores, int64_t len, float m) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t s = 0; s < len; ++s) {
+    scores[s] = adadepth_cpu::vexp(scores[s] - m);
+    sum += scores[s];
+  }
+  return sum;
+}
+
 // Calls visit(s, row) for each context position s in [0, len) of one row, `row` pointing at that
 // position's (Hkv, Dh) slot in `cache`, block by block with the next block prefetched.
 template <typename scalar_t, typename Visit>
@@ -123,17 +135,7 @@ void attend_row_bf16(const c10::BFloat16* q, const c10::BFloat16* k, const c10::
   }
   prefetch_slots(v, offs, 0, std::min<int64_t>(32, len), bytes);
   float denom[64 * G];
-  for (int64_t h = 0; h < nh; ++h) {
-    float* sh = scores + h * len;
-    const float m = vmax[h];
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t s = 0; s < len; ++s) {
-      sh[s] = adadepth_cpu::vexp(sh[s] - m);
-      sum += sh[s];
-    }
-    denom[h] = sum;
-  }
+  for (int64_t h = 0; h < nh; ++h) denom[h] = softmax_numerators(scores + h * len, len, vmax[h]);
   // Pass 2: acc += p * v; per kv head its G x FW accumulators stay in registers through a chunk,
   // each value row widened once for the G query heads.
   for (int64_t e = 0; e < nh * DH; ++e) acc[e] = 0.f;
@@ -332,14 +334,7 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
       });
       for (int64_t h = 0; h < nh; ++h) {
         float* sh = scores.data() + h * len;
-        const float m = *std::max_element(sh, sh + len);
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t s = 0; s < len; ++s) {
-          sh[s] = adadepth_cpu::vexp(sh[s] - m);
-          sum += sh[s];
-        }
-        denom[h] = sum;
+        denom[h] = softmax_numerators(sh, len, *std::max_element(sh, sh + len));
       }
       // Pass 2: acc += p * v.
       for_each_context_slot(vp, row_blocks, len, bs, tok_stride, [&](int64_t s, const scalar_t* vrow) {

@@ -21,6 +21,7 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "cpu_linear.h"
 #include "cpu_math.h"
 
 #include <cstring>
@@ -70,13 +71,8 @@ at::Tensor paired_linear(const at::Tensor& x, const at::Tensor& w_paired, const 
   TORCH_CHECK(M >= 1 && w_paired.size(1) * 2 == K, "x has ", K, " inputs, w_paired ", w_paired.size(1) * 2);
   TORCH_CHECK(w_paired.is_contiguous(), "w_paired must be contiguous");
   const at::Tensor xc = x.contiguous();
-  const c10::BFloat16* bp = nullptr;
   at::Tensor bc;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == at::kBFloat16 && bias->numel() == N, "bias must be (N,) bfloat16");
-    bc = bias->contiguous();
-    bp = bc.data_ptr<c10::BFloat16>();
-  }
+  const c10::BFloat16* bp = adadepth_cpu::bf16_bias(bias, N, bc);
   at::Tensor y = at::empty({M, N}, x.options());
 #if defined(__AVX512BF16__)
   static constexpr auto blocks = block_table(std::make_integer_sequence<int, 16>{});

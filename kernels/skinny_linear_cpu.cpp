@@ -18,6 +18,7 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "cpu_linear.h"
 #include "cpu_math.h"
 
 namespace {
@@ -63,13 +64,8 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& w, const std::op
               "skinny_linear takes 1..4 rows, K a multiple of 32 and N of 16");
   TORCH_CHECK(w.is_contiguous(), "w must be contiguous");
   const at::Tensor xc = x.contiguous();
-  const c10::BFloat16* bp = nullptr;
   at::Tensor bc;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == at::kBFloat16 && bias->numel() == N, "bias must be (N,) bfloat16");
-    bc = bias->contiguous();
-    bp = bc.data_ptr<c10::BFloat16>();
-  }
+  const c10::BFloat16* bp = adadepth_cpu::bf16_bias(bias, N, bc);
   at::Tensor y = at::empty({M, N}, x.options());
 #if defined(__AVX512BF16__)
   const c10::BFloat16* xp = xc.data_ptr<c10::BFloat16>();

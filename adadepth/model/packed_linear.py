@@ -73,11 +73,16 @@ class PackedLinear(nn.Module):
         elif self.weight.dtype == torch.bfloat16 and self.weight.device.type == "cpu":
             self.paired_weight()
 
-    def paired_weight(self) -> torch.Tensor:
+    def _weight_key(self) -> tuple:
+        """What identifies the weight's current values: a copy made from it is stale once this changes.
+        Inference tensors (made under torch.inference_mode) carry no version counter."""
         w = self.weight
-        key = (w.data_ptr(), None if w.is_inference() else w._version, w.shape)
+        return w.data_ptr(), None if w.is_inference() else w._version, w.shape
+
+    def paired_weight(self) -> torch.Tensor:
+        key = self._weight_key()
         if self._paired_w is None or self._paired_key != key:
-            self._paired_w = pack_pairs(w.detach())                            # (N/16, K/2, 16, 2)
+            self._paired_w = pack_pairs(self.weight.detach())                 # (N/16, K/2, 16, 2)
             self._paired_key = key
         return self._paired_w
 
@@ -89,8 +94,7 @@ class PackedLinear(nn.Module):
 
     def packed_weight(self) -> torch.Tensor:
         w = self.weight
-        # Inference tensors (made under torch.inference_mode) carry no version counter.
-        key = (w.data_ptr(), None if w.is_inference() else w._version, w.shape)
+        key = self._weight_key()
         if self._packed is None or self._packed_key != key:
             # batch_size hint None: one layout that serves decode (M = batch) and prefill alike.
             self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
