@@ -151,6 +151,8 @@ def _payload(cfg: ServeBenchConfig, messages: list[dict]) -> dict:
 
 
 async def _one_request(client, cfg: ServeBenchConfig, question: list[dict]) -> RequestResult:
+    from adadepth.server.sse import aiter_sse_lines
+
     result = RequestResult(ok=False)
     start = time.perf_counter()
     last = None
@@ -160,7 +162,7 @@ async def _one_request(client, cfg: ServeBenchConfig, question: list[dict]) -> R
                 body = (await response.aread()).decode(errors="replace")
                 result.error = f"HTTP {response.status_code}: {body[:300]}"
                 return result
-            async for line in response.aiter_lines():
+            async for line in aiter_sse_lines(response):
                 if not line.startswith("data: "):
                     continue
                 data = line[len("data: "):]

@@ -110,6 +110,8 @@ def complete_choices(payload: dict, n: int) -> bool:
 
 
 async def one_request(client, rng: random.Random, cfg: SoakConfig) -> Outcome:
+    from adadepth.server.sse import aiter_sse_lines
+
     t0 = time.perf_counter()
     if rng.random() < 0.1:
         url = rng.choice(["/v1/completions", "/v1/chat/completions"])
@@ -135,7 +137,7 @@ async def one_request(client, rng: random.Random, cfg: SoakConfig) -> Outcome:
             text = (await response.aread()).decode(errors="replace")
             kind = "error" if response.status_code < 500 and '"error"' in text else "lost"
             return Outcome(kind, url, True, response.status_code, time.perf_counter() - t0, detail=text[:200])
-        async for line in response.aiter_lines():
+        async for line in aiter_sse_lines(response):
             if not line.startswith("data: "):
                 continue
             data = line[6:]

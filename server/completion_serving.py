@@ -13,10 +13,11 @@ from starlette.background import BackgroundTask
 from adadepth.outputs import RequestOutput
 from adadepth.server.async_engine import EngineRequest, expand_samples
 from adadepth.server.errors import bad_request
-from adadepth.server.openai_serving import (REQUEST_FAILURES, ClientDisconnected, OpenAIServing, clamp_logprob, sse,
+from adadepth.server.openai_serving import (REQUEST_FAILURES, ClientDisconnected, OpenAIServing, clamp_logprob,
                                              stream_error)
 from adadepth.server.output_stream import OutputStream
 from adadepth.server.protocol import CompletionRequest
+from adadepth.server.sse import sse
 
 
 @dataclass

@@ -3,7 +3,8 @@ event by event.
 
 A relayed stream is passed through unchanged except in two ways: the chunks carrying a
 finish_reason, and the usage chunk, gain the gateway's `adadepth` report of the depth decision;
-a usage chunk the gateway asked for on its own behalf is consumed, not forwarded. A stream the
+a usage chunk the gateway asked for on its own behalf is consumed, not forwarded. (Line separators
+that JSON leaves raw are escaped on the way, see `adadepth.server.sse`.) A stream the
 tier breaks off ends with an OpenAI error event and [DONE]. The relay also keeps the gateway's
 metrics: time to each chunk, finish reasons, usage, and whether the request finished, failed or
 was aborted.
@@ -23,7 +24,7 @@ from fastapi.responses import JSONResponse
 from adadepth.server.backend_map import Backend
 from adadepth.server.errors import APIError
 from adadepth.server.gateway_metrics import ProxyTrace
-from adadepth.server.openai_serving import sse
+from adadepth.server.sse import escape_line_separators, sse, sse_events
 
 if TYPE_CHECKING:
     from adadepth.server.gateway import Gateway
@@ -53,19 +54,6 @@ def unreachable(backend: Backend, exc: httpx.HTTPError) -> APIError:
                     f"{type(exc).__name__}: {exc}", "upstream_error", None, "backend_unavailable")
 
 
-async def sse_events(response: httpx.Response) -> AsyncIterator[list[str]]:
-    """The lines of each server-sent event (events end with a blank line)."""
-    lines: list[str] = []
-    async for line in response.aiter_lines():
-        if line:
-            lines.append(line)
-        elif lines:
-            yield lines
-            lines = []
-    if lines:
-        yield lines
-
-
 def _event_data(lines: list[str]) -> str | None:
     data = [line[5:].removeprefix(" ") for line in lines if line.startswith("data:")]
     return "\n".join(data) if data else None
@@ -90,8 +78,8 @@ class Relay:
         try:
             async for lines in sse_events(self.response):
                 event = self._relayed("\n".join(lines) + "\n\n", _event_data(lines))
-                if event is not None:
-                    yield event
+                if event is not None:  # tiers (vLLM) send U+2028 and the like raw; clients may split there
+                    yield escape_line_separators(event)
         except httpx.HTTPError as exc:
             self.failed = True
             self.gateway.note_failure(self.backend, exc)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
@@ -56,12 +55,6 @@ def stream_error(exc: BaseException) -> APIError:
 
 def shutting_down(message: str = "the server is shutting down; retry on another replica") -> APIError:
     return APIError(HTTPStatus.SERVICE_UNAVAILABLE, message, "service_unavailable", None, "shutting_down")
-
-
-def sse(payload: dict | str) -> str:
-    """One server-sent event as OpenAI streams them."""
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
-    return f"data: {data}\n\n"
 
 
 def clamp_logprob(value: float) -> float:

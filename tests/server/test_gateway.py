@@ -60,7 +60,7 @@ def _completion(stub: Stub, body: dict, chat: bool) -> dict:
 def _chunks(body: dict, chat: bool) -> list[dict]:
     head = {"id": "cmpl-stub", "object": "chat.completion.chunk" if chat else "text_completion", "created": 1,
             "model": body.get("model")}
-    pieces = ["a", "b", "c", "d"]
+    pieces = ["a", "b\u2028", "c\u0085", "d"]  # characters vLLM sends raw and str.splitlines splits at
     out = []
     for i, piece in enumerate(pieces):
         last = i == len(pieces) - 1
@@ -111,7 +111,7 @@ def stub_app(stub: Stub) -> FastAPI:
                     if gated and i > 0:  # the next chunk only once the client has the previous one
                         await asyncio.to_thread(stub.gate.acquire, True, GATE_TIMEOUT_S)
                     stub.sent_times.append(time.monotonic())
-                    yield f"data: {json.dumps(chunk)}\n\n"
+                    yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
                 yield "data: [DONE]\n\n"
             except BaseException:
                 stub.cancelled.set()
@@ -391,6 +391,7 @@ def test_a_depth_policy_chooses_for_requests_without_depth(gateway_model, stubs)
 
 # ---- streaming -----------------------------------------------------------------------
 def _events(response: httpx.Response):
+    # httpx splits lines as str.splitlines does (at U+2028 too): the gateway must escape what tiers send raw.
     for line in response.iter_lines():
         if line.startswith("data: "):
             yield line[len("data: "):]
