@@ -22,7 +22,7 @@ from .layer_ops import LayerOps
 
 SOURCES = [Path(__file__).with_name(name)
            for name in ("paged_attention_cpu.cpp", "layer_ops_cpu.cpp", "token_bitmask_cpu.cpp", "skinny_linear_cpu.cpp",
-                        "paired_linear_cpu.cpp")]
+                        "paired_linear_cpu.cpp", "decode_layers_cpu.cpp")]
 HEADERS = [Path(__file__).with_name(name) for name in ("cpu_math.h", "cpu_linear.h")]
 logger = logging.getLogger(__name__)
 
@@ -110,6 +110,7 @@ def _registered_ops() -> LayerOps | None:
                         silu_and_mul=ops.silu_and_mul, paged_attention=ops.paged_decode_attention,
                         skinny_linear=ops.skinny_linear if ops.skinny_linear_supported() else None,
                         paired_linear=ops.paired_linear if ops.skinny_linear_supported() else None,
-                        chunk_pairs_limit=_chunk_pairs_limit(ops.paged_attention_bf16_fast))
+                        chunk_pairs_limit=_chunk_pairs_limit(ops.paged_attention_bf16_fast),
+                        decode_layers=ops.decode_layers if ops.skinny_linear_supported() else None)
     except (AttributeError, RuntimeError):
         return None

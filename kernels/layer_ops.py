@@ -86,3 +86,7 @@ class LayerOps:
     # lower (benchmarks/results/chunk_attention.json). None: every chunk through SDPA (the reference
     # decode attention gathers each row's whole context, so it is no way to run a chunk).
     chunk_pairs_limit: Callable | None = None
+    # A decode-shaped bf16 step's whole layer loop in one call, running the kernels above in the
+    # reference loop's order (decode_layers_cpu.cpp; used through adadepth.model.fused_decode).
+    # None: the loop runs in Python.
+    decode_layers: Callable | None = None

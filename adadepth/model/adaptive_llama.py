@@ -47,6 +47,8 @@ class AdaptiveLlama(nn.Module):
         # The fused gather+RMSNorm / scatter+residual kernels (adadepth.kernels). On by default on
         # CUDA; on CPU their PyTorch reference runs, which tests use to check this path.
         self.use_batched_skip_kernels = False
+        # Decode-shaped bf16 steps on CPU: every layer in one C++ call (fused_decode.py; use_ops).
+        self.fused_decode = None
 
     def _refresh_bypass_ops(self) -> None:
         # Per-layer list (None = identity), so the hot loop does no dict lookups.
@@ -56,6 +58,7 @@ class AdaptiveLlama(nn.Module):
     def use_ops(self, ops: LayerOps | None) -> None:
         """Every layer calls `ops` (same semantics as the references), or the references when None;
         packed matmuls take its small-batch kernels (skinny: 1-4 rows, paired: up to 48), if it has them."""
+        from adadepth.model.fused_decode import FusedDecode
         from adadepth.model.packed_linear import PackedLinear
 
         for layer in self.layers:
@@ -64,6 +67,7 @@ class AdaptiveLlama(nn.Module):
             if isinstance(module, PackedLinear):
                 module.use_skinny(ops.skinny_linear if ops is not None else None)
                 module.use_paired(ops.paired_linear if ops is not None else None)
+        self.fused_decode = FusedDecode.for_model(self, ops)
 
     def pack_linears(self) -> int:
         """Run every matmul through oneDNN on pre-packed weights (CPU fp32/bf16; see packed_linear)."""
@@ -157,6 +161,8 @@ class AdaptiveLlama(nn.Module):
         cos, sin = self.rope(batch.positions)                                   # (B, T, Dh/2) each
         if self.use_batched_skip_kernels:
             h = self._run_layers_batched_skip(h, cos, sin, batch, kv_cache, start, stop, capture)
+        elif capture is None and self.fused_decode is not None and self.fused_decode.covers(h, batch):
+            h = self.fused_decode(h, cos, sin, batch, kv_cache, start, stop)   # the loop below, in C++
         else:
             for i in range(start, stop):
                 if capture is not None:

@@ -1,0 +1,128 @@
+"""The C++ layer loop for decode steps (fused_decode.py, kernels/decode_layers_cpu.cpp) against the
+Python loop it replaces: bit for bit, which steps it takes, and that it follows weight changes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adadepth import LLM, SamplingParams
+from adadepth.kernels.cpu_ops import load_cpu_ops
+
+OPTS = dict(dtype="bfloat16", num_kv_tokens=4096, max_model_len=256, max_num_batched_tokens=512)
+
+
+@pytest.fixture(scope="module")
+def needs_kernels(tmp_path_factory):
+    ops = load_cpu_ops(str(tmp_path_factory.mktemp("ext")))
+    if ops is None or ops.decode_layers is None:
+        pytest.skip("no C++ compiler or no AVX512-BF16 on this CPU: decode steps keep the Python layer loop")
+
+
+def _prompts(n: int) -> list[str]:
+    return [f"request {i}: " + "count the apples and pears " * (1 + i % 3) for i in range(n)]
+
+
+def _run(llm: LLM, fused, prompts, params):
+    """Generate with the C++ loop (fused) or the Python loop (None); returns outputs and C++ calls made."""
+    calls = []
+    model = llm.engine.model
+    if fused is not None:
+        op = fused.op
+        fused.op = lambda *args: calls.append(args[0].shape[0]) or op(*args)
+    model.fused_decode = fused
+    try:
+        return llm.generate(prompts, params), calls
+    finally:
+        if fused is not None:
+            fused.op = op
+
+
+def _chosen_logprobs(out) -> list[float]:
+    return [next(iter(x.values())) for x in out.outputs[0].logprobs]
+
+
+@pytest.mark.parametrize("checkpoint, batch, kv_group_layers", [
+    ("tiny_llama", 1, 3),   # skinny matmuls
+    ("tiny_llama", 3, 1),   # skinny, one layer per page group
+    ("tiny_llama", 7, 2),   # paired matmuls
+    ("tiny_qwen2", 6, 3),   # q/k/v biases
+])
+def test_same_tokens_and_logprobs_bit_for_bit(needs_kernels, request, cache_dir, checkpoint, batch, kv_group_layers):
+    llm = LLM(request.getfixturevalue(checkpoint), cache_dir=cache_dir, kv_group_layers=kv_group_layers, **OPTS)
+    fused = llm.engine.model.fused_decode
+    assert fused is not None
+    num_layers = llm.engine.model.num_layers
+    # Mixed depths: every layer's active rows differ from the next one's somewhere.
+    params = [SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=0,
+                             depth=max(1, num_layers - i % num_layers)) for i in range(batch)]
+    got, calls = _run(llm, fused, _prompts(batch), params)
+    want, _ = _run(llm, None, _prompts(batch), params)
+    # The 9 decode steps of the whole batch took the C++ loop (short prompts too: their tokens are
+    # rows of a decode-shaped step).
+    assert calls.count(batch) >= 9
+    for a, b in zip(got, want):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert _chosen_logprobs(a) == _chosen_logprobs(b)
+
+
+def test_chunked_prompts_beside_decode_rows_and_the_steps_it_leaves(needs_kernels, tiny_llama, cache_dir):
+    """A prompt arriving while others decode rides their steps in chunks (through the paged kernel,
+    so the C++ loop takes those steps too) and gets the Python loop's tokens; prefill steps and
+    batches past the paired kernel's rows stay in Python."""
+    llm = LLM(tiny_llama, cache_dir=cache_dir, prefill_chunk_tokens=16, **OPTS)
+    fused = llm.engine.model.fused_decode
+    engine = llm.engine
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=0)
+
+    def run(with_fused) -> tuple[dict, list[int]]:
+        calls = []
+        if with_fused is not None:
+            op = fused.op
+            fused.op = lambda *args: calls.append(args[0].shape[0]) or op(*args)
+        engine.model.fused_decode = with_fused
+        outputs = {}
+        try:
+            for i, prompt in enumerate(_prompts(2)):
+                engine.add_request(f"short-{i}", prompt, params)
+            for _ in range(3):
+                engine.step()
+            engine.add_request("long", "a long question " * 20, params)  # ~60 tokens: chunks of 16
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        outputs[out.request_id] = out
+        finally:
+            if with_fused is not None:
+                fused.op = op
+        return outputs, calls
+
+    got, calls = run(fused)
+    want, _ = run(None)
+    assert sorted(got) == sorted(want) == ["long", "short-0", "short-1"]
+    for rid in got:
+        assert got[rid].outputs[0].token_ids == want[rid].outputs[0].token_ids
+        assert _chosen_logprobs(got[rid]) == _chosen_logprobs(want[rid])
+    assert max(calls) > 3  # steps of 2 decode rows + a 16-token chunk went through the C++ loop
+    fused.max_rows = 2
+    try:
+        _, calls = _run(llm, fused, _prompts(3), params)
+    finally:
+        fused.max_rows = llm.engine.model.layers[0].qkv_proj.paired_max_rows
+    assert calls == []
+
+
+def test_follows_a_weight_changed_after_load(needs_kernels, tiny_llama, cache_dir):
+    """The k-pair weight copies are derived data: changing a weight in place must reach the C++ loop."""
+    llm = LLM(tiny_llama, cache_dir=cache_dir, **OPTS)
+    fused = llm.engine.model.fused_decode
+    params = [SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=0)] * 6
+    before, _ = _run(llm, fused, _prompts(6), params)
+    with torch.inference_mode():
+        for layer in llm.engine.model.layers:
+            layer.gate_up_proj.weight.mul_(-1.5)
+            layer.o_proj.weight.mul_(0.5)
+    got, calls = _run(llm, fused, _prompts(6), params)
+    want, _ = _run(llm, None, _prompts(6), params)
+    assert calls
+    assert [_chosen_logprobs(o) for o in got] == [_chosen_logprobs(o) for o in want]
+    assert [_chosen_logprobs(o) for o in got] != [_chosen_logprobs(o) for o in before]
