@@ -8,8 +8,9 @@
 //
 // Semantics: exactly the per-layer path of `AdaptiveLlama.run_layers` for a decode-shaped bf16
 // step (one token per row, every row's attention through the paged kernel) without bypass ops,
-// when every matmul of a layer goes to the skinny kernel (rows <= skinny_max_rows, plain weight) or
-// the paired one (k-pair copy): layer i runs rows [0, active_rows[i]) through
+// each matmul going where PackedLinear sends it: the skinny kernel (rows <= skinny_max_rows, plain
+// weight), the paired one (rows <= paired_max_rows, k-pair copy) or oneDNN (its packed copy).
+// Layer i runs rows [0, active_rows[i]) through
 //     x = rms_norm(h, in_norm); qkv = x @ qkv^T (+b); rope_write_kv(qkv, ...);
 //     attn = paged_decode_attention(q, ...); h', x = add_rms_norm(h, attn @ o^T (+b), post_norm);
 //     h = h' + down(silu_and_mul(x @ gate_up^T (+b))) (+b)
@@ -17,6 +18,7 @@
 // tests compare the two token for token and bit for bit.
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -41,6 +43,7 @@ struct LayerKernels {
       paged_attention;
   c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&)> skinny_linear;
   c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&)> paired_linear;
+  c10::OperatorHandle onednn_linear;  // mkldnn::_linear_pointwise, called boxed (PyTorch's own op)
 };
 
 template <class Sig>
@@ -61,12 +64,18 @@ const LayerKernels& kernels() {
                         double)>("adadepth::paged_decode_attention"),
       kernel<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&)>("adadepth::skinny_linear"),
       kernel<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&)>("adadepth::paired_linear"),
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", ""),
   };
   return k;
 }
 
-// Per layer, in `weights`: the two norm weights and each matmul's plain and k-pair weight.
-enum Weight { kInNorm, kQKV, kQKVPaired, kO, kOPaired, kPostNorm, kGateUp, kGateUpPaired, kDown, kDownPaired, kPerLayer };
+// Per layer, in `weights`: the two norm weights and each matmul's plain, k-pair and oneDNN weight.
+enum Weight {
+  kInNorm, kPostNorm,
+  kQKV, kQKVPaired, kQKVPacked, kO, kOPaired, kOPacked,
+  kGateUp, kGateUpPaired, kGateUpPacked, kDown, kDownPaired, kDownPacked,
+  kPerLayer
+};
 // Per layer, in `biases` (each may be None).
 enum Bias { kQKVBias, kOBias, kGateUpBias, kDownBias, kBiasesPerLayer };
 
@@ -75,7 +84,7 @@ at::Tensor decode_layers(const at::Tensor& h_in, const at::Tensor& cos, const at
                          int64_t start, int64_t stop, const at::Tensor& kv_cache, at::IntArrayRef kv_index,
                          const at::Tensor& slot_mapping, const at::Tensor& context_blocks, at::IntArrayRef group,
                          const at::Tensor& context_lens, int64_t num_heads, int64_t num_kv_heads, int64_t block_size,
-                         double eps, double scale, int64_t skinny_max_rows) {
+                         double eps, double scale, int64_t skinny_max_rows, int64_t paired_max_rows) {
   const int64_t L = static_cast<int64_t>(active_rows.size());
   TORCH_CHECK(0 <= start && start <= stop && stop <= L, "layers [start, stop) out of range");
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == L * kPerLayer &&
@@ -93,10 +102,17 @@ at::Tensor decode_layers(const at::Tensor& h_in, const at::Tensor& cos, const at
   at::Tensor h = h_in.reshape({B, D}).clone();                                  // (B, D), this call's own
   at::Tensor cos2 = cos.reshape({B, -1}), sin2 = sin.reshape({B, -1});          // (B, Dh/2)
 
-  auto linear = [&](const at::Tensor& x, int64_t layer, Weight plain, Weight paired, Bias bias) {
+  // `plain` names the matmul's first weight; its k-pair and oneDNN copies follow it (enum Weight).
+  auto linear = [&](const at::Tensor& x, int64_t layer, int plain, Bias bias) -> at::Tensor {
     const OptTensor b = biases.get(layer * kBiasesPerLayer + bias);
-    if (x.size(0) <= skinny_max_rows) return k.skinny_linear.call(x, weights[layer * kPerLayer + plain], b);
-    return k.paired_linear.call(x, weights[layer * kPerLayer + paired], b);
+    const at::Tensor* w = weights.data() + layer * kPerLayer + plain;
+    if (x.size(0) <= skinny_max_rows) return k.skinny_linear.call(x, w[0], b);
+    if (x.size(0) <= paired_max_rows) return k.paired_linear.call(x, w[1], b);
+    // (x, packed weight, bias, "none", [], ""): as PackedLinear calls it.
+    torch::jit::Stack stack{x, w[2], b.has_value() ? c10::IValue(*b) : c10::IValue(), c10::IValue("none"),
+                            c10::IValue(c10::List<std::optional<c10::Scalar>>()), c10::IValue("")};
+    k.onednn_linear.callBoxed(&stack);
+    return stack[0].toTensor();
   };
 
   for (int64_t i = start; i < stop; ++i) {
@@ -106,7 +122,7 @@ at::Tensor decode_layers(const at::Tensor& h_in, const at::Tensor& cos, const at
     const at::Tensor* w = weights.data() + i * kPerLayer;
     at::Tensor hn = h.narrow(0, 0, n);                                          // (n, D), a view of h
     at::Tensor x = k.rms_norm.call(hn, w[kInNorm], eps);
-    at::Tensor qkv = linear(x, i, kQKV, kQKVPaired, kQKVBias);                   // (n, (H + 2Hkv) Dh)
+    at::Tensor qkv = linear(x, i, kQKV, kQKVBias);                               // (n, (H + 2Hkv) Dh)
     at::Tensor kv = kv_cache.select(0, kv_index[i]);                             // (2, slots, Hkv, Dh)
     at::Tensor k_cache = kv.select(0, 0), v_cache = kv.select(0, 1);
     k.rope_write_kv.call(qkv, cos2.narrow(0, 0, n), sin2.narrow(0, 0, n), k_cache, v_cache,
@@ -116,10 +132,10 @@ at::Tensor decode_layers(const at::Tensor& h_in, const at::Tensor& cos, const at
     at::Tensor attn = k.paged_attention.call(q, k_cache.view({-1, block_size, num_kv_heads, Dh}),
                                              v_cache.view({-1, block_size, num_kv_heads, Dh}), blocks,
                                              context_lens.narrow(0, 0, n), scale);   // (n, H, Dh)
-    at::Tensor o = linear(attn.view({n, q_size}), i, kO, kOPaired, kOBias);      // (n, D)
+    at::Tensor o = linear(attn.view({n, q_size}), i, kO, kOBias);                // (n, D)
     auto [total, x2] = k.add_rms_norm.call(hn, o, w[kPostNorm], eps);
-    at::Tensor mlp = linear(k.silu_and_mul.call(linear(x2, i, kGateUp, kGateUpPaired, kGateUpBias)), i, kDown,
-                            kDownPaired, kDownBias);                              // (n, 2I) -> (n, I) -> (n, D)
+    at::Tensor mlp = linear(k.silu_and_mul.call(linear(x2, i, kGateUp, kGateUpBias)), i, kDown,
+                            kDownBias);                                           // (n, 2I) -> (n, I) -> (n, D)
     hn.copy_(total.add_(mlp));  // rows n.. keep their residual stream
   }
   return h.view({B, 1, D});
@@ -131,7 +147,9 @@ TORCH_LIBRARY_FRAGMENT(adadepth, m) {
   m.def("decode_layers(Tensor h, Tensor cos, Tensor sin, Tensor[] weights, Tensor?[] biases, int[] active_rows, "
         "int start, int stop, Tensor(a!) kv_cache, int[] kv_index, Tensor slot_mapping, Tensor context_blocks, "
         "int[] group, Tensor context_lens, int num_heads, int num_kv_heads, int block_size, float eps, float scale, "
-        "int skinny_max_rows) -> Tensor");
+        "int skinny_max_rows, int paired_max_rows) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(adadepth, CPU, m) { m.impl("decode_layers", &decode_layers); }
+// oneDNN's packed weights are MkldnnCPU tensors: a call holding them dispatches there.
+TORCH_LIBRARY_IMPL(adadepth, MkldnnCPU, m) { m.impl("decode_layers", &decode_layers); }

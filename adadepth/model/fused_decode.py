@@ -3,9 +3,9 @@
 At batch 1 the Python around a layer's kernels (module calls, slicing, dozens of PyTorch calls)
 cost nearly as much as the kernels themselves. The C++ loop calls the same kernels in the same
 order, so its results are those of `AdaptiveLlama.run_layers`' per-layer path, which stays the
-reference and the path for every step this one does not cover: prefill steps, float32, batches past
-the paired kernel's rows, prompt chunks past the paged kernel's limit, bypass ops, capture, caches
-not paged by layer groups (the engine always pages them so).
+reference and the path for every step this one does not cover: steps of several tokens per row,
+float32, prompt chunks past the paged kernel's limit, bypass ops, capture, caches not paged by
+layer groups (the engine always pages them so).
 """
 from __future__ import annotations
 
@@ -18,17 +18,16 @@ from adadepth.model.packed_linear import PackedLinear
 
 
 class FusedDecode:
-    def __init__(self, model, op: Callable, chunk_pairs_limit: Callable | None):
+    def __init__(self, model, op: Callable):
         self.model = model
         self.op = op
-        self.chunk_pairs_limit = chunk_pairs_limit
         first = model.layers[0]
         self.head_dim, self.num_heads, self.num_kv_heads = first.head_dim, first.num_heads, first.num_kv_heads
         self.eps, self.scale = first.input_layernorm.eps, first.scale
         self.linears = [(layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj) for layer in model.layers]
         self._flat = [lin for group in self.linears for lin in group]
-        self.max_rows = min(lin.paired_max_rows for group in self.linears for lin in group)
-        self.skinny_max_rows = min(lin.skinny_max_rows for group in self.linears for lin in group)
+        self.skinny_max_rows = min(lin.skinny_max_rows for lin in self._flat)
+        self.paired_max_rows = min(lin.paired_max_rows for lin in self._flat)
         self._weights: list[torch.Tensor] | None = None
         self._biases: list[torch.Tensor | None] = []
         self._key: tuple | None = None
@@ -45,34 +44,38 @@ class FusedDecode:
         eps = {n.eps for layer in layers for n in (layer.input_layernorm, layer.post_attention_layernorm)}
         if not packed or len(eps) != 1 or any(b is not None for b in model.bypass_ops):
             return None
-        return cls(model, ops.decode_layers, ops.chunk_pairs_limit)
+        return cls(model, ops.decode_layers)
 
     def covers(self, h: torch.Tensor, batch: ForwardBatch) -> bool:
         """Whether this step is one the C++ loop runs exactly as the per-layer path would."""
         if h.dtype != torch.bfloat16 or h.device.type != "cpu" or batch.context_blocks is None or batch.kv_layout is None:
             return False
         b, t, _ = h.shape
-        if t != 1 or b > self.max_rows or any(op is not None for op in self.model.bypass_ops):
+        if t != 1 or any(op is not None for op in self.model.bypass_ops):
             return False
         if not all(lin.skinny is not None and lin.paired is not None for lin in self._flat):
             return False  # a matmul was sent back to oneDNN after load
+        # The layers' ops decide, as they do in the Python loop (a caller may have swapped them).
+        ops = self.model.layers[0].ops
+        if ops.decode_layers is None:
+            return False
         if batch.chunks:  # every chunk's rows must go through the paged kernel, as decode rows do
-            if self.chunk_pairs_limit is None:
+            if ops.chunk_pairs_limit is None:
                 return False
-            limit = self.chunk_pairs_limit(h.dtype, self.head_dim, self.num_heads // self.num_kv_heads)
+            limit = ops.chunk_pairs_limit(h.dtype, self.head_dim, self.num_heads // self.num_kv_heads)
             return all(count * position + count * (count + 1) // 2 <= limit for _, count, position in batch.chunks)
         return True
 
     def _current_weights(self) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
-        """Per layer: norms and each matmul's plain and k-pair weight (kernels/decode_layers_cpu.cpp's
-        order), rebuilt when any weight changed (the k-pair copies are derived from them)."""
+        """Per layer: norms and each matmul's plain, k-pair and oneDNN weight (kernels/decode_layers_cpu.cpp's
+        order), rebuilt when any weight changed (the two copies are derived from it)."""
         key = tuple(lin._weight_key() for lin in self._flat)
         if self._weights is None or key != self._key:
             weights, biases = [], []
             for layer, (qkv, o, gate_up, down) in zip(self.model.layers, self.linears):
-                weights += [layer.input_layernorm.weight, qkv.weight, qkv.paired_weight(), o.weight, o.paired_weight(),
-                            layer.post_attention_layernorm.weight, gate_up.weight, gate_up.paired_weight(),
-                            down.weight, down.paired_weight()]
+                weights += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+                for lin in (qkv, o, gate_up, down):
+                    weights += [lin.weight, lin.paired_weight(), lin.packed_weight()]
                 biases += [qkv.bias, o.bias, gate_up.bias, down.bias]
             self._weights, self._biases, self._key = weights, biases, key
         return self._weights, self._biases
@@ -85,4 +88,5 @@ class FusedDecode:
         # slot_mapping (G, N), context_blocks (G, B, nblk): one row per page group.
         return self.op(h, cos, sin, weights, biases, batch.active_rows, start, stop, kv_cache, layout.position,
                        batch.slot_mapping, batch.context_blocks, layout.group, batch.context_lens, self.num_heads,
-                       self.num_kv_heads, batch.block_size, self.eps, self.scale, self.skinny_max_rows)
+                       self.num_kv_heads, batch.block_size, self.eps, self.scale, self.skinny_max_rows,
+                       self.paired_max_rows)

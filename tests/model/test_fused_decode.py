@@ -19,22 +19,26 @@ def needs_kernels(tmp_path_factory):
 
 
 def _prompts(n: int) -> list[str]:
-    return [f"request {i}: " + "count the apples and pears " * (1 + i % 3) for i in range(n)]
+    # Short: every prompt's rows fit the paged kernel's limit for this head size (32 tokens), so a
+    # whole batch prefills in one decode-shaped step and then decodes together.
+    return [f"r{i} apples" + " pears" * (i % 3) for i in range(n)]
 
 
 def _run(llm: LLM, fused, prompts, params):
-    """Generate with the C++ loop (fused) or the Python loop (None); returns outputs and C++ calls made."""
-    calls = []
+    """Generate with the C++ loop (fused) or the Python loop (None); returns the outputs, the rows of
+    each C++ call and the number of forward steps."""
+    calls, steps = [], []
     model = llm.engine.model
     if fused is not None:
-        op = fused.op
+        op, covers = fused.op, fused.covers
         fused.op = lambda *args: calls.append(args[0].shape[0]) or op(*args)
+        fused.covers = lambda h, batch: steps.append(1) or covers(h, batch)
     model.fused_decode = fused
     try:
-        return llm.generate(prompts, params), calls
+        return llm.generate(prompts, params), calls, len(steps)
     finally:
         if fused is not None:
-            fused.op = op
+            fused.op, fused.covers = op, covers
 
 
 def _chosen_logprobs(out) -> list[float]:
@@ -46,6 +50,8 @@ def _chosen_logprobs(out) -> list[float]:
     ("tiny_llama", 3, 1),   # skinny, one layer per page group
     ("tiny_llama", 7, 2),   # paired matmuls
     ("tiny_qwen2", 6, 3),   # q/k/v biases
+    ("tiny_llama", 52, 3),  # oneDNN matmuls
+    ("tiny_qwen2", 50, 2),  # oneDNN with biases
 ])
 def test_same_tokens_and_logprobs_bit_for_bit(needs_kernels, request, cache_dir, checkpoint, batch, kv_group_layers):
     llm = LLM(request.getfixturevalue(checkpoint), cache_dir=cache_dir, kv_group_layers=kv_group_layers, **OPTS)
@@ -55,30 +61,41 @@ def test_same_tokens_and_logprobs_bit_for_bit(needs_kernels, request, cache_dir,
     # Mixed depths: every layer's active rows differ from the next one's somewhere.
     params = [SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=0,
                              depth=max(1, num_layers - i % num_layers)) for i in range(batch)]
-    got, calls = _run(llm, fused, _prompts(batch), params)
-    want, _ = _run(llm, None, _prompts(batch), params)
-    # The 9 decode steps of the whole batch took the C++ loop (short prompts too: their tokens are
-    # rows of a decode-shaped step).
-    assert calls.count(batch) >= 9
+    got, calls, steps = _run(llm, fused, _prompts(batch), params)
+    want, _, _ = _run(llm, None, _prompts(batch), params)
+    # Every step took the C++ loop, the prompts' too (their tokens are rows of decode-shaped steps),
+    # and the whole batch decoded together.
+    assert len(calls) == steps >= 10 and calls.count(batch) >= 5
     for a, b in zip(got, want):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         assert _chosen_logprobs(a) == _chosen_logprobs(b)
 
 
 def test_chunked_prompts_beside_decode_rows_and_the_steps_it_leaves(needs_kernels, tiny_llama, cache_dir):
-    """A prompt arriving while others decode rides their steps in chunks (through the paged kernel,
-    so the C++ loop takes those steps too) and gets the Python loop's tokens; prefill steps and
-    batches past the paired kernel's rows stay in Python."""
+    """A prompt arriving while others decode rides their steps in chunks and gets the Python loop's
+    tokens: the C++ loop takes the steps whose chunks go through the paged kernel, and leaves to
+    Python those with a chunk past its limit (SDPA's)."""
     llm = LLM(tiny_llama, cache_dir=cache_dir, prefill_chunk_tokens=16, **OPTS)
     fused = llm.engine.model.fused_decode
     engine = llm.engine
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=0)
+
+    decisions = []  # (covered, chunk pairs past the paged kernel's limit)
+    covers = fused.covers
+    limit = engine.model.layers[0].ops.chunk_pairs_limit(torch.bfloat16, fused.head_dim,
+                                                         fused.num_heads // fused.num_kv_heads)
+
+    def spied_covers(h, batch):
+        past = [c for c in batch.chunks or () if c[1] * c[2] + c[1] * (c[1] + 1) // 2 > limit]
+        decisions.append((covers(h, batch), bool(past)))
+        return decisions[-1][0]
 
     def run(with_fused) -> tuple[dict, list[int]]:
         calls = []
         if with_fused is not None:
             op = fused.op
             fused.op = lambda *args: calls.append(args[0].shape[0]) or op(*args)
+            fused.covers = spied_covers
         engine.model.fused_decode = with_fused
         outputs = {}
         try:
@@ -93,7 +110,7 @@ def test_chunked_prompts_beside_decode_rows_and_the_steps_it_leaves(needs_kernel
                         outputs[out.request_id] = out
         finally:
             if with_fused is not None:
-                fused.op = op
+                fused.op, fused.covers = op, covers
         return outputs, calls
 
     got, calls = run(fused)
@@ -103,26 +120,23 @@ def test_chunked_prompts_beside_decode_rows_and_the_steps_it_leaves(needs_kernel
         assert got[rid].outputs[0].token_ids == want[rid].outputs[0].token_ids
         assert _chosen_logprobs(got[rid]) == _chosen_logprobs(want[rid])
     assert max(calls) > 3  # steps of 2 decode rows + a 16-token chunk went through the C++ loop
-    fused.max_rows = 2
-    try:
-        _, calls = _run(llm, fused, _prompts(3), params)
-    finally:
-        fused.max_rows = llm.engine.model.layers[0].qkv_proj.paired_max_rows
-    assert calls == []
+    # Every decode-shaped step was taken but those with a chunk past the limit, and there were some.
+    assert (False, True) in decisions and all(covered != past for covered, past in decisions)
 
 
 def test_follows_a_weight_changed_after_load(needs_kernels, tiny_llama, cache_dir):
-    """The k-pair weight copies are derived data: changing a weight in place must reach the C++ loop."""
+    """The k-pair and oneDNN weight copies are derived data: changing a weight in place must reach the
+    C++ loop."""
     llm = LLM(tiny_llama, cache_dir=cache_dir, **OPTS)
     fused = llm.engine.model.fused_decode
     params = [SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=0)] * 6
-    before, _ = _run(llm, fused, _prompts(6), params)
+    before, _, _ = _run(llm, fused, _prompts(6), params)
     with torch.inference_mode():
         for layer in llm.engine.model.layers:
             layer.gate_up_proj.weight.mul_(-1.5)
             layer.o_proj.weight.mul_(0.5)
-    got, calls = _run(llm, fused, _prompts(6), params)
-    want, _ = _run(llm, None, _prompts(6), params)
+    got, calls, _ = _run(llm, fused, _prompts(6), params)
+    want, _, _ = _run(llm, None, _prompts(6), params)
     assert calls
     assert [_chosen_logprobs(o) for o in got] == [_chosen_logprobs(o) for o in want]
     assert [_chosen_logprobs(o) for o in got] != [_chosen_logprobs(o) for o in before]
