@@ -6,6 +6,10 @@ are timed one by one (median, min and max) and a few more are profiled (the prof
 steps it records, so its table tells shares, the timed steps tell time). The prompts are the
 shipped held-out ones, each row a different prompt (so rows have different context lengths).
 Uses only the offline API, so the same script measures older versions of the engine too.
+
+`--loop-ab-rounds N` also times, per case, N rounds of `--steps` steps with the C++ layer loop
+(adadepth.model.fused_decode) and with the Python loop in turn, in the same process on the same
+sequences, so the ratio is free of the machine's drift between runs.
 """
 from __future__ import annotations
 
@@ -37,7 +41,33 @@ def load_chats(path: Path, count: int | None) -> list[list[dict]]:
     return mixed[:count]
 
 
-def profile_case(llm, chats: list[list[dict]], fractions: list[float], steps: int, profiled: int) -> dict:
+def loop_ab(engine, steps: int, rounds: int) -> dict | None:
+    """Median step time with the C++ layer loop and with the Python loop, alternating (None: the
+    engine has no C++ loop)."""
+    model = engine.model
+    fused = model.fused_decode
+    if fused is None or rounds < 1:
+        return None
+    ms = {"cpp": [], "python": []}
+    try:
+        for r in range(rounds):
+            for name in (("cpp", "python") if r % 2 == 0 else ("python", "cpp")):
+                model.fused_decode = fused if name == "cpp" else None
+                times = []
+                for _ in range(steps):
+                    t0 = time.perf_counter()
+                    engine.step()
+                    times.append(time.perf_counter() - t0)
+                ms[name].append(1000 * statistics.median(times))
+    finally:
+        model.fused_decode = fused
+    ratios = [p / c for p, c in zip(ms["python"], ms["cpp"])]
+    return {"cpp_step_ms": ms["cpp"], "python_step_ms": ms["python"], "python_over_cpp": ratios,
+            "python_over_cpp_median": statistics.median(ratios)}
+
+
+def profile_case(llm, chats: list[list[dict]], fractions: list[float], steps: int, profiled: int,
+                 ab_rounds: int = 0) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from adadepth import SamplingParams
@@ -50,7 +80,7 @@ def profile_case(llm, chats: list[list[dict]], fractions: list[float], steps: in
     row_depths = [max(1, round(fractions[i % len(fractions)] * num_layers)) for i in range(len(ids))]
     # Room for the steps that finish the prefill too: prompts past one step's token budget join
     # in chunks while the first ones already decode, and no row may finish before the timed steps.
-    budget = steps + profiled + 8 + 256
+    budget = steps * (1 + 2 * ab_rounds) + profiled + 8 + 256
     for i, (prompt, depth) in enumerate(zip(ids, row_depths)):
         engine.add_request(f"step-profile-{time.monotonic_ns()}-{i}", prompt,
                            SamplingParams(max_tokens=budget, temperature=0, ignore_eos=True, depth=depth))
@@ -68,6 +98,7 @@ def profile_case(llm, chats: list[list[dict]], fractions: list[float], steps: in
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(profiled):
             engine.step()
+    ab = loop_ab(engine, steps, ab_rounds)
     total = sum(e.self_cpu_time_total for e in prof.key_averages())
     ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
     table = [{"op": e.key, "self_ms_per_step": e.self_cpu_time_total / 1000 / profiled,
@@ -81,7 +112,7 @@ def profile_case(llm, chats: list[list[dict]], fractions: list[float], steps: in
             "mean_depth": sum(row_depths) / len(row_depths),
             "step_ms": {"median": 1000 * median, "min": 1000 * min(times), "max": 1000 * max(times)},
             "decode_tok_s": len(ids) / median, "profiled_steps": profiled,
-            "profiled_ms_per_step": total / 1000 / profiled, "ops": table}
+            "profiled_ms_per_step": total / 1000 / profiled, "ops": table, "loop_ab": ab}
 
 
 @dataclass
@@ -93,6 +124,8 @@ class StepProfileConfig:
     profiled_steps: int = field(default=6, metadata={"help": "decode steps recorded by torch.profiler per case"})
     prompts: str = field(default="benchmarks/data/heldout_prompts.jsonl", metadata={
         "help": "prompts jsonl (messages lines); a relative path is taken from the repository root"})
+    loop_ab_rounds: int = field(default=0, metadata={
+        "help": "rounds of --steps steps with the C++ layer loop and the Python loop in turn, per case (0: none)"})
     label: str = field(default="", metadata={"help": "names this run in the JSON (e.g. the version measured)"})
     out: str = field(default="benchmarks/results/step_profile.json", metadata={"help": "JSON output"})
 
@@ -103,6 +136,8 @@ class StepProfileConfig:
             raise ValueError(f"unknown cases {unknown}; known: {', '.join(CASES)}")
         if self.steps < 1 or self.profiled_steps < 1:
             raise ValueError("steps and profiled_steps must be >= 1")
+        if self.loop_ab_rounds < 0:
+            raise ValueError("loop_ab_rounds must be >= 0")
 
 
 def run(cfg: StepProfileConfig) -> dict:
@@ -118,11 +153,14 @@ def run(cfg: StepProfileConfig) -> dict:
     results = {}
     for name in cases:
         batch, depths = CASES[name]
-        results[name] = profile_case(llm, chats[:batch], depths, cfg.steps, cfg.profiled_steps)
+        results[name] = profile_case(llm, chats[:batch], depths, cfg.steps, cfg.profiled_steps, cfg.loop_ab_rounds)
         r = results[name]
         print(f"{name:>8}: step {r['step_ms']['median']:7.2f} ms (min {r['step_ms']['min']:.2f}, max "
               f"{r['step_ms']['max']:.2f}), {r['decode_tok_s']:7.1f} tok/s; top ops: "
               + ", ".join(f"{o['op']} {100 * o['share']:.0f}%" for o in r["ops"][:4]), flush=True)
+        if r["loop_ab"]:
+            print(f"{'':>8}  Python loop / C++ loop: " + ", ".join(f"{x:.2f}" for x in r["loop_ab"]["python_over_cpp"])
+                  + f" (median {r['loop_ab']['python_over_cpp_median']:.2f})", flush=True)
     from adadepth.benchmarks.machine import machine_info
 
     machine = machine_info()

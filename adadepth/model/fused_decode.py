@@ -34,9 +34,9 @@ class FusedDecode:
 
     @classmethod
     def for_model(cls, model, ops) -> "FusedDecode | None":
-        """None unless every layer can take the C++ loop: fused kernels loaded, every matmul packed with
-        both small-batch kernels, one eps, no bypass ops."""
-        if ops is None or getattr(ops, "decode_layers", None) is None:
+        """None unless every layer can take the C++ loop: a bf16 model, fused kernels loaded, every matmul
+        packed with both small-batch kernels, one eps, no bypass ops."""
+        if ops is None or getattr(ops, "decode_layers", None) is None or model.embed_tokens.weight.dtype != torch.bfloat16:
             return None
         layers = model.layers
         packed = all(isinstance(lin, PackedLinear) and lin.skinny is not None and lin.paired is not None

@@ -27,8 +27,29 @@ def test_step_profile_on_the_tiny_model(tiny_llama, cache_dir, tmp_path, monkeyp
         assert 0 < sum(op["share"] for op in case["ops"]) <= 1 + 1e-9
         assert any("linear" in op["op"] or "addmm" in op["op"] or "mm" in op["op"] for op in case["ops"])
     assert report["dtype"] == "torch.float32" and report["machine"]["isa"] is not None
+    assert one["loop_ab"] is None  # float32: no C++ layer loop to compare
+
+
+def test_loop_ab_alternates_the_two_layer_loops(tiny_llama, cache_dir, tmp_path, monkeypatch):
+    from adadepth.kernels.cpu_ops import load_cpu_ops
+
+    ops = load_cpu_ops(str(tmp_path / "ext"))
+    if ops is None or ops.decode_layers is None:
+        pytest.skip("no C++ compiler or no AVX512-BF16 on this CPU: no C++ layer loop")
+    monkeypatch.setenv("ADADEPTH_CACHE_DIR", cache_dir)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"what is {i} + {i}?"}]}) + "\n"
+                               for i in range(4)))
+    report = run(StepProfileConfig(model=tiny_llama, dtype="bfloat16", cases="batch1", steps=3, profiled_steps=1,
+                                   loop_ab_rounds=3, prompts=str(prompts), out=str(tmp_path / "step.json")))
+    ab = report["cases"]["batch1"]["loop_ab"]
+    assert len(ab["cpp_step_ms"]) == len(ab["python_step_ms"]) == 3
+    assert ab["python_over_cpp"] == [p / c for p, c in zip(ab["python_step_ms"], ab["cpp_step_ms"])]
+    assert ab["python_over_cpp_median"] == sorted(ab["python_over_cpp"])[1]
 
 
 def test_unknown_cases_are_refused():
     with pytest.raises(ValueError, match="unknown cases"):
         StepProfileConfig(cases="batch2")
+    with pytest.raises(ValueError, match="loop_ab_rounds"):
+        StepProfileConfig(loop_ab_rounds=-1)
