@@ -53,6 +53,8 @@ class FusedDecode:
         b, t, _ = h.shape
         if t != 1 or any(op is not None for op in self.model.bypass_ops):
             return False
+        if torch.is_grad_enabled():
+            return False  # the C++ loop has no backward; PackedLinear takes F.linear then too
         if not all(lin.skinny is not None and lin.paired is not None for lin in self._flat):
             return False  # a matmul was sent back to oneDNN after load
         # The layers' ops decide, as they do in the Python loop (a caller may have swapped them).
