@@ -2,9 +2,9 @@
 //
 // Why: at batch 1 a bf16 decode step of the default model reads 7 MB of weights per layer, about
 // 0.2 ms at the memory's pace, and the Python around each layer's seven kernels (module calls,
-// slicing, ~40 PyTorch calls through the Python dispatcher) took nearly as long again. Here the
-// same kernels run in the same order, called through the C++ dispatcher, so a step costs little
-// more than its kernels.
+// slicing, ~40 PyTorch calls through the Python dispatcher) made decode steps 1.14-1.27x longer than
+// this loop does (batch 1-64, benchmarks/results/decode_loop_ab.json). Here the same kernels run in
+// the same order, called through the C++ dispatcher.
 //
 // Semantics: exactly the per-layer path of `AdaptiveLlama.run_layers` for a decode-shaped bf16
 // step (one token per row, every row's attention through the paged kernel) without bypass ops,
