@@ -15,6 +15,7 @@ from adadepth.model.forward_batch import ForwardBatch
 from adadepth.model.depth_plan import DepthPlan
 from adadepth.model.loader import ARTIFACT_FILE
 from tiny_model import build_tiny_checkpoint
+from output_helpers import chosen_logprobs
 
 ORDER = [4, 1, 5, 0, 3, 2]  # depth 4 keeps layers 0, 1, 4, 5; depth 2 keeps 1, 4
 PROMPT = "the quick brown fox jumps over"
@@ -110,7 +111,7 @@ def assert_export_matches_engine(source: str, export_dir: str, depth: int, cache
     export_out = exported.generate([PROMPT], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True,
                                                            logprobs=0))[0]
     assert export_out.token_ids == source_out.token_ids
-    lp = [[next(iter(x.values())) for x in out.outputs[0].logprobs] for out in (source_out, export_out)]
+    lp = [chosen_logprobs(out) for out in (source_out, export_out)]
     torch.testing.assert_close(torch.tensor(lp[0]), torch.tensor(lp[1]), **TOLERANCE)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from adadepth import LLM, SamplingParams
+from output_helpers import chosen_logprobs
 
 PROMPTS = ["natalia sold clips to 48 of her friends in april, how many?", "the quick brown fox jumps over",
            "def add(a, b): return a + b  # adds two numbers together", "hello world",
@@ -37,8 +38,7 @@ def run_joining(llm, params, join_every=3, check=None):
         prefilling = len(engine.scheduler.waiting) + sum(not s.is_prefilled for s in engine.scheduler.running)
         for out in engine.step():
             tokens.setdefault(out.request_id, []).extend(out.token_ids)
-            logprobs.setdefault(out.request_id, []).extend(
-                next(iter(lp.values())) for lp in out.outputs[0].logprobs or [])
+            logprobs.setdefault(out.request_id, []).extend(chosen_logprobs(out) if out.outputs[0].logprobs else [])
         if check is not None:
             check(engine, decoding, prefilling)
         step += 1

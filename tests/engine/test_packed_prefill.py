@@ -5,6 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adadepth import LLM, SamplingParams
+from output_helpers import chosen_logprobs
 
 # Lengths far apart: padded to the longest, the short prompts would have cost ~10x their tokens.
 PROMPTS = ["hi", "the quick brown fox jumps over the lazy dog and keeps running far away from home tonight",
@@ -34,8 +35,8 @@ def test_prompts_of_any_lengths_and_depths_prefill_in_one_step_as_if_alone(tiny_
     for prompt, p, out in zip(PROMPTS, params, together):
         alone = llm.generate([prompt], p)[0]
         assert out.token_ids == alone.token_ids
-        lp = torch.tensor([next(iter(x.values())) for x in out.outputs[0].logprobs], dtype=torch.float64)
-        lp_alone = torch.tensor([next(iter(x.values())) for x in alone.outputs[0].logprobs], dtype=torch.float64)
+        lp = torch.tensor(chosen_logprobs(out), dtype=torch.float64)
+        lp_alone = torch.tensor(chosen_logprobs(alone), dtype=torch.float64)
         torch.testing.assert_close(lp, lp_alone, rtol=1e-9, atol=1e-9)
 
 
@@ -52,7 +53,7 @@ def test_packed_prefill_logits_equal_transformers(tiny_llama, cache_dir):
             logprobs = hf(ids).logits[0, -1].log_softmax(-1)
         token = int(logprobs.argmax())
         assert out.token_ids == [token]
-        torch.testing.assert_close(torch.tensor(next(iter(out.outputs[0].logprobs[0].values())), dtype=torch.float64),
+        torch.testing.assert_close(torch.tensor(chosen_logprobs(out)[0], dtype=torch.float64),
                                    logprobs[token], rtol=0, atol=1e-6)  # logits leave the model in float32
 
 

@@ -15,6 +15,7 @@ import torch
 from adadepth import LLM, SamplingParams
 from adadepth.kernels.cpu_ops import load_cpu_ops
 from adadepth.kernels.paged_attention import chunk_attention, paged_decode_attention_ref
+from output_helpers import chosen_logprobs
 
 
 @pytest.fixture(scope="module")
@@ -139,8 +140,8 @@ def test_engine_generates_the_same_tokens_with_and_without_the_kernels(tiny_llam
     assert all(layer.ops.paged_attention is paged_decode_attention_ref for layer in plain.engine.model.layers)
     for a, b in zip(fast.generate(prompts, params), plain.generate(prompts, params)):
         assert a.token_ids == b.token_ids
-        lp_a = torch.tensor([next(iter(x.values())) for x in a.outputs[0].logprobs])
-        lp_b = torch.tensor([next(iter(x.values())) for x in b.outputs[0].logprobs])
+        lp_a = torch.tensor(chosen_logprobs(a))
+        lp_b = torch.tensor(chosen_logprobs(b))
         torch.testing.assert_close(lp_a, lp_b, rtol=1e-4, atol=1e-4)
 
 

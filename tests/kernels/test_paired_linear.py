@@ -10,6 +10,7 @@ from adadepth import LLM, SamplingParams
 from adadepth.kernels.cpu_ops import load_cpu_ops
 from adadepth.kernels.paired_linear import pack_pairs, paired_linear_ref, unpack_pairs
 from adadepth.model.packed_linear import PackedLinear
+from output_helpers import chosen_logprobs
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +102,7 @@ def test_model_decodes_batches_past_four_with_the_kernel(kernel, tiny_llama, cac
             m.use_paired(None)
     want = plain.generate(prompts, params)
     for a, b in zip(got, want):
-        lp_a = torch.tensor([next(iter(x.values())) for x in a.outputs[0].logprobs])
-        lp_b = torch.tensor([next(iter(x.values())) for x in b.outputs[0].logprobs])
+        lp_a = torch.tensor(chosen_logprobs(a))
+        lp_b = torch.tensor(chosen_logprobs(b))
         assert a.token_ids[:2] == b.token_ids[:2]
         torch.testing.assert_close(lp_a[:2], lp_b[:2], rtol=0.05, atol=0.05)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from adadepth import LLM, SamplingParams
+from output_helpers import chosen_logprobs
 
 PROMPTS = ["hello world", "the quick brown fox jumps", "what is 2 + 2?", "def add(a, b):"]
 
@@ -18,8 +19,8 @@ def test_batched_skip_path_matches_slicing_path(tiny_llama, cache_dir):
     fused = llm.generate(PROMPTS, params)
     for a, b in zip(sliced, fused):
         assert a.token_ids == b.token_ids
-        lp_a = [next(iter(x.values())) for x in a.outputs[0].logprobs]
-        lp_b = [next(iter(x.values())) for x in b.outputs[0].logprobs]
+        lp_a = chosen_logprobs(a)
+        lp_b = chosen_logprobs(b)
         assert torch.allclose(torch.tensor(lp_a), torch.tensor(lp_b), atol=1e-4)
 
 

@@ -11,6 +11,7 @@ from tiny_model import build_tiny_checkpoint
 from adadepth import LLM, SamplingParams
 from adadepth.model import decoder_layer
 from adadepth.model.decoder_layer import DecoderLayer
+from output_helpers import chosen_logprobs
 
 PROMPTS = ["hi", "the quick brown fox jumps over the lazy dog and keeps running far away from home tonight",
            "what is 2 + 2?", "def add(a, b): return a + b  # a longer line of code, with a comment here"]
@@ -58,8 +59,8 @@ def test_small_chunks_take_the_paged_kernel_with_the_same_tokens(wide_heads, cac
     assert kernel_calls == past_limit < sdpa_calls  # only prompts past the limit kept SDPA
     for a, b in zip(via_kernel, via_sdpa):
         assert a.token_ids == b.token_ids
-        lp_a = torch.tensor([next(iter(x.values())) for x in a.outputs[0].logprobs])
-        lp_b = torch.tensor([next(iter(x.values())) for x in b.outputs[0].logprobs])
+        lp_a = torch.tensor(chosen_logprobs(a))
+        lp_b = torch.tensor(chosen_logprobs(b))
         torch.testing.assert_close(lp_a, lp_b, rtol=0, atol=tol)
 
 

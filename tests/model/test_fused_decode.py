@@ -7,6 +7,7 @@ import torch
 
 from adadepth import LLM, SamplingParams
 from adadepth.kernels.cpu_ops import load_cpu_ops
+from output_helpers import chosen_logprobs
 
 OPTS = dict(dtype="bfloat16", num_kv_tokens=4096, max_model_len=256, max_num_batched_tokens=512)
 
@@ -41,10 +42,6 @@ def _run(llm: LLM, fused, prompts, params):
             fused.op, fused.covers = op, covers
 
 
-def _chosen_logprobs(out) -> list[float]:
-    return [next(iter(x.values())) for x in out.outputs[0].logprobs]
-
-
 @pytest.mark.parametrize("checkpoint, batch, kv_group_layers", [
     ("tiny_llama", 1, 3),   # skinny matmuls
     ("tiny_llama", 3, 1),   # skinny, one layer per page group
@@ -68,7 +65,7 @@ def test_same_tokens_and_logprobs_bit_for_bit(needs_kernels, request, cache_dir,
     assert len(calls) == steps >= 10 and calls.count(batch) >= 5
     for a, b in zip(got, want):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
-        assert _chosen_logprobs(a) == _chosen_logprobs(b)
+        assert chosen_logprobs(a) == chosen_logprobs(b)
 
 
 def test_chunked_prompts_beside_decode_rows_and_the_steps_it_leaves(needs_kernels, tiny_llama, cache_dir):
@@ -118,7 +115,7 @@ def test_chunked_prompts_beside_decode_rows_and_the_steps_it_leaves(needs_kernel
     assert sorted(got) == sorted(want) == ["long", "short-0", "short-1"]
     for rid in got:
         assert got[rid].outputs[0].token_ids == want[rid].outputs[0].token_ids
-        assert _chosen_logprobs(got[rid]) == _chosen_logprobs(want[rid])
+        assert chosen_logprobs(got[rid]) == chosen_logprobs(want[rid])
     assert max(calls) > 3  # steps of 2 decode rows + a 16-token chunk went through the C++ loop
     # Every decode-shaped step was taken but those with a chunk past the limit, and there were some.
     assert (False, True) in decisions and all(covered != past for covered, past in decisions)
@@ -138,5 +135,5 @@ def test_follows_a_weight_changed_after_load(needs_kernels, tiny_llama, cache_di
     got, calls, _ = _run(llm, fused, _prompts(6), params)
     want, _, _ = _run(llm, None, _prompts(6), params)
     assert calls
-    assert [_chosen_logprobs(o) for o in got] == [_chosen_logprobs(o) for o in want]
-    assert [_chosen_logprobs(o) for o in got] != [_chosen_logprobs(o) for o in before]
+    assert [chosen_logprobs(o) for o in got] == [chosen_logprobs(o) for o in want]
+    assert [chosen_logprobs(o) for o in got] != [chosen_logprobs(o) for o in before]

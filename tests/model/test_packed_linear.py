@@ -8,6 +8,7 @@ from torch import nn
 
 from adadepth import LLM, SamplingParams
 from adadepth.model.packed_linear import PackedLinear, onednn_available, pack_linears
+from output_helpers import chosen_logprobs
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN")
 
@@ -110,8 +111,8 @@ def test_engine_packs_in_fp32_and_generates_like_unpacked(tiny_llama, cache_dir)
     assert not any(isinstance(m, PackedLinear) for m in plain.engine.model.modules())
     for a, b in zip(packed.generate(prompts, params), plain.generate(prompts, params)):
         assert a.token_ids == b.token_ids
-        lp_a = torch.tensor([next(iter(x.values())) for x in a.outputs[0].logprobs])
-        lp_b = torch.tensor([next(iter(x.values())) for x in b.outputs[0].logprobs])
+        lp_a = torch.tensor(chosen_logprobs(a))
+        lp_b = torch.tensor(chosen_logprobs(b))
         torch.testing.assert_close(lp_a, lp_b, rtol=1e-4, atol=1e-4)
 
 
