@@ -56,6 +56,9 @@ def run(cfg: SkinnyBenchConfig) -> dict:
 
     llm = LLM(cfg.model, dtype="bfloat16", num_kv_tokens=32768)
     engine = llm.engine
+    # Both paths through the Python layer loop: the C++ loop runs only with the kernels on, and would
+    # add its own gain to theirs (`adadepth bench step --loop-ab-rounds` measures that one).
+    engine.model.fused_decode = None
     linears = [m for m in engine.model.modules() if isinstance(m, PackedLinear)]
     skinny = next((m.skinny for m in linears if m.skinny is not None), None)
     paired = next((m.paired for m in linears if m.paired is not None), None)

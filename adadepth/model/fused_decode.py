@@ -1,7 +1,7 @@
 """A decode step's layers as one C++ call (kernels/decode_layers_cpu.cpp) where the step allows it.
 
-At batch 1 the Python around a layer's kernels (module calls, slicing, dozens of PyTorch calls)
-cost nearly as much as the kernels themselves. The C++ loop calls the same kernels in the same
+The Python around a layer's kernels (module calls, slicing, dozens of PyTorch calls) made decode
+steps 1.14-1.27x longer at batch 1-64 (benchmarks/results/decode_loop_ab.json). The C++ loop calls the same kernels in the same
 order, so its results are those of `AdaptiveLlama.run_layers`' per-layer path, which stays the
 reference and the path for every step this one does not cover: steps of several tokens per row,
 float32, prompt chunks past the paged kernel's limit, bypass ops, capture, caches not paged by
@@ -34,17 +34,16 @@ class FusedDecode:
 
     @classmethod
     def for_model(cls, model, ops) -> "FusedDecode | None":
-        """None unless every layer can take the C++ loop: a bf16 model, fused kernels loaded, every matmul
-        packed with both small-batch kernels, one eps, no bypass ops."""
+        """None unless the C++ loop can serve the model: a bf16 model, fused kernels loaded, every matmul
+        packed, one eps. (What may change after load, the matmuls' kernels and bypass ops, `covers`
+        checks at every step.)"""
         if ops is None or getattr(ops, "decode_layers", None) is None or model.embed_tokens.weight.dtype != torch.bfloat16:
             return None
         layers = model.layers
-        packed = all(isinstance(lin, PackedLinear) and lin.skinny is not None and lin.paired is not None
+        packed = all(isinstance(lin, PackedLinear)
                      for layer in layers for lin in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj))
         eps = {n.eps for layer in layers for n in (layer.input_layernorm, layer.post_attention_layernorm)}
-        if not packed or len(eps) != 1 or any(b is not None for b in model.bypass_ops):
-            return None
-        return cls(model, ops.decode_layers)
+        return cls(model, ops.decode_layers) if packed and len(eps) == 1 else None
 
     def covers(self, h: torch.Tensor, batch: ForwardBatch) -> bool:
         """Whether this step is one the C++ loop runs exactly as the per-layer path would."""
@@ -56,7 +55,7 @@ class FusedDecode:
         if torch.is_grad_enabled():
             return False  # the C++ loop has no backward; PackedLinear takes F.linear then too
         if not all(lin.skinny is not None and lin.paired is not None for lin in self._flat):
-            return False  # a matmul was sent back to oneDNN after load
+            return False  # a matmul was sent back to oneDNN (after load, or loaded without the kernels)
         # The layers' ops decide, as they do in the Python loop (a caller may have swapped them).
         ops = self.model.layers[0].ops
         if ops.decode_layers is None:
