@@ -136,7 +136,12 @@ at::Tensor decode_layers(const at::Tensor& h_in, const at::Tensor& cos, const at
     auto [total, x2] = k.add_rms_norm.call(hn, o, w[kPostNorm], eps);
     at::Tensor mlp = linear(k.silu_and_mul.call(linear(x2, i, kGateUp, kGateUpBias)), i, kDown,
                             kDownBias);                                           // (n, 2I) -> (n, I) -> (n, D)
-    hn.copy_(total.add_(mlp));  // rows n.. keep their residual stream
+    at::Tensor out = total.add_(mlp);                                           // (n, D), a fresh tensor
+    if (n == B) {
+      h = out;  // every row ran the layer: nothing to keep
+    } else {
+      hn.copy_(out);  // rows n.. keep their residual stream
+    }
   }
   return h.view({B, 1, D});
 }
