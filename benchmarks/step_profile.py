@@ -171,7 +171,36 @@ def run(cfg: StepProfileConfig) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {out}")
+    if any(r["loop_ab"] for r in results.values()):
+        plot_loop_ab(report, out.with_suffix(".png"))
+        print(f"wrote {out.with_suffix('.png')}")
     return report
+
+
+def plot_loop_ab(report: dict, png) -> None:
+    """Each case's step time with the C++ and the Python layer loop (median of the rounds, min-max bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = [name for name, r in report["cases"].items() if r["loop_ab"]]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    width = 0.38
+    for k, (key, label) in enumerate([("python_step_ms", "Python layer loop"), ("cpp_step_ms", "C++ layer loop")]):
+        values = [report["cases"][c]["loop_ab"][key] for c in cases]
+        mid = [statistics.median(v) for v in values]
+        ax.bar([i + (k - 0.5) * width for i in range(len(cases))], mid, width, label=label,
+               yerr=[[m - min(v) for m, v in zip(mid, values)], [max(v) - m for m, v in zip(mid, values)]], capsize=3)
+    ax.set_xticks(range(len(cases)), cases)
+    ax.set_ylabel("decode step, ms (rounds: median, min-max)")
+    machine = report["machine"]
+    ax.set_title(f"{report['config']['model']} {report['dtype']}, {machine.get('cpu', '')} "
+                 f"{' '.join(machine.get('isa', [])[-2:])}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
 
 
 def add_parser(bench_subparsers) -> None:

@@ -28,6 +28,7 @@ def test_step_profile_on_the_tiny_model(tiny_llama, cache_dir, tmp_path, monkeyp
         assert any("linear" in op["op"] or "addmm" in op["op"] or "mm" in op["op"] for op in case["ops"])
     assert report["dtype"] == "torch.float32" and report["machine"]["isa"] is not None
     assert one["loop_ab"] is None  # float32: no C++ layer loop to compare
+    assert not out.with_suffix(".png").exists()
 
 
 def test_loop_ab_alternates_the_two_layer_loops(tiny_llama, cache_dir, tmp_path, monkeypatch):
@@ -46,6 +47,7 @@ def test_loop_ab_alternates_the_two_layer_loops(tiny_llama, cache_dir, tmp_path,
     assert len(ab["cpp_step_ms"]) == len(ab["python_step_ms"]) == 3
     assert ab["python_over_cpp"] == [p / c for p, c in zip(ab["python_step_ms"], ab["cpp_step_ms"])]
     assert ab["python_over_cpp_median"] == sorted(ab["python_over_cpp"])[1]
+    assert (tmp_path / "step.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_unknown_cases_are_refused():
