@@ -21,7 +21,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 @dataclass
 class SkinnyBenchConfig:
     model: str = field(default="default", metadata={"help": "model to run (bf16)"})
-    batches: str = field(default="1,2,4,8,16,32,48", metadata={"help": "comma-separated decode batch sizes (1..48)"})
+    batches: str = field(default="1,2,4,8,16,32,48,64", metadata={
+        "help": "comma-separated decode batch sizes (1..PackedLinear.paired_max_rows)"})
     rounds: int = field(default=4, metadata={"help": "rounds per path, the paths alternating"})
     steps: int = field(default=20, metadata={"help": "timed decode steps per round"})
     prompts: str = field(default="benchmarks/data/heldout_prompts.jsonl", metadata={
@@ -30,8 +31,11 @@ class SkinnyBenchConfig:
 
     def __post_init__(self) -> None:
         self.batch_list = [int(b) for b in self.batches.split(",") if b.strip()]
-        if not self.batch_list or any(not 1 <= b <= 48 for b in self.batch_list):
-            raise ValueError("batches must be in 1..48 (past 48 rows oneDNN runs either way)")
+        from adadepth.model.packed_linear import PackedLinear
+
+        most = PackedLinear.paired_max_rows
+        if not self.batch_list or any(not 1 <= b <= most for b in self.batch_list):
+            raise ValueError(f"batches must be in 1..{most} (past {most} rows oneDNN runs either way)")
         if self.rounds < 1 or self.steps < 1:
             raise ValueError("rounds and steps must be >= 1")
 

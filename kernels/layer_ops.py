@@ -76,7 +76,7 @@ class LayerOps:
     # the plain weight at the memory's pace (skinny_linear_cpu.cpp; reference: F.linear). None:
     # every matmul goes through oneDNN.
     skinny_linear: Callable | None = None
-    # bf16 matmuls of more rows, up to `PackedLinear.paired_max_rows` (decode at batch 5-48), from a
+    # bf16 matmuls of more rows, up to `PackedLinear.paired_max_rows` (decode steps of 5-256 rows), from a
     # copy of the weight packed in k-pairs (paired_linear_cpu.cpp; reference: paired_linear_ref).
     # None: oneDNN.
     paired_linear: Callable | None = None

@@ -1,11 +1,12 @@
-// y = x @ W^T (+ b) for a decode step's rows (about 5 to 48), bf16, on CPUs with AVX512-BF16, from a
+// y = x @ W^T (+ b) for a decode step's rows (about 5 to 256), bf16, on CPUs with AVX512-BF16, from a
 // copy of W packed in k-pairs.
 //
 // Why: between two decode steps a layer's weights leave the cache, and at these batch sizes
 // oneDNN's bf16 inner product spends much of its time waiting for them to come back (it ran the
-// same products faster on weights still in cache). This kernel streams each 16-column
-// block of the packed weight front to back once, asks for it a few KB ahead of use, and keeps up to
-// 16 rows' accumulators in registers while it does (benchmarks/results/skinny_linear.json).
+// same products faster on weights still in cache). This kernel streams each group of three
+// 16-column blocks of the packed weight front to back once, asks for it a few KB ahead of use, and
+// keeps 8 rows x 3 blocks of accumulators in registers while it does
+// (benchmarks/results/matmul_rows.json, benchmarks/results/skinny_linear.json).
 //
 // Layout: w_paired (N/16, K/2, 16, 2) bf16, w_paired[nb, kp, j, t] = W[16 nb + j, 2 kp + t]
 // (`pack_pairs` in paired_linear.py): one 64-byte vector holds 16 output columns x 2 inputs,
@@ -24,41 +25,59 @@
 #include "cpu_linear.h"
 #include "cpu_math.h"
 
+#include <array>
 #include <cstring>
+#include <utility>
 
 namespace {
 
 #if defined(__AVX512BF16__)
-// Vectors of the weight stream asked for ahead of use: ~3 KB, about what a core keeps in flight.
+// Vectors of each weight stream asked for ahead of use: ~3 KB, about what a core keeps in flight.
 constexpr int64_t kPrefetchAhead = 48;
+// A tile: up to kTileRows rows of x against kTileBlocks 16-column blocks, kTileRows x kTileBlocks
+// float32 accumulators in registers (24 of the 32 zmm; the rest hold the blocks' weight vectors and
+// the broadcast x pair). Each weight vector loaded feeds kTileRows products, each broadcast x pair
+// kTileBlocks: one column block at a time (a broadcast per product) ran the products of 32-128 rows
+// at ~250-300 GFLOPS on a 2-core Zen 4, the 8 x 3 tile at ~320-380, past oneDNN's packed bf16 inner
+// product (~270-320) on the same shapes.
+constexpr int kTileRows = 8;
+constexpr int kTileBlocks = 3;
 
-// Rows [0, MB) of x (row stride K) times one 16-column block (K/2 vectors, wb); float32 sums to
-// acc (MB, 16). Prefetches the stream ahead (up to w_end) when `prefetch`: the first row block
-// of a column block meets it cold, the next ones find it in L1.
-template <int MB>
-inline void column_block(const c10::BFloat16* x, int64_t K, const c10::BFloat16* wb, const c10::BFloat16* w_end,
-                         bool prefetch, float* acc_out) {
-  __m512 acc[MB];
-  for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
-  const int64_t KP = K / 2;
+// Rows [0, MB) of x (row stride K) times NB consecutive 16-column blocks (each K/2 vectors, the
+// first at wb); float32 sums to acc (MB, NB, 16). Prefetches the streams ahead (up to w_end) when
+// `prefetch`: the first row tile of a column group meets its weights cold, the next ones find them
+// in L1/L2.
+template <int NB, int MB>
+inline void tile(const c10::BFloat16* x, int64_t K, const c10::BFloat16* wb, const c10::BFloat16* w_end,
+                 bool prefetch, float* acc_out) {
+  __m512 acc[NB][MB];
+  for (int n = 0; n < NB; ++n)
+    for (int m = 0; m < MB; ++m) acc[n][m] = _mm512_setzero_ps();
+  const int64_t KP = K / 2, block = K * 16;  // a column block: K/2 vectors of 32 bf16
   for (int64_t kp = 0; kp < KP; ++kp) {
-    const c10::BFloat16* ahead = wb + (kp + kPrefetchAhead) * 32;
-    if (prefetch && ahead < w_end) _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T0);
-    const __m512bh wv = (__m512bh)_mm512_loadu_si512(wb + kp * 32);
+    __m512bh wv[NB];
+    for (int n = 0; n < NB; ++n) {
+      const c10::BFloat16* ahead = wb + n * block + (kp + kPrefetchAhead) * 32;
+      if (prefetch && ahead < w_end) _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T0);
+      wv[n] = (__m512bh)_mm512_loadu_si512(wb + n * block + kp * 32);
+    }
     for (int m = 0; m < MB; ++m) {
       int32_t pair;  // x[m, 2kp], x[m, 2kp + 1], broadcast to all 16 lanes
       std::memcpy(&pair, x + m * K + 2 * kp, sizeof(pair));
-      acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)_mm512_set1_epi32(pair), wv);
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
+      for (int n = 0; n < NB; ++n) acc[n][m] = _mm512_dpbf16_ps(acc[n][m], xb, wv[n]);
     }
   }
-  for (int m = 0; m < MB; ++m) _mm512_storeu_ps(acc_out + m * 16, acc[m]);
+  for (int m = 0; m < MB; ++m)
+    for (int n = 0; n < NB; ++n) _mm512_storeu_ps(acc_out + (m * NB + n) * 16, acc[n][m]);
 }
 
-using BlockFn = void (*)(const c10::BFloat16*, int64_t, const c10::BFloat16*, const c10::BFloat16*, bool, float*);
+using TileFn = void (*)(const c10::BFloat16*, int64_t, const c10::BFloat16*, const c10::BFloat16*, bool, float*);
 
-template <int... MB>
-constexpr auto block_table(std::integer_sequence<int, MB...>) {
-  return std::array<BlockFn, sizeof...(MB)>{&column_block<MB + 1>...};
+// tile<NB, rows> for rows 1..kTileRows.
+template <int NB, int... MB>
+constexpr std::array<TileFn, sizeof...(MB)> tiles_of(std::integer_sequence<int, MB...>) {
+  return {&tile<NB, MB + 1>...};
 }
 #endif
 
@@ -75,23 +94,35 @@ at::Tensor paired_linear(const at::Tensor& x, const at::Tensor& w_paired, const 
   const c10::BFloat16* bp = adadepth_cpu::bf16_bias(bias, N, bc);
   at::Tensor y = at::empty({M, N}, x.options());
 #if defined(__AVX512BF16__)
-  static constexpr auto blocks = block_table(std::make_integer_sequence<int, 16>{});
+  // tiles[nb - 1][rows - 1]: nb column blocks (the last group of a row may have fewer than 3).
+  static constexpr std::array<std::array<TileFn, kTileRows>, kTileBlocks> tiles = {
+      tiles_of<1>(std::make_integer_sequence<int, kTileRows>{}),
+      tiles_of<2>(std::make_integer_sequence<int, kTileRows>{}),
+      tiles_of<3>(std::make_integer_sequence<int, kTileRows>{})};
   const c10::BFloat16* xp = xc.data_ptr<c10::BFloat16>();
   const c10::BFloat16* wp = w_paired.data_ptr<c10::BFloat16>();
   const c10::BFloat16* w_end = wp + w_paired.numel();
   c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
-  // A task is one 16-column block (K * 32 bytes of weights), for all M rows, 16 at a time.
-  at::parallel_for(0, N / 16, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) float acc[16 * 16];  // (rows, 16 columns)
-    for (int64_t nb = begin; nb < end; ++nb) {
-      const c10::BFloat16* wb = wp + nb * K * 16;
-      const __m512 b = bp == nullptr ? _mm512_setzero_ps() : adadepth_cpu::widen16(bp + nb * 16);
-      for (int64_t m0 = 0; m0 < M; m0 += 16) {
-        const int64_t rows = std::min<int64_t>(16, M - m0);
-        blocks[rows - 1](xp + m0 * K, K, wb, w_end, m0 == 0, acc);
-        for (int64_t m = 0; m < rows; ++m)  // round to nearest even, as PyTorch rounds float32 to bf16
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(yp + (m0 + m) * N + nb * 16),
-                              (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(_mm512_load_ps(acc + m * 16), b)));
+  const int64_t num_blocks = N / 16, num_groups = (num_blocks + kTileBlocks - 1) / kTileBlocks;
+  // Row tiles of equal height (16 rows: 8 + 8, not 8 + 8 + 0; 17: 6 + 6 + 5).
+  const int64_t num_row_tiles = (M + kTileRows - 1) / kTileRows;
+  const int64_t tile_rows = (M + num_row_tiles - 1) / num_row_tiles;
+  // A task is a group of 3 column blocks (3 * K * 32 bytes of weights), for all M rows.
+  at::parallel_for(0, num_groups, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float acc[kTileRows * kTileBlocks * 16];  // (rows, blocks, 16 columns)
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t nb0 = g * kTileBlocks, nb = std::min<int64_t>(kTileBlocks, num_blocks - nb0);
+      const c10::BFloat16* wb = wp + nb0 * K * 16;
+      __m512 b[kTileBlocks];
+      for (int64_t n = 0; n < nb; ++n)
+        b[n] = bp == nullptr ? _mm512_setzero_ps() : adadepth_cpu::widen16(bp + (nb0 + n) * 16);
+      for (int64_t m0 = 0; m0 < M; m0 += tile_rows) {
+        const int64_t rows = std::min<int64_t>(tile_rows, M - m0);
+        tiles[nb - 1][rows - 1](xp + m0 * K, K, wb, w_end, m0 == 0, acc);
+        for (int64_t m = 0; m < rows; ++m)
+          for (int64_t n = 0; n < nb; ++n)  // round to nearest even, as PyTorch rounds float32 to bf16
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(yp + (m0 + m) * N + (nb0 + n) * 16),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(_mm512_load_ps(acc + (m * nb + n) * 16), b[n])));
       }
     }
   });

@@ -56,10 +56,10 @@ class PackedLinear(nn.Module):
         fits = self.in_features % 32 == 0 and self.out_features % 16 == 0
         self.skinny = kernel if fits else None
 
-    # Decode steps of 5 to 48 rows: faster with the paired kernel on a 2-core Zen 4
-    # (benchmarks/results/skinny_linear.json); in a microbenchmark of the default model's matmuls
-    # oneDNN was as fast or faster from 64 rows on.
-    paired_max_rows = 48
+    # Products of 5 to 256 rows (decode steps, with the prompt chunks they carry): 1.03-1.43x faster
+    # with the paired kernel's 8 x 3 register tiles than with oneDNN on the default model's matmuls
+    # (2-core Zen 4, benchmarks/results/matmul_rows.json); from ~384 rows on (prefills) they are even.
+    paired_max_rows = 256
 
     def use_paired(self, kernel) -> None:
         """Route bf16 products of skinny_max_rows+1 .. paired_max_rows rows to `kernel(x (M, K),

@@ -33,8 +33,11 @@ def test_pack_pairs_layout_and_inverse():
         pack_pairs(torch.zeros(16, 5))
 
 
-@pytest.mark.parametrize("rows", [1, 5, 16, 17, 33, 48, 70])
-@pytest.mark.parametrize("k,n,bias", [(64, 16, False), (576, 960, True), (1536, 576, False), (34, 48, True)])
+# Rows: one tile of 8 and less, tiles of equal height (16 = 8 + 8, 17 = 6 + 6 + 5), many tiles.
+# Columns: whole groups of 3 blocks of 16 (48, 576, 960) and a last group of 1 (16) or 2 (32, 80).
+@pytest.mark.parametrize("rows", [1, 5, 8, 9, 16, 17, 33, 48, 70, 130])
+@pytest.mark.parametrize("k,n,bias", [(64, 16, False), (576, 960, True), (1536, 576, False), (34, 48, True),
+                                      (576, 32, True), (64, 80, False)])
 def test_paired_linear_equals_its_reference(kernel, rows, k, n, bias):
     g = torch.Generator().manual_seed(rows * 1000 + k + n)
     x = torch.randn(rows, k, generator=g).bfloat16()

@@ -7,6 +7,7 @@ import torch
 
 from adadepth import LLM, SamplingParams
 from adadepth.kernels.cpu_ops import load_cpu_ops
+from adadepth.model.packed_linear import PackedLinear
 from output_helpers import chosen_logprobs
 
 OPTS = dict(dtype="bfloat16", num_kv_tokens=4096, max_model_len=256, max_num_batched_tokens=512)
@@ -42,15 +43,19 @@ def _run(llm: LLM, fused, prompts, params):
             fused.op, fused.covers = op, covers
 
 
-@pytest.mark.parametrize("checkpoint, batch, kv_group_layers", [
-    ("tiny_llama", 1, 3),   # skinny matmuls
-    ("tiny_llama", 3, 1),   # skinny, one layer per page group
-    ("tiny_llama", 7, 2),   # paired matmuls
-    ("tiny_qwen2", 6, 3),   # q/k/v biases
-    ("tiny_llama", 52, 3),  # oneDNN matmuls
-    ("tiny_qwen2", 50, 2),  # oneDNN with biases
+@pytest.mark.parametrize("checkpoint, batch, kv_group_layers, paired_max_rows", [
+    ("tiny_llama", 1, 3, None),   # skinny matmuls
+    ("tiny_llama", 3, 1, None),   # skinny, one layer per page group
+    ("tiny_llama", 7, 2, None),   # paired matmuls
+    ("tiny_qwen2", 6, 3, None),   # q/k/v biases
+    ("tiny_llama", 52, 3, None),  # paired, several row tiles
+    ("tiny_llama", 52, 3, 32),    # oneDNN matmuls (rows past paired_max_rows)
+    ("tiny_qwen2", 50, 2, 32),    # oneDNN with biases
 ])
-def test_same_tokens_and_logprobs_bit_for_bit(needs_kernels, request, cache_dir, checkpoint, batch, kv_group_layers):
+def test_same_tokens_and_logprobs_bit_for_bit(needs_kernels, request, monkeypatch, cache_dir, checkpoint, batch,
+                                              kv_group_layers, paired_max_rows):
+    if paired_max_rows is not None:
+        monkeypatch.setattr(PackedLinear, "paired_max_rows", paired_max_rows)
     llm = LLM(request.getfixturevalue(checkpoint), cache_dir=cache_dir, kv_group_layers=kv_group_layers, **OPTS)
     fused = llm.engine.model.fused_decode
     assert fused is not None

@@ -1,0 +1,128 @@
+"""`adadepth bench matmul-rows`: the paired bf16 matmul kernel against oneDNN, per number of rows.
+
+Where `PackedLinear.paired_max_rows` comes from. The products are the default model's: every layer's
+qkv, o, gate/up and down matmul (30 layers, ~212 MB of bf16 weights, so each matmul meets its weight
+cold, as in a decode step), with M rows of activations. oneDNN runs as PackedLinear runs it (its
+packed weight, `mkldnn::_linear_pointwise`), the paired kernel on the k-pair copy. The two alternate
+within each repeat; each repeat's time is the median of a few sweeps; reported: the median over
+repeats and GFLOPS (2 * M * sum of N*K per sweep). Needs a CPU with AVX512-BF16 (the kernel's target).
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from dataclasses import dataclass, field
+
+# (out_features, in_features) of one layer of the default model (SmolLM2-135M), qkv and gate/up fused.
+DEFAULT_SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))
+
+
+@dataclass
+class MatmulRowsBenchConfig:
+    rows: str = field(default="8,16,32,48,64,96,128,192,256,384,512,1024",
+                      metadata={"help": "comma-separated row counts (M)"})
+    num_layers: int = field(default=30, metadata={"help": "layers of weights swept per timing"})
+    repeats: int = field(default=5, metadata={"help": "alternating repeats per path and row count"})
+    sweeps: int = field(default=4, metadata={"help": "timed sweeps per repeat (median)"})
+    out: str = field(default="benchmarks/results/matmul_rows.json", metadata={"help": "JSON output"})
+
+    def __post_init__(self) -> None:
+        self.row_list = [int(x) for x in self.rows.split(",") if x.strip()]
+        if not self.row_list or min(self.row_list) < 1:
+            raise ValueError("rows must be positive")
+        if self.num_layers < 1 or self.repeats < 1 or self.sweeps < 1:
+            raise ValueError("num_layers, repeats and sweeps must be >= 1")
+
+
+def _sweep_ms(fn, sweeps: int) -> float:
+    times = []
+    for _ in range(sweeps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(1000 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def run(cfg: MatmulRowsBenchConfig) -> dict:
+    import os
+
+    import torch
+
+    from adadepth.benchmarks.machine import machine_info, save_report
+    from adadepth.config import ModelConfig
+    from adadepth.kernels.cpu_ops import load_cpu_ops
+    from adadepth.kernels.paired_linear import pack_pairs
+    from adadepth.model.packed_linear import PackedLinear
+
+    ops = load_cpu_ops(os.path.join(ModelConfig().cache_dir, "extensions"))
+    if ops is None or ops.paired_linear is None:
+        raise SystemExit("the paired kernel is not available here (no AVX512-BF16 or no C++ compiler)")
+    g = torch.Generator().manual_seed(0)
+    shapes = [s for _ in range(cfg.num_layers) for s in DEFAULT_SHAPES]
+    plain = [(torch.randn(n, k, generator=g) / k ** 0.5).bfloat16() for n, k in shapes]       # (N, K) each
+    paired = [pack_pairs(w) for w in plain]                                                 # (N/16, K/2, 16, 2)
+    onednn = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in plain]
+    flops_per_row = 2 * sum(n * k for n, k in shapes)
+    rows_out = []
+    for m in cfg.row_list:
+        xs = {k: torch.randn(m, k, generator=g).bfloat16() for k in {k for _, k in DEFAULT_SHAPES}}   # (M, K)
+        err = max((ops.paired_linear(xs[w.shape[1]], p, None).float()
+                   - torch.ops.mkldnn._linear_pointwise(xs[w.shape[1]], d, None, "none", [], "").float()).abs().max().item()
+                  for w, p, d in zip(plain[:4], paired[:4], onednn[:4]))
+        runs = {
+            "paired": lambda: [ops.paired_linear(xs[k], p, None) for (_, k), p in zip(shapes, paired)],
+            "onednn": lambda: [torch.ops.mkldnn._linear_pointwise(xs[k], d, None, "none", [], "")
+                               for (_, k), d in zip(shapes, onednn)],
+        }
+        times = {name: [] for name in runs}
+        for r in range(cfg.repeats):
+            for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+                times[name].append(_sweep_ms(runs[name], cfg.sweeps))
+        med = {name: statistics.median(v) for name, v in times.items()}
+        gflops = {name: m * flops_per_row / (ms * 1e6) for name, ms in med.items()}
+        rows_out.append({"rows": m, "ms_per_repeat": times, "ms_median": med, "gflops": gflops,
+                         "onednn_over_paired": med["onednn"] / med["paired"], "max_abs_diff": err})
+        print(f"M={m:5d}: paired {med['paired']:8.2f} ms ({gflops['paired']:.0f} GFLOPS), oneDNN "
+              f"{med['onednn']:8.2f} ms ({gflops['onednn']:.0f}), oneDNN/paired x{med['onednn'] / med['paired']:.2f}",
+              flush=True)
+    machine = machine_info()
+    report = {"benchmark": "matmul_rows", "date": machine["date"], "commit": machine["commit"],
+              "command": "adadepth bench matmul-rows " + " ".join(
+                  f"--{k.replace('_', '-')} {v}" for k, v in dataclasses.asdict(cfg).items()),
+              "machine": machine, "shapes_per_layer": [list(s) for s in DEFAULT_SHAPES],
+              "weight_mb": sum(n * k for n, k in shapes) * 2 / 1e6,
+              "paired_max_rows_in_use": PackedLinear.paired_max_rows, "cases": rows_out}
+    path = save_report(report, cfg.out, plot)
+    print(f"wrote {path}")
+    return report
+
+
+def plot(report: dict, png) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [c["rows"] for c in report["cases"]]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, label in (("paired", "paired kernel (8 x 3 tiles)"), ("onednn", "oneDNN, packed weight")):
+        ax.plot(rows, [c["gflops"][name] for c in report["cases"]], marker="o", label=label)
+    ax.axvline(report["paired_max_rows_in_use"], color="gray", lw=0.8, ls="--")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("rows (M)")
+    ax.set_ylabel("GFLOPS (median of repeats)")
+    machine = report["machine"]
+    ax.set_title(f"default model's matmuls, bf16, {machine.get('cpu', '')} {' '.join(machine.get('isa', [])[-2:])}",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def add_parser(subparsers) -> None:
+    from adadepth.cli_args import add_config_command
+
+    add_config_command(subparsers, "matmul-rows", MatmulRowsBenchConfig, run,
+                       help="matmuls: the paired bf16 kernel against oneDNN, per number of rows")
