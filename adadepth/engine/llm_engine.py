@@ -167,6 +167,10 @@ class LLMEngine:
             return DepthDecision(depth, self.num_layers, "request", params.quality)
         if self.depth_router is None:
             return DepthDecision(self.num_layers, self.num_layers, "default", params.quality)
+        if params.quality is not None and params.quality >= 1.0:
+            # Only full depth is sure to agree with full depth: the router would pick it anyway, after
+            # a pass of the prompt through its feature layers and a second prefill from position 0.
+            return DepthDecision(self.num_layers, self.num_layers, "router", params.quality, 1.0)
         return None
 
     def structured_outputs(self):

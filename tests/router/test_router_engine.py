@@ -89,8 +89,26 @@ def test_routed_output_equals_explicit_depth(router_ckpt, cache_dir, feature_lay
         assert r.token_ids == e.token_ids
         assert e.depth_decision.source == "request"
         assert r.depth_decision.predicted_agreement is not None and r.depth_decision.quality is not None
-    # One router call for the whole prefill: every prompt runs in one packed step.
-    assert router.stats.prompts == len(PROMPTS) and router.stats.calls == 1
+    # One router call for the whole prefill: every prompt runs in one packed step; quality 1.0 needs
+    # none (full depth, decided at admission).
+    assert router.stats.prompts == len(PROMPTS) - 1 and router.stats.calls == 1
+    assert routed[-1].depth == PLAN.num_layers and routed[-1].depth_decision.predicted_agreement == 1.0
+
+
+def test_full_quality_skips_the_router_pass(router_ckpt, cache_dir, monkeypatch):
+    """quality 1.0: only full depth is sure to agree with full depth, so the prompt is prefilled once,
+    at full depth, with no pass through the router's feature layers; tokens as an explicit full depth."""
+    router = make_router(PLAN, agreements=[0.2, 0.5, 0.8, 1.0])   # even a partial depth predicted at 1.0
+    llm = make_llm(router_ckpt, cache_dir, router=router, prefill_chunk_tokens=4)
+    rows = count_layer_calls(llm.engine.model, monkeypatch)
+    full = llm.generate(PROMPTS, [greedy(n=4, quality=1.0) for _ in PROMPTS])
+    assert [o.depth for o in full] == [PLAN.num_layers] * len(PROMPTS)
+    assert all(o.depth_decision.source == "router" and o.depth_decision.predicted_agreement == 1.0 for o in full)
+    assert router.stats.calls == 0
+    prompt_tokens = sum(len(llm.tokenizer.encode(p)) for p in PROMPTS)
+    assert rows == [prompt_tokens + 3 * len(PROMPTS)] * PLAN.num_layers   # each token once per layer
+    explicit = llm.generate(PROMPTS, [greedy(n=4, depth=PLAN.num_layers) for _ in PROMPTS])
+    assert [o.token_ids for o in full] == [o.token_ids for o in explicit]
 
 
 def test_mixed_routed_and_explicit_batch(router_ckpt, cache_dir):
