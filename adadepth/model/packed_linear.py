@@ -56,9 +56,10 @@ class PackedLinear(nn.Module):
         fits = self.in_features % 32 == 0 and self.out_features % 16 == 0
         self.skinny = kernel if fits else None
 
-    # Products of 5 to 256 rows (decode steps, with the prompt chunks they carry): 1.03-1.43x faster
+    # Products of 5 to 256 rows (decode steps, with the prompt chunks they carry): 1.01-1.38x faster
     # with the paired kernel's 8 x 3 register tiles than with oneDNN on the default model's matmuls
-    # (2-core Zen 4, benchmarks/results/matmul_rows.json); from ~384 rows on (prefills) they are even.
+    # (2-core Zen 4, benchmarks/results/matmul_rows.json); from ~384 rows on (prefills) neither is
+    # ahead beyond the noise.
     paired_max_rows = 256
 
     def use_paired(self, kernel) -> None:
