@@ -29,7 +29,7 @@ namespace {
 // Ask for a whole block ahead of use: blocks of a row are scattered over the cache, so the
 // hardware prefetcher, which follows sequential runs, stalls at every block boundary. Into L2
 // (locality 2), not L1: a block is more lines than L1 can have in flight, and L1-bound
-// prefetches then wait on each other (12-20 % slower on a 2-core Zen 4).
+// prefetches then wait on each other (as in the bf16 path below).
 template <typename scalar_t>
 inline void prefetch_block(const scalar_t* p, int64_t elems) {
   const char* c = reinterpret_cast<const char*>(p);
@@ -91,8 +91,8 @@ void attend_any(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
 // Ask for the (heads, Dh) slots of context positions [s0, s1) ahead of use: positions are scattered
 // over the cache block by block, which the hardware prefetcher does not follow. Into L2
 // (_MM_HINT_T1), not L1: 16 positions are ~100 lines, more than L1 keeps in flight; prefetched
-// into L1 they queue behind each other and the kernel read a cold cache at ~10 GB/s, into L2 at
-// ~15-16 GB/s (2-core Zen 4, 16-64 rows of 170-400 positions).
+// into L1 they queue behind each other and the kernel read a cold cache at 9-11 GB/s, into L2 at
+// 14-16 GB/s (2-core Zen 4, 16-64 rows of 170-400 positions; benchmarks/results/decode_attention.json).
 inline void prefetch_slots(const c10::BFloat16* cache, const int64_t* offs, int64_t s0, int64_t s1, int64_t bytes) {
   for (int64_t s = s0; s < s1; ++s)
     for (int64_t off = 0; off < bytes; off += 64)
