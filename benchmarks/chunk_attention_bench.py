@@ -104,6 +104,8 @@ def plot(report: dict, png) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from adadepth.benchmarks.machine import finish_plot
+
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, case in report["cases"].items():
         lengths = [r["length"] for r in case["rows"]]
@@ -113,13 +115,7 @@ def plot(report: dict, png) -> None:
     ax.set_yscale("log", base=2)
     ax.set_xlabel("prompt length (tokens)")
     ax.set_ylabel("paged kernel time / SDPA time")
-    machine = report["machine"]
-    ax.set_title(f"causal prompt attention, {machine.get('cpu', '')} {' '.join(machine.get('isa', [])[-2:])}",
-                 fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    finish_plot(fig, ax, "causal prompt attention", report["machine"], png)
 
 
 def add_parser(subparsers) -> None:

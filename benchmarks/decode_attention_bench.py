@@ -11,8 +11,6 @@ dim 64), blocks of 16 handed out in shuffled order. Reported: milliseconds per s
 from __future__ import annotations
 
 import dataclasses
-import statistics
-import time
 from dataclasses import dataclass, field
 
 
@@ -39,22 +37,12 @@ class DecodeAttentionBenchConfig:
             raise ValueError("num_layers and repeats must be >= 1")
 
 
-def _median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(1000 * (time.perf_counter() - t0))
-    return statistics.median(times)
-
-
 def run(cfg: DecodeAttentionBenchConfig) -> dict:
     import os
 
     import torch
 
-    from adadepth.benchmarks.machine import machine_info, save_report
+    from adadepth.benchmarks.machine import machine_info, median_ms, save_report
     from adadepth.config import ModelConfig
     from adadepth.hardware import auto_dtype
     from adadepth.kernels.cpu_ops import load_cpu_ops
@@ -74,11 +62,11 @@ def run(cfg: DecodeAttentionBenchConfig) -> dict:
         table = torch.randperm(num_blocks, generator=g)[: n * nblk].view(n, nblk)   # (n, nblk), shuffled
         lens = torch.full((n,), length, dtype=torch.long)
         q = torch.randn(n, H, Dh, generator=g).to(dtype)                              # (n, H, Dh)
-        cold = _median_ms(lambda: [ops.paged_attention(q, k, v, table, lens, Dh ** -0.5) for k, v in caches],
-                          cfg.repeats)
+        cold = median_ms(lambda: [ops.paged_attention(q, k, v, table, lens, Dh ** -0.5) for k, v in caches],
+                         cfg.repeats, warmup=1)
         k0, v0 = caches[0]
-        warm = _median_ms(lambda: [ops.paged_attention(q, k0, v0, table, lens, Dh ** -0.5)
-                                   for _ in range(cfg.num_layers)], cfg.repeats)
+        warm = median_ms(lambda: [ops.paged_attention(q, k0, v0, table, lens, Dh ** -0.5)
+                                  for _ in range(cfg.num_layers)], cfg.repeats, warmup=1)
         kv_bytes = cfg.num_layers * n * length * Hkv * Dh * 2 * torch.finfo(dtype).bits // 8
         rows_out.append({"rows": n, "context": length, "kv_mb": kv_bytes / 1e6, "cold_ms": cold, "warm_ms": warm,
                          "cold_gb_s": kv_bytes / cold / 1e6, "warm_gb_s": kv_bytes / warm / 1e6})

@@ -38,6 +38,33 @@ def machine_info() -> dict:
     return info
 
 
+def median_ms(fn, repeats: int, warmup: int = 0) -> float:
+    """Median milliseconds of `repeats` timed calls of fn(), after `warmup` untimed ones."""
+    import statistics
+    import time
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(1000 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def finish_plot(fig, ax, title: str, machine: dict, png) -> None:
+    """The common end of a benchmark's plot: `title` followed by the machine (CPU model and its last
+    two ISA flags), the legend, and the PNG written."""
+    import matplotlib.pyplot as plt
+
+    ax.set_title(f"{title}, {machine.get('cpu', '')} {' '.join(machine.get('isa', [])[-2:])}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
 def save_report(report: dict, out: str, plot=None) -> Path:
     """Write a benchmark's JSON to `out` (a relative path is taken from the repository root) and,
     given `plot(report, png_path)`, its plot beside it; returns the JSON's path."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-import time
 from dataclasses import dataclass, field
 
 # (out_features, in_features) of one layer of the default model (SmolLM2-135M), qkv and gate/up fused.
@@ -35,21 +34,12 @@ class MatmulRowsBenchConfig:
             raise ValueError("num_layers, repeats and sweeps must be >= 1")
 
 
-def _sweep_ms(fn, sweeps: int) -> float:
-    times = []
-    for _ in range(sweeps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(1000 * (time.perf_counter() - t0))
-    return statistics.median(times)
-
-
 def run(cfg: MatmulRowsBenchConfig) -> dict:
     import os
 
     import torch
 
-    from adadepth.benchmarks.machine import machine_info, save_report
+    from adadepth.benchmarks.machine import machine_info, median_ms, save_report
     from adadepth.config import ModelConfig
     from adadepth.kernels.cpu_ops import load_cpu_ops
     from adadepth.kernels.paired_linear import pack_pairs
@@ -78,7 +68,7 @@ def run(cfg: MatmulRowsBenchConfig) -> dict:
         times = {name: [] for name in runs}
         for r in range(cfg.repeats):
             for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
-                times[name].append(_sweep_ms(runs[name], cfg.sweeps))
+                times[name].append(median_ms(runs[name], cfg.sweeps))
         med = {name: statistics.median(v) for name, v in times.items()}
         gflops = {name: m * flops_per_row / (ms * 1e6) for name, ms in med.items()}
         rows_out.append({"rows": m, "ms_per_repeat": times, "ms_median": med, "gflops": gflops,
@@ -104,6 +94,8 @@ def plot(report: dict, png) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from adadepth.benchmarks.machine import finish_plot
+
     rows = [c["rows"] for c in report["cases"]]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, label in (("paired", "paired kernel (8 x 3 tiles)"), ("onednn", "oneDNN, packed weight")):
@@ -112,13 +104,7 @@ def plot(report: dict, png) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("rows (M)")
     ax.set_ylabel("GFLOPS (median of repeats)")
-    machine = report["machine"]
-    ax.set_title(f"default model's matmuls, bf16, {machine.get('cpu', '')} {' '.join(machine.get('isa', [])[-2:])}",
-                 fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    finish_plot(fig, ax, "default model's matmuls, bf16", report["machine"], png)
 
 
 def add_parser(subparsers) -> None:

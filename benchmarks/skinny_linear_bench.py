@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,21 +39,9 @@ class SkinnyBenchConfig:
             raise ValueError("rounds and steps must be >= 1")
 
 
-def _timed_steps(engine, steps: int) -> float:
-    """Median seconds of `steps` decode steps, after 3 untimed ones."""
-    for _ in range(3):
-        engine.step()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def run(cfg: SkinnyBenchConfig) -> dict:
     from adadepth import LLM, SamplingParams
-    from adadepth.benchmarks.machine import machine_info, save_report
+    from adadepth.benchmarks.machine import machine_info, median_ms, save_report
     from adadepth.benchmarks.step_profile import load_chats
     from adadepth.model.packed_linear import PackedLinear
 
@@ -88,7 +75,7 @@ def run(cfg: SkinnyBenchConfig) -> dict:
             for m in linears:
                 m.use_skinny(skinny if path == "kernels" else None)
                 m.use_paired(paired if path == "kernels" else None)
-            rounds[path].append(1000 * _timed_steps(engine, cfg.steps))
+            rounds[path].append(median_ms(engine.step, cfg.steps, warmup=3))
         for m in linears:
             m.use_skinny(skinny)
             m.use_paired(paired)
@@ -120,6 +107,8 @@ def plot(report: dict, png) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from adadepth.benchmarks.machine import finish_plot
+
     batches = list(report["cases"])
     fig, ax = plt.subplots(figsize=(6, 3.5))
     width = 0.38
@@ -128,13 +117,7 @@ def plot(report: dict, png) -> None:
                [report["cases"][b]["step_ms_median"][path] for b in batches], width, label=label)
     ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
     ax.set_ylabel("decode step, ms (median of rounds)")
-    machine = report["machine"]
-    ax.set_title(f"{report['model']} bf16, {machine.get('cpu', '')} {' '.join(machine.get('isa', [])[-2:])}",
-                 fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    finish_plot(fig, ax, f"{report['model']} bf16", report["machine"], png)
 
 
 def add_parser(subparsers) -> None:

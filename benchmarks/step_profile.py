@@ -184,6 +184,8 @@ def plot_loop_ab(report: dict, png) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from adadepth.benchmarks.machine import finish_plot
+
     cases = [name for name, r in report["cases"].items() if r["loop_ab"]]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     width = 0.38
@@ -194,13 +196,7 @@ def plot_loop_ab(report: dict, png) -> None:
                yerr=[[m - min(v) for m, v in zip(mid, values)], [max(v) - m for m, v in zip(mid, values)]], capsize=3)
     ax.set_xticks(range(len(cases)), cases)
     ax.set_ylabel("decode step, ms (rounds: median, min-max)")
-    machine = report["machine"]
-    ax.set_title(f"{report['config']['model']} {report['dtype']}, {machine.get('cpu', '')} "
-                 f"{' '.join(machine.get('isa', [])[-2:])}", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    finish_plot(fig, ax, f"{report['config']['model']} {report['dtype']}", report["machine"], png)
 
 
 def add_parser(bench_subparsers) -> None:
