@@ -37,9 +37,9 @@ constexpr int64_t kPrefetchAhead = 48;
 // A tile: up to kTileRows rows of x against kTileBlocks 16-column blocks, kTileRows x kTileBlocks
 // float32 accumulators in registers (24 of the 32 zmm; the rest hold the blocks' weight vectors and
 // the broadcast x pair). Each weight vector loaded feeds kTileRows products, each broadcast x pair
-// kTileBlocks: one column block at a time (a broadcast per product) ran the products of 32-128 rows
-// at ~250-300 GFLOPS on a 2-core Zen 4, the 8 x 3 tile at ~320-380, past oneDNN's packed bf16 inner
-// product (~270-320) on the same shapes.
+// kTileBlocks (one column block at a time needed a broadcast per product and lost to oneDNN from 64
+// rows on). The 8 x 3 tile ran the default model's products of 32-256 rows at 325-381 GFLOPS on a
+// 2-core Zen 4, oneDNN's packed bf16 inner product at 283-367 (benchmarks/results/matmul_rows.json).
 constexpr int kTileRows = 8;
 constexpr int kTileBlocks = 3;
 
