@@ -89,10 +89,11 @@ class SchedulerConfig:
     max_num_seqs: int = field(default=64, metadata={"help": "most sequences decoded together in one step"})
     max_num_batched_tokens: int = field(default=4096, metadata={"help": "most prompt tokens in one prefill step"})
     max_model_len: int = field(default=2048, metadata={"help": "longest prompt + output, in tokens"})
-    prefill_chunk_tokens: int = field(default=64, metadata={"help": (
-        "chunked prefill: prompt tokens a step that decodes may also carry, so that a new prompt "
-        "joins running streams in pieces instead of pausing them for its whole prefill; scaled up "
-        "by the sequences waiting for a prefill per sequence decoding (up to max_num_batched_tokens); "
+    prefill_chunk_tokens: int = field(default=2048, metadata={"help": (
+        "chunked prefill: prompt tokens a step that decodes may also carry, so that new prompts join "
+        "running streams instead of waiting for a step of their own; scaled up by the sequences "
+        "waiting for a prefill per sequence decoding (up to max_num_batched_tokens). Small values "
+        "(e.g. 64) bound the pause a long prompt puts on running streams, at some throughput; "
         "0: prompts wait for a step of their own")})
 
     def __post_init__(self) -> None:

@@ -156,7 +156,7 @@ def build_app(engine: LLMEngine, config: ServerConfig, model_aliases: tuple[str,
 
 def run_server(engine_config: EngineConfig, config: ServerConfig, depth_router=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    pin_malloc_thresholds()  # a long-running server: keep RSS from creeping (see the function)
+    pin_malloc_thresholds()  # a step's large tensors reuse heap memory instead of page-faulting anew (see there)
     engine = LLMEngine(engine_config, depth_router=depth_router)
     config = config.for_router(engine.depth_router is not None)
     if engine.depth_router is not None:

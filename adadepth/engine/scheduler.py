@@ -3,10 +3,16 @@ a decode that also carries pieces of new prompts (chunked prefill).
 
 Continuous batching: requests join (prefill) and leave (finish/abort) between steps. When the
 server is idle, prompts run whole in a prefill step of their own (the fastest way to a first
-token). While sequences decode, a new prompt instead rides along the decode steps in chunks of
-`prefill_chunk_tokens` tokens: a decode step pays for a few dozen prompt tokens, not for a whole
-prompt, so running streams keep their pace (time between tokens) while newcomers join. When more
+token). While sequences decode, new prompts instead ride along the decode steps, up to
+`prefill_chunk_tokens` prompt tokens per step; a longer prompt goes in pieces. When more
 sequences wait for their prefill than decode, the budget grows in proportion (`_chunk_budget`).
+
+Why a large default budget (2048): served with short chat prompts, small chunks (64) spread
+each newcomer over several steps, every one of them slowing all running streams, and admitted a
+wave of newcomers more slowly than the finished requests left, so steps ran half-empty. Taking
+whole prompts at once gave more throughput and a lower p99 inter-token latency (fewer slow gaps,
+each longer). A small budget still bounds what a long prompt costs the streams per step
+(docs/benchmarks.md, chunked prefill).
 
 A prompt whose depth the router has yet to pick first runs chunk by chunk through the router's
 feature layers only (k of L layers, pooled as it goes); once its last chunk is in, the router
@@ -84,10 +90,10 @@ class Scheduler:
         `max_num_batched_tokens`).
 
         Why: prompts then get a share of each step in proportion to how many sequences wait for
-        them. A few arrivals among many streams ride along in small chunks (the streams keep their
-        pace); a burst of arrivals next to a few streams (a wave of requests replacing the ones
-        that just finished) is prefilled in a step or two instead of 64 tokens at a time, which had
-        held 15 new prompts back for ~25 steps behind one decoding stream."""
+        them. With a small budget, a few arrivals among many streams ride along in small chunks
+        (the streams keep their pace), while a burst of arrivals next to a few streams (a wave of
+        requests replacing the ones that just finished) is still prefilled in a step or two: 64
+        tokens at a time had held 15 new prompts back for ~25 steps behind one decoding stream."""
         num_prefilling = len(self.waiting) + sum(1 for s in self.running if not s.is_prefilled)
         scale = max(1.0, num_prefilling / max(1, num_decoding))
         return min(self.config.max_num_batched_tokens, int(self.config.prefill_chunk_tokens * scale))
