@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from adadepth import LLM, SamplingParams
+from adadepth.config import SchedulerConfig
 from output_helpers import chosen_logprobs
 
 PROMPTS = ["natalia sold clips to 48 of her friends in april, how many?", "the quick brown fox jumps over",
@@ -129,3 +130,20 @@ def test_chunk_budget_zero_keeps_prompts_whole(tiny_llama, cache_dir):
         assert engine.last_step.num_chunks == 0
 
     run_joining(llm, params, join_every=2, check=check)
+
+
+def test_default_budget_takes_chat_prompts_whole_next_to_streams(tiny_llama, cache_dir):
+    """With the default budget, prompts arriving while a stream decodes join the very next decode
+    step whole (one chunk each, all their tokens) and decode from the step after."""
+    llm = make_llm(tiny_llama, cache_dir, chunk=SchedulerConfig().prefill_chunk_tokens)
+    engine = llm.engine
+    engine.add_request("stream", PROMPTS[3], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+    engine.step()
+    prompts = [llm.tokenizer.encode(p) for p in PROMPTS[:3]]
+    for i, ids in enumerate(prompts):
+        engine.add_request(f"new{i}", ids, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    engine.step()
+    step = engine.last_step
+    assert not step.is_prefill and step.num_chunks == len(prompts)
+    assert step.num_tokens - step.num_seqs == sum(len(p) for p in prompts)
+    assert all(s.is_prefilled for s in engine.scheduler.running) and not engine.scheduler.waiting
