@@ -9,9 +9,9 @@ sequences wait for their prefill than decode, the budget grows in proportion (`_
 
 Why a large default budget (2048): served with short chat prompts, small chunks (64) spread
 each newcomer over several steps, every one of them slowing all running streams, and admitted a
-wave of newcomers more slowly than the finished requests left, so steps ran half-empty. Taking
-whole prompts at once gave more throughput and a lower p99 inter-token latency (fewer slow gaps,
-each longer). A small budget still bounds what a long prompt costs the streams per step
+wave of newcomers more slowly than the finished requests left, so steps ran with rows to spare.
+Taking whole prompts at once gave more throughput and a lower p99 inter-token latency (fewer slow
+gaps, each longer). A small budget still bounds what a long prompt costs the streams per step
 (docs/benchmarks.md, chunked prefill).
 
 A prompt whose depth the router has yet to pick first runs chunk by chunk through the router's
