@@ -140,9 +140,12 @@ def _count_lines(path: Path) -> int:
 
 
 def _payload(cfg: ServeBenchConfig, messages: list[dict]) -> dict:
+    # skip_special_tokens off: past EOS (ignored) the model often alternates its end-of-turn token
+    # with "\n"; skipped, that token sends no chunk and the next chunk's gap spans two tokens, which
+    # would count the model's output, not the server, in the inter-token latency.
     payload = {"model": cfg.model, "messages": messages,
                "max_tokens": cfg.max_tokens, "temperature": cfg.temperature, "ignore_eos": True,
-               "stream": True, "stream_options": {"include_usage": True}}
+               "skip_special_tokens": False, "stream": True, "stream_options": {"include_usage": True}}
     if cfg.depth_value is not None:
         payload["depth"] = cfg.depth_value
     if cfg.quality is not None:

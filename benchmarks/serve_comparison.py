@@ -8,7 +8,8 @@ environment, every figure with its median/min/max over repeats, and the ratios t
   full depth          adadepth (depth 30)  / vLLM on the full export
   depth d             adadepth (depth d)   / vLLM on `adadepth export --depth d`
   depth d vs full     adadepth (depth d)   / vLLM on the full export
-  batch-1 bound       adadepth c=1 tok/s   / (read bandwidth / bytes of weights read per token)
+  batch-1 bound       adadepth c=1 tok/s   / (read bandwidth / bytes of weights read per token),
+                      per repeat with the bandwidth measured just before it, median over repeats
 
 plus a PNG (throughput against concurrency, one panel per depth).
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import time
 from pathlib import Path
 
@@ -111,6 +113,35 @@ def vllm_client_results(runs_dir: Path) -> dict:
     return out
 
 
+def repeat_bandwidths(runs_dir: Path) -> dict[int, float]:
+    """{repeat: GB/s} measured just before that repeat's full-depth adadepth run (the script's
+    `read_bandwidth_r<k>.txt`). This machine's bandwidth moves by 2x within an hour, so the
+    bound a batch-1 figure is held to is measured next to it, not once per run."""
+    found = {}
+    for path in runs_dir.glob("read_bandwidth_r*.txt"):
+        text = path.read_text().strip()
+        if text:
+            found[int(path.stem.removeprefix("read_bandwidth_r"))] = float(text)
+    return dict(sorted(found.items()))
+
+
+def batch1_fractions(runs_dir: Path, full_depth: int, weight_bytes: float) -> list[dict]:
+    """Per repeat: adadepth's full-depth c=1 tok/s over the weight-read bound of the bandwidth
+    measured just before it; empty without per-repeat bandwidths."""
+    out = []
+    for repeat, gb_s in repeat_bandwidths(runs_dir).items():
+        path = runs_dir / "raw" / f"adadepth_d{full_depth}_r{repeat}.json"
+        if not path.exists():
+            continue
+        level = next((lv for lv in json.loads(path.read_text())["results"] if lv["concurrency"] == 1), None)
+        if level is None:
+            continue
+        bound = gb_s * 1e9 / weight_bytes
+        out.append({"repeat": repeat, "read_bandwidth_gb_s": gb_s, "bound_tok_s": bound,
+                    "tok_s": level["output_throughput_tok_s"], "fraction": level["output_throughput_tok_s"] / bound})
+    return out
+
+
 def summarise(runs_dir: Path, depths: list[int], meta: dict) -> dict:
     reports = merge_repeats(runs_dir / "raw")
     table = []
@@ -138,9 +169,15 @@ def summarise(runs_dir: Path, depths: list[int], meta: dict) -> dict:
     bound = None
     if meta.get("read_bandwidth_gb_s") and meta.get("weight_bytes_per_token"):
         bound = meta["read_bandwidth_gb_s"] * 1e9 / meta["weight_bytes_per_token"]
+        per_repeat = batch1_fractions(runs_dir, max(depths), meta["weight_bytes_per_token"])
         for row in table:
             if row["depth"] == max(depths) and row["concurrency"] == 1:
-                row["fraction_of_batch1_weight_read_bound"] = row["adadepth"]["output_throughput_tok_s"]["median"] / bound
+                if per_repeat:
+                    fractions = sorted(f["fraction"] for f in per_repeat)
+                    row["fraction_of_batch1_weight_read_bound"] = statistics.median(fractions)
+                    row["batch1_bound_per_repeat"] = per_repeat
+                else:
+                    row["fraction_of_batch1_weight_read_bound"] = row["adadepth"]["output_throughput_tok_s"]["median"] / bound
     cross_check = vllm_client_results(runs_dir)
     for label, figures in cross_check.items():
         ours = reports.get(label)
@@ -197,6 +234,10 @@ def format_table(report: dict) -> str:
     if report.get("batch1_weight_read_bound_tok_s"):
         lines.append(f"batch-1 weight-read bound: {report['batch1_weight_read_bound_tok_s']:.1f} tok/s "
                      f"({report['read_bandwidth_gb_s']:.1f} GB/s / {report['weight_bytes_per_token'] / 1e6:.0f} MB)")
+    for r in report["comparison"]:
+        for f in r.get("batch1_bound_per_repeat", []):
+            lines.append(f"  repeat {f['repeat']}: {f['tok_s']:.1f} tok/s of {f['bound_tok_s']:.1f} "
+                         f"({f['read_bandwidth_gb_s']:.1f} GB/s just before) = {f['fraction']:.0%}")
     return "\n".join(lines)
 
 
@@ -214,7 +255,9 @@ def main(argv: list[str] | None = None) -> dict:
     from adadepth.benchmarks.serve_bench import machine_info
 
     meta.setdefault("machine", machine_info())
-    meta["read_bandwidth_gb_s"] = args.read_bandwidth_gb_s or measure_read_bandwidth()
+    measured = list(repeat_bandwidths(Path(args.runs)).values())
+    meta["read_bandwidth_gb_s"] = (args.read_bandwidth_gb_s or (statistics.median(measured) if measured else None)
+                                   or measure_read_bandwidth())
     if args.model_dir:
         meta["weight_bytes_per_token"] = weight_bytes_per_token(args.model_dir, args.bytes_per_param)
     report = summarise(Path(args.runs), [int(d) for d in args.depths.split(",")], meta)

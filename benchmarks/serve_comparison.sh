@@ -2,7 +2,8 @@
 # adadepth against vLLM-CPU on this machine, like for like, in one run (see docs/benchmarks.md):
 #   adadepth at depth d (30, 24, 21)  vs  vLLM-CPU serving `adadepth export --depth d` (the same layers)
 # Same client for both (`adadepth bench serve`: the shipped held-out prompts, streaming, 128 output
-# tokens, EOS ignored), concurrency 1, 16 and 64, REPEATS runs each. All servers stay up for the whole
+# tokens, EOS ignored, special tokens kept in the text so that every token is a chunk), concurrency
+# 1, 16 and 64, REPEATS runs each. All servers stay up for the whole
 # run and the systems take turns within each repeat (in a rotating order), so a noisy shared machine
 # slows every system alike. vLLM runs as its CPU docs say: tcmalloc and Intel OpenMP preloaded, OpenMP
 # threads bound to the cores, in bf16 and in fp32 (fp32 at full depth only: it shows which dtype is
@@ -73,6 +74,11 @@ for r in $(seq "$REPEATS"); do
   for k in $(seq 0 $((n - 1))); do
     label=${RUN_LABELS[$(( (k + shift_by) % n ))]}
     if [[ $label == adadepth_d* ]]; then p=$ADA_PORT; extra=(--depth "${label#adadepth_d}"); else p=${PORT[$label]}; extra=(); fi
+    # The batch-1 bound is held to the read bandwidth measured just before this run's c=1 level.
+    if [[ $label == "adadepth_d$FULL" ]]; then
+      $PY -c "from adadepth.benchmarks.serve_comparison import measure_read_bandwidth as m; print(m())" \
+        > "$RUNS/read_bandwidth_r$r.txt"
+    fi
     $ADADEPTH bench serve --base-url "http://127.0.0.1:$p" --concurrency "$CONC" --max-tokens "$MAX_TOKENS" \
       "${extra[@]}" --label "$label" --out "$RUNS/raw/${label}_r$r.json"
   done

@@ -72,3 +72,18 @@ def test_weight_bytes_count_layers_and_a_tied_head(tmp_path):
                "model.norm.weight": torch.zeros(4)}, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text(json.dumps({"tie_word_embeddings": True, "vocab_size": 10, "hidden_size": 4}))
     assert weight_bytes_per_token(str(tmp_path), 2) == (24 + 4 + 40) * 2
+
+
+def test_batch1_bound_uses_the_bandwidth_measured_before_each_repeat(runs):
+    # Repeats 1-3 ran c=1 at 30, 36, 33 tok/s; the bandwidth just before each: 30, 60, 33 GB/s.
+    for repeat, gb_s in ((1, 30.0), (2, 60.0), (3, 33.0)):
+        (runs / f"read_bandwidth_r{repeat}.txt").write_text(f"{gb_s}\n")
+    meta = {"machine": {"cpu": "test cpu", "cpu_count": 2}, "read_bandwidth_gb_s": 33.0, "weight_bytes_per_token": 3e8}
+    report = summarise(runs, [30, 21], meta)
+    full1 = next(r for r in report["comparison"] if (r["depth"], r["concurrency"]) == (30, 1))
+    # Bounds 100, 200, 110 tok/s: fractions 0.30, 0.18, 0.30 -> median 0.30 (the run-wide median
+    # bandwidth would give 33 / 110).
+    fractions = [f["fraction"] for f in full1["batch1_bound_per_repeat"]]
+    assert fractions == pytest.approx([0.30, 0.18, 0.30])
+    assert full1["fraction_of_batch1_weight_read_bound"] == pytest.approx(0.30)
+    assert "repeat 2: 36.0 tok/s of 200.0 (60.0 GB/s just before) = 18%" in format_table(report)

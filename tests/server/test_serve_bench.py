@@ -131,3 +131,12 @@ def test_request_rate_run_reports_goodput(server, questions, tmp_path):
     level = json.loads(out.read_text())["results"][0]
     assert level["slo_met_fraction"] == 1.0 and level["goodput_req_s"] == pytest.approx(
         level["request_throughput_req_s"])
+
+
+def test_requests_keep_special_tokens_so_every_token_is_a_chunk():
+    """Past an ignored EOS the model emits its end-of-turn token between newlines; skipped, that
+    token sends no chunk and the gap after it would count two tokens as one inter-token latency."""
+    from adadepth.benchmarks.serve_bench import _payload
+
+    payload = _payload(ServeBenchConfig(max_tokens=8), [{"role": "user", "content": "hi"}])
+    assert payload["ignore_eos"] is True and payload["skip_special_tokens"] is False and payload["stream"] is True
