@@ -10,7 +10,7 @@ OPTIONAL_BENCHMARKS = ("adadepth.benchmarks.depth_bench", "adadepth.benchmarks.s
                        "adadepth.benchmarks.chunked_prefill_bench", "adadepth.benchmarks.load_sweep",
                        "adadepth.benchmarks.load_decisions", "adadepth.benchmarks.skinny_linear_bench",
                        "adadepth.benchmarks.chunk_attention_bench", "adadepth.benchmarks.matmul_rows_bench",
-                       "adadepth.benchmarks.decode_attention_bench")
+                       "adadepth.benchmarks.decode_attention_bench", "adadepth.benchmarks.gated_mlp_bench")
 
 
 def add_parser(subparsers) -> None:

@@ -14,7 +14,9 @@
 //     x = rms_norm(h, in_norm); qkv = x @ qkv^T (+b); rope_write_kv(qkv, ...);
 //     attn = paged_decode_attention(q, ...); h', x = add_rms_norm(h, attn @ o^T (+b), post_norm);
 //     h = h' + down(silu_and_mul(x @ gate_up^T (+b))) (+b)
-// and leaves the other rows' residual stream as it was. The Python path is the reference; the
+// and leaves the other rows' residual stream as it was. Past paired_max_rows the gate/up product is
+// PackedLinear.silu_and_mul's: two oneDNN products on the halves of gate_up, SiLU and the multiply
+// in their epilogues. The Python path is the reference; the
 // tests compare the two token for token and bit for bit.
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -43,7 +45,8 @@ struct LayerKernels {
       paged_attention;
   c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&)> skinny_linear;
   c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&)> paired_linear;
-  c10::OperatorHandle onednn_linear;  // mkldnn::_linear_pointwise, called boxed (PyTorch's own op)
+  c10::OperatorHandle onednn_linear;         // mkldnn::_linear_pointwise, called boxed (PyTorch's own op)
+  c10::OperatorHandle onednn_linear_binary;  // mkldnn::_linear_pointwise.binary: (x W^T + b) op other
 };
 
 template <class Sig>
@@ -65,15 +68,17 @@ const LayerKernels& kernels() {
       kernel<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&)>("adadepth::skinny_linear"),
       kernel<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&)>("adadepth::paired_linear"),
       c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", ""),
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "binary"),
   };
   return k;
 }
 
-// Per layer, in `weights`: the two norm weights and each matmul's plain, k-pair and oneDNN weight.
+// Per layer, in `weights`: the two norm weights and each matmul's plain, k-pair and oneDNN weight;
+// gate/up has oneDNN copies of its two halves (gate, up) instead of one of the whole.
 enum Weight {
   kInNorm, kPostNorm,
   kQKV, kQKVPaired, kQKVPacked, kO, kOPaired, kOPacked,
-  kGateUp, kGateUpPaired, kGateUpPacked, kDown, kDownPaired, kDownPacked,
+  kGateUp, kGateUpPaired, kGatePacked, kUpPacked, kDown, kDownPaired, kDownPacked,
   kPerLayer
 };
 // Per layer, in `biases` (each may be None).
@@ -103,6 +108,7 @@ at::Tensor decode_layers(const at::Tensor& h_in, const at::Tensor& cos, const at
   at::Tensor cos2 = cos.reshape({B, -1}), sin2 = sin.reshape({B, -1});          // (B, Dh/2)
 
   // `plain` names the matmul's first weight; its k-pair and oneDNN copies follow it (enum Weight).
+  // Not for gate/up past paired_max_rows (no whole oneDNN copy): `gated` does those.
   auto linear = [&](const at::Tensor& x, int64_t layer, int plain, Bias bias) -> at::Tensor {
     const OptTensor b = biases.get(layer * kBiasesPerLayer + bias);
     const at::Tensor* w = weights.data() + layer * kPerLayer + plain;
@@ -113,6 +119,22 @@ at::Tensor decode_layers(const at::Tensor& h_in, const at::Tensor& cos, const at
                             c10::IValue(c10::List<std::optional<c10::Scalar>>()), c10::IValue("")};
     k.onednn_linear.callBoxed(&stack);
     return stack[0].toTensor();
+  };
+
+  // silu(x gate^T (+b)) * (x up^T (+b)): (n, D) -> (n, I).
+  auto gated = [&](const at::Tensor& x, int64_t layer) -> at::Tensor {
+    if (x.size(0) <= paired_max_rows) return k.silu_and_mul.call(linear(x, layer, kGateUp, kGateUpBias));
+    const at::Tensor* w = weights.data() + layer * kPerLayer;
+    const OptTensor b = biases.get(layer * kBiasesPerLayer + kGateUpBias);
+    const int64_t half = w[kGateUp].size(0) / 2;
+    auto bias_half = [&](int64_t from) { return b.has_value() ? c10::IValue(b->narrow(0, from, half)) : c10::IValue(); };
+    torch::jit::Stack stack{x, w[kGatePacked], bias_half(0), c10::IValue("swish"),
+                            c10::IValue(c10::List<std::optional<c10::Scalar>>()), c10::IValue("")};
+    k.onednn_linear.callBoxed(&stack);
+    const at::Tensor gate = stack[0].toTensor();                                  // (n, I), SiLU applied
+    stack = {x, gate, w[kUpPacked], bias_half(half), c10::IValue("mul")};
+    k.onednn_linear_binary.callBoxed(&stack);
+    return stack[0].toTensor();                                                   // (n, I) = up * gate
   };
 
   for (int64_t i = start; i < stop; ++i) {
@@ -134,8 +156,7 @@ at::Tensor decode_layers(const at::Tensor& h_in, const at::Tensor& cos, const at
                                              context_lens.narrow(0, 0, n), scale);   // (n, H, Dh)
     at::Tensor o = linear(attn.view({n, q_size}), i, kO, kOBias);                // (n, D)
     auto [total, x2] = k.add_rms_norm.call(hn, o, w[kPostNorm], eps);
-    at::Tensor mlp = linear(k.silu_and_mul.call(linear(x2, i, kGateUp, kGateUpBias)), i, kDown,
-                            kDownBias);                                           // (n, 2I) -> (n, I) -> (n, D)
+    at::Tensor mlp = linear(gated(x2, i), i, kDown, kDownBias);                  // (n, D) -> (n, I) -> (n, D)
     at::Tensor out = total.add_(mlp);                                           // (n, D), a fresh tensor
     if (n == B) {
       h = out;  // every row ran the layer: nothing to keep

@@ -15,6 +15,7 @@ from torch import nn
 from adadepth.kernels.layer_ops import LayerOps
 from adadepth.kernels.paged_attention import chunk_attention
 from adadepth.model.forward_batch import ForwardBatch
+from adadepth.model.packed_linear import PackedLinear
 
 
 class RMSNorm(nn.Module):
@@ -111,4 +112,7 @@ class DecoderLayer(nn.Module):
         return self.o_proj(attn)
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))     # (..., 2I) -> (..., I) -> (..., D)
+        gate_up = self.gate_up_proj
+        if isinstance(gate_up, PackedLinear):  # SiLU and multiply in the matmuls where it can
+            return self.down_proj(gate_up.silu_and_mul(x, self.ops.silu_and_mul))   # (..., D) -> (..., I) -> (..., D)
+        return self.down_proj(self.ops.silu_and_mul(gate_up(x)))               # (..., 2I) -> (..., I) -> (..., D)

@@ -56,6 +56,8 @@ class FusedDecode:
             return False  # the C++ loop has no backward; PackedLinear takes F.linear then too
         if not all(lin.skinny is not None and lin.paired is not None for lin in self._flat):
             return False  # a matmul was sent back to oneDNN (after load, or loaded without the kernels)
+        if not all(gate_up.fuse_gate for _, _, gate_up, _ in self.linears):
+            return False  # the C++ loop always runs SiLU-and-multiply in oneDNN's epilogues past the paired kernel
         # The layers' ops decide, as they do in the Python loop (a caller may have swapped them).
         ops = self.model.layers[0].ops
         if ops.decode_layers is None:
@@ -68,15 +70,17 @@ class FusedDecode:
         return True
 
     def _current_weights(self) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
-        """Per layer: norms and each matmul's plain, k-pair and oneDNN weight (kernels/decode_layers_cpu.cpp's
-        order), rebuilt when any weight changed (the two copies are derived from it)."""
+        """Per layer: norms and each matmul's plain, k-pair and oneDNN weight(s) (kernels/decode_layers_cpu.cpp's
+        order), rebuilt when any weight changed (the copies are derived from it)."""
         key = tuple(lin._weight_key() for lin in self._flat)
         if self._weights is None or key != self._key:
             weights, biases = [], []
             for layer, (qkv, o, gate_up, down) in zip(self.model.layers, self.linears):
                 weights += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
                 for lin in (qkv, o, gate_up, down):
-                    weights += [lin.weight, lin.paired_weight(), lin.packed_weight()]
+                    # gate/up: the oneDNN copies of its halves, as PackedLinear.silu_and_mul takes them.
+                    packed = list(lin.packed_halves()) if lin is gate_up else [lin.packed_weight()]
+                    weights += [lin.weight, lin.paired_weight(), *packed]
                 biases += [qkv.bias, o.bias, gate_up.bias, down.bias]
             self._weights, self._biases, self._key = weights, biases, key
         return self._weights, self._biases

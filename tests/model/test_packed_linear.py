@@ -123,3 +123,77 @@ def test_weights_made_in_inference_mode_are_packed_too():
         x = torch.randn(2, 16)
         torch.testing.assert_close(packed(x), linear(x), rtol=1e-5, atol=1e-5)
         assert packed._packed is not None
+
+
+def _gated_math(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """silu(x Wg^T + bg) * (x Wu^T + bu) in float64 on the very same values."""
+    y = torch.nn.functional.linear(x.double(), linear.weight.double(),
+                                   None if linear.bias is None else linear.bias.double())
+    gate, up = y.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_silu_and_mul_in_onednn_epilogues_matches_the_math(dtype, bias):
+    """Past the kernels' rows (and always in fp32) the SiLU and the multiply run in oneDNN's
+    epilogues; the result is the gated product, and in bf16 no further from it than rounding the
+    whole gate/up product first (the reference's way) is."""
+    from adadepth.kernels.layer_ops import silu_and_mul_ref
+
+    torch.manual_seed(2)
+    linear = nn.Linear(576, 2 * 384, bias=bias).to(dtype)
+    packed = PackedLinear(linear)
+    x = torch.randn(PackedLinear.paired_max_rows + 40, 576).to(dtype)
+    calls = []
+    reference = lambda y: calls.append(y.shape) or silu_and_mul_ref(y)  # noqa: E731
+    with torch.inference_mode():
+        got = packed.silu_and_mul(x, reference)
+        unfused = silu_and_mul_ref(packed(x))
+    want = _gated_math(x, linear)
+    assert got.dtype == dtype and got.shape == (x.shape[0], 384) and calls == [], "oneDNN's path must not call the reference"
+    assert packed._halves is not None
+    if dtype == torch.float32:
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    else:
+        err, err_unfused = (got.double() - want).abs().mean(), (unfused.double() - want).abs().mean()
+        torch.testing.assert_close(got.double(), want, rtol=1 / 32, atol=1 / 16)
+        assert err <= err_unfused
+
+
+def test_silu_and_mul_takes_the_reference_where_a_kernel_or_f_linear_runs():
+    from adadepth.kernels.layer_ops import silu_and_mul_ref
+
+    torch.manual_seed(3)
+    linear = nn.Linear(64, 2 * 32).bfloat16()
+    packed = PackedLinear(linear)
+    packed.paired = lambda x, w, b: torch.nn.functional.linear(x, linear.weight, b)   # any kernel
+    x = torch.randn(8, 64).bfloat16()
+    with torch.inference_mode():
+        got = packed.silu_and_mul(x, silu_and_mul_ref)
+        assert torch.equal(got, silu_and_mul_ref(packed(x)))
+    assert packed._halves is None
+    # Autograd (weights that want gradients): F.linear, then the reference, and gradients flow.
+    x32 = torch.randn(3, 64)
+    linear32 = nn.Linear(64, 64)
+    packed32 = PackedLinear(linear32)
+    got32 = packed32.silu_and_mul(x32, silu_and_mul_ref)
+    got32.sum().backward()
+    assert linear32.weight.grad is not None and packed32._halves is None
+    torch.testing.assert_close(got32.detach().double(), _gated_math(x32, linear32).detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_silu_and_mul_halves_follow_an_in_place_weight_change():
+    from adadepth.kernels.layer_ops import silu_and_mul_ref
+
+    torch.manual_seed(4)
+    linear = nn.Linear(32, 2 * 16, bias=False)
+    packed = PackedLinear(linear)
+    x = torch.randn(4, 32)
+    with torch.inference_mode():
+        packed.silu_and_mul(x, silu_and_mul_ref)
+    with torch.no_grad():
+        linear.weight[16:].mul_(3.0)  # the up half only
+    with torch.inference_mode():
+        got = packed.silu_and_mul(x, silu_and_mul_ref)
+    torch.testing.assert_close(got.double(), _gated_math(x, linear), rtol=1e-5, atol=1e-5)
