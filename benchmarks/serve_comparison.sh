@@ -123,6 +123,10 @@ $(for label in "${!CMD[@]}"; do echo "    \"$label\": \"${CMD[$label]}\","; done
     "adadepth": "${ADA_CMD[*]}"
   },
   "adadepth_dtype": "$(grep -o 'dtype auto: [a-z.0-9]*' "$RUNS/adadepth.log" | head -1)",
+  "vllm_prefix_cache_hit_rate_last_logged": {
+$(for label in "${!PORT[@]}"; do echo "    \"$label\": \"$(grep -o 'Prefix cache hit rate: [0-9.]*%' "$RUNS/$label.log" | tail -1 | cut -d: -f2 | xargs)\","; done)
+    "note": "vLLM's own log line (cumulative since start); adadepth keeps no prefix cache"
+  },
   "client": "$ADADEPTH bench serve --concurrency $CONC --max-tokens $MAX_TOKENS (adadepth: --depth d)"
 }
 JSON
