@@ -69,6 +69,9 @@ class CacheConfig:
     kv_group_layers: int = field(default=3, metadata={
         "help": "layers per KV page group: a depth-d request holds pages of ceil(d / this) groups (1: per layer; "
                 "the number of layers: every request holds every layer's pages)"})
+    enable_prefix_caching: bool = field(default=True, metadata={
+        "help": "share the KV pages of prompt prefixes already computed (at the same depth) between requests, "
+                "as vLLM does by default; needs chunked prefill (prefill_chunk_tokens > 0)"})
 
     def __post_init__(self) -> None:
         if self.block_size < 1:

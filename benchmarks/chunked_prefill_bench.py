@@ -110,7 +110,8 @@ def _median_of(runs: list[dict]) -> dict:
 def run(cfg: ChunkedPrefillConfig) -> dict:
     from adadepth import LLM
 
-    options = {"num_kv_tokens": 65536}
+    # No prefix cache: prompts come round again here, and each run must compute its own.
+    options = {"num_kv_tokens": 65536, "enable_prefix_caching": False}
     if cfg.dtype:
         options["dtype"] = cfg.dtype
     llm = LLM(cfg.model, **options)

@@ -110,7 +110,8 @@ def run(cfg: DepthBenchConfig) -> dict:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     batch_sizes = [int(b) for b in cfg.batch_sizes.split(",")]
-    llm = LLM(cfg.model, num_kv_tokens=max(8192, max(batch_sizes) * 1024))
+    # No prefix cache: prompts come round again here, and each run must compute its own.
+    llm = LLM(cfg.model, num_kv_tokens=max(8192, max(batch_sizes) * 1024), enable_prefix_caching=False)
     L = llm.num_layers
     depths = sorted({max(1, round(float(f) * L)) for f in cfg.fractions.split(",")}, reverse=True)
     layer_flops, head_flops = flop_model(llm.engine.model.config)

@@ -58,7 +58,9 @@ def run(cfg: GatedMlpBenchConfig) -> dict:
     from adadepth.benchmarks.step_profile import load_chats
     from adadepth.model.packed_linear import PackedLinear
 
-    llm = LLM(cfg.model, dtype=cfg.dtype, num_kv_tokens=65536, max_num_batched_tokens=8192)
+    # No prefix cache: prompts come round again here, and each run must compute its own.
+    llm = LLM(cfg.model, dtype=cfg.dtype, num_kv_tokens=65536, max_num_batched_tokens=8192,
+              enable_prefix_caching=False)
     engine = llm.engine
     # Both ways through the Python layer loop: the C++ loop always fuses, so with it on the separate
     # way's steps would also leave it and pay the Python loop's overhead.

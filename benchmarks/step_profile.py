@@ -144,7 +144,8 @@ def run(cfg: StepProfileConfig) -> dict:
     from adadepth import LLM
 
     cases = cfg.case_list
-    options = {"num_kv_tokens": 65536}
+    # No prefix cache: prompts come round again here, and each run must compute its own.
+    options = {"num_kv_tokens": 65536, "enable_prefix_caching": False}
     if cfg.dtype:
         options["dtype"] = cfg.dtype
     llm = LLM(cfg.model, **options)

@@ -75,6 +75,11 @@ class ServerMetrics:
         self.num_preemptions = counter("vllm:num_preemptions", "Cumulative number of preemption from the engine.")
         self.prompt_tokens = counter("vllm:prompt_tokens", "Number of prefill tokens processed.")
         self.generation_tokens = counter("vllm:generation_tokens", "Number of generation tokens processed.")
+        self.prefix_cache_queries = counter("vllm:prefix_cache_queries",
+                                            "Prefix cache queries, in terms of number of queried tokens.")
+        self.prefix_cache_hits = counter("vllm:prefix_cache_hits",
+                                         "Prefix cache hits, in terms of number of cached tokens.")
+        self._prefix_seen = (0, 0)
         success = Counter("vllm:request_success", "Count of successfully processed requests.",
                           labels + ["finished_reason"], registry=r)
         self.request_success = {reason: success.labels(*values, reason) for reason in FINISH_REASONS}
@@ -139,6 +144,10 @@ class ServerMetrics:
         self.kv_cache_usage.set(stats.kv_cache_usage)
         if stats.depth_allowance is not None:
             self.depth_allowance.set(stats.depth_allowance)
+        queries, hits = stats.prefix_cache_queries, stats.prefix_cache_hits
+        self.prefix_cache_queries.inc(queries - self._prefix_seen[0])
+        self.prefix_cache_hits.inc(hits - self._prefix_seen[1])
+        self._prefix_seen = (queries, hits)
         if num_preemptions > self._preemptions_seen:
             self.num_preemptions.inc(num_preemptions - self._preemptions_seen)
             self._preemptions_seen = num_preemptions

@@ -194,7 +194,7 @@ class OpenAIServing:
             watcher.cancel()
             if not task.done():
                 task.cancel()
-        if task.cancelled():
+        if task.cancelled() or not task.done():  # cancelled just above: its cancellation is still pending
             raise ClientDisconnected()
         return task.result()
 

@@ -68,3 +68,34 @@ def test_pinned_thresholds_keep_a_step_sized_tensor_on_the_heap():
         torch.empty(numel).fill_(1.0)
     faults_per_tensor = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20
     assert faults_per_tensor < 4096 / 8
+
+
+def _huge_pages_of_a_fresh_process(env: dict) -> tuple[bool, int]:
+    """In a new process: use_huge_pages(), then a 64 MiB tensor; (its answer, AnonHugePages in kB)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json, torch\nfrom adadepth.hardware import use_huge_pages\non = use_huge_pages()\n"
+            "x = torch.empty(16 << 20); x.fill_(1.0)\n"
+            "kb = [int(l.split()[1]) for l in open('/proc/self/smaps_rollup') if l.startswith('AnonHugePages')]\n"
+            "print(json.dumps([on, kb[0] if kb else 0]))")
+    full = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"} | env
+    out = subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, check=True)
+    return tuple(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def test_huge_pages_back_large_tensors_unless_the_environment_says_no():
+    import os
+
+    try:
+        mode = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        pytest.skip("no transparent huge pages here")
+    if "[never]" in mode or not os.path.exists("/proc/self/smaps_rollup"):
+        pytest.skip("transparent huge pages are off on this machine")
+    on, kb = _huge_pages_of_a_fresh_process({})
+    assert on is True and kb >= 32 << 10          # most of the 64 MiB tensor in 2 MiB pages
+    off, kb_off = _huge_pages_of_a_fresh_process({"THP_MEM_ALLOC_ENABLE": "0"})
+    assert off is False and kb_off < kb

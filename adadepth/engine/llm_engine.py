@@ -40,6 +40,8 @@ class EngineStats:
     num_waiting: int
     kv_cache_usage: float
     depth_allowance: int | None = None  # --depth-policy load's current allowance
+    prefix_cache_queries: int = 0       # prompt tokens looked up in the prefix cache, since start
+    prefix_cache_hits: int = 0          # of those, found computed
 
 
 @dataclass
@@ -97,7 +99,9 @@ class LLMEngine:
         self.eos_token_ids = eos
         self.max_model_len = min(config.scheduler.max_model_len, getattr(hf_config, "max_position_embeddings", 1 << 30))
         layout = KVLayout.for_ranks(self.model.rank, config.cache.kv_group_layers)
-        self.block_manager = BlockManager(config.cache.num_pages(layout.num_groups), config.cache.block_size, layout)
+        # A computed prefix is taken up by the chunk path (it starts a prompt past position 0).
+        self.block_manager = BlockManager(config.cache.num_pages(layout.num_groups), config.cache.block_size, layout,
+                                          config.cache.enable_prefix_caching and config.scheduler.prefill_chunk_tokens > 0)
         self.runner = ModelRunner(self.model, self.block_manager, Sampler(eos), self.dtype, self.device)
         self.detokenizer = Detokenizer(self.tokenizer)
         if depth_router is None:
@@ -141,8 +145,9 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         allowance = None if self.load_controller is None else self.load_controller.allowance
-        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.block_manager.usage,
-                           allowance)
+        bm = self.block_manager
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), bm.usage, allowance,
+                           bm.num_queried_tokens, bm.num_hit_tokens)
 
     # ---- requests ---------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> DepthDecision | None:
@@ -213,6 +218,11 @@ class LLMEngine:
             seq.finish_reason = "abort"
             self.scheduler.finish(seq)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget the prefix cache's computed blocks: after the weights changed in place, their
+        keys and values are stale."""
+        self.block_manager.reset_prefix_cache()
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
@@ -246,6 +256,7 @@ class LLMEngine:
             for c in chunks:
                 if not c.features_only:
                     c.seq.num_cached_tokens = c.start + c.num_tokens
+                    self.block_manager.register_computed(c.seq)
             seqs = result.seqs
         else:
             # Sequences without a depth get theirs from the router inside this prefill (ModelRunner).
@@ -261,6 +272,7 @@ class LLMEngine:
         outputs = []
         for seq, token, logprobs in zip(seqs, result.sampled.token_ids, result.sampled.logprobs):
             seq.num_cached_tokens = seq.num_tokens  # every token fed so far; the new one is not
+            self.block_manager.register_computed(seq)  # before the token: finishing frees the pages
             self._append_token(seq, token, logprobs, now)
             outputs.append(self._make_output(seq))
             if seq.is_finished:

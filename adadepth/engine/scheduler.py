@@ -19,6 +19,10 @@ feature layers only (k of L layers, pooled as it goes); once its last chunk is i
 decides and the prompt is prefilled again, at its depth, from position 0 (k/L extra work for the
 layers 0..k-1 that run twice; nothing has to be kept between the two passes).
 
+A prompt whose leading full blocks were computed before at its depth (a shared system prompt,
+an earlier turn of the chat, the same prompt again) takes those pages from the prefix cache
+(`BlockManager.take_cached_prefix`) and runs the rest as chunks, from the first token not cached.
+
 When the KV cache runs out, the newest running sequence is preempted: its blocks are freed and it
 goes back to the front of the queue to be recomputed later - it waits, it is never dropped.
 """
@@ -71,13 +75,15 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput | None:
-        while self.running and self.config.prefill_chunk_tokens:
+        # A prompt with a computed prefix in the cache starts past position 0: in a chunk.
+        while self.config.prefill_chunk_tokens and (self.running or self._head_has_cached_prefix()):
             decode = self._schedule_decode()
             chunks = self._schedule_chunks(self._chunk_budget(len(decode)))
             if decode or chunks:
                 return SchedulerOutput(decode, is_prefill=False, chunks=chunks)
-            if self.running:  # only prompts under way, and no block left for any: the newest waits
-                self.preempt(self.running[-1])
+            if not self.running:
+                break
+            self.preempt(self.running[-1])  # only prompts under way, and no block left for any: the newest waits
         prefill = self._schedule_prefill()
         if prefill:
             return SchedulerOutput(prefill, is_prefill=True)
@@ -103,6 +109,8 @@ class Scheduler:
         num_tokens = 0
         while self.waiting and len(self.running) < self.config.max_num_seqs:  # admitted ones count
             seq = self.waiting[0]
+            if self._take_cached_prefix(seq):
+                break  # it starts past position 0, which only the chunk path does (next step)
             # A prefill runs packed (no padding): budget its real tokens.
             if scheduled and num_tokens + seq.num_tokens > self.config.max_num_batched_tokens:
                 break
@@ -112,6 +120,17 @@ class Scheduler:
             num_tokens += seq.num_tokens
             scheduled.append(self._admit())
         return scheduled
+
+    def _take_cached_prefix(self, seq: Sequence) -> bool:
+        """Whether seq starts with a computed prefix from the prefix cache (looked up once, when it
+        has no pages yet and its depth is known)."""
+        if self.config.prefill_chunk_tokens:
+            self.block_manager.take_cached_prefix(seq)
+        return seq.num_cached_tokens > 0
+
+    def _head_has_cached_prefix(self) -> bool:
+        return (bool(self.waiting) and len(self.running) < self.config.max_num_seqs
+                and self._take_cached_prefix(self.waiting[0]))
 
     def _admit(self) -> Sequence:
         """The queue's first sequence, now running."""
@@ -158,6 +177,7 @@ class Scheduler:
                 left -= self._cost(chunk)
         while self.waiting and left >= 1 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            self._take_cached_prefix(seq)
             chunk = self._next_chunk(seq, left)
             if not self.block_manager.ensure_capacity(seq, chunk.start + chunk.num_tokens, self._kv_depth(chunk)):
                 break

@@ -34,6 +34,8 @@ class Sequence:
     output_logprobs: list[dict[int, float]] = field(default_factory=list)
     block_tables: list[list[int]] = field(default_factory=list)  # per KV layer group: its pages
     num_cached_tokens: int = 0               # tokens whose KV is in the cache (every layer of its depth)
+    block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache hashes of its full computed blocks
+    prefix_checked: bool = False             # looked up in the prefix cache since it last got pages
     # Chunked prefill of a prompt whose depth the router has yet to pick: its pooled features so
     # far (a `PrefillFeatureSum`), summed chunk by chunk over the router's feature layers.
     router_features: object | None = None

@@ -59,7 +59,8 @@ def test_packed_prefill_logits_equal_transformers(tiny_llama, cache_dir):
 
 def test_prefill_budget_counts_real_tokens(tiny_llama, cache_dir):
     """max_num_batched_tokens bounds the prompt tokens of a prefill step, not padded rows."""
-    llm = make_llm(tiny_llama, cache_dir)
+    # The same prompts run twice: without the prefix cache, the second round is a prefill step again.
+    llm = make_llm(tiny_llama, cache_dir, enable_prefix_caching=False)
     engine = llm.engine
     long_ids = llm.tokenizer.encode(PROMPTS[1]) * 2                             # ~2x the short ones' total
     short = [llm.tokenizer.encode(p) for p in ("hi", "what is 2 + 2?", "ok then")]

@@ -10,7 +10,10 @@ from adadepth.kernels.cpu_ops import load_cpu_ops
 from adadepth.model.packed_linear import PackedLinear
 from output_helpers import chosen_logprobs
 
-OPTS = dict(dtype="bfloat16", num_kv_tokens=4096, max_model_len=256, max_num_batched_tokens=512)
+# No prefix cache: each loop runs the same prompts in one engine, and must compute them, not find
+# the other loop's keys and values.
+OPTS = dict(dtype="bfloat16", num_kv_tokens=4096, max_model_len=256, max_num_batched_tokens=512,
+            enable_prefix_caching=False)
 
 
 @pytest.fixture(scope="module")

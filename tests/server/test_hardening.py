@@ -157,7 +157,7 @@ def test_request_timeout_aborts_and_frees_kv(tiny_llama, cache_dir, slow_steps):
             with http.stream("POST", "/v1/completions", json={**long, "stream": True}) as response:
                 events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
             assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "request_timeout"
-        running.wait_until(lambda: len(engine.block_manager.free_blocks) == engine.block_manager.num_usable_blocks
+        running.wait_until(lambda: engine.block_manager.num_free_blocks == engine.block_manager.num_usable_blocks
                            and not engine.seqs, what="KV blocks freed")
     finally:
         running.stop()

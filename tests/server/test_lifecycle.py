@@ -205,7 +205,7 @@ def test_a_storm_of_disconnects_leaves_nothing_behind(server):
         t.start()
     for t in threads:
         t.join(60)
-    server.wait_until(lambda: not engine.seqs and len(blocks.free_blocks) == blocks.num_usable_blocks
+    server.wait_until(lambda: not engine.seqs and blocks.num_free_blocks == blocks.num_usable_blocks
                       and server.async_engine.num_unfinished == 0, timeout=30, what="every request aborted")
     assert httpx.get(server.base_url + "/health").status_code == 200
     ok = httpx.post(server.base_url + "/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=30)
