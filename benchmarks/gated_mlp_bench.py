@@ -75,6 +75,10 @@ def run(cfg: GatedMlpBenchConfig) -> dict:
     params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
     cursor = 0
 
+    def use_way(way: str) -> None:
+        for g in gate_ups:
+            g.fuse_gate = way == "fused"
+
     def prefill_step(count: int) -> tuple[float, int]:
         """One step prefilling `count` fresh prompts (the next ones, cycling): (ms, prompt tokens)."""
         nonlocal cursor
@@ -96,14 +100,12 @@ def run(cfg: GatedMlpBenchConfig) -> dict:
         tokens: list[int] = []
         for r in range(2 * cfg.rounds):
             way = "fused" if r % 2 == 0 else "separate"
-            for g in gate_ups:
-                g.fuse_gate = way == "fused"
+            use_way(way)
             prefill_step(count)                                                  # this way's first step: untimed
             timed = [prefill_step(count) for _ in range(cfg.steps)]
             rounds[way].append(statistics.median(ms for ms, _ in timed))
             tokens += [t for _, t in timed]
-        for g in gate_ups:
-            g.fuse_gate = True
+        use_way("fused")
         fused, separate = statistics.median(rounds["fused"]), statistics.median(rounds["separate"])
         mean_tokens = statistics.mean(tokens)
         cases[str(count)] = {"prompts": count, "mean_prompt_tokens_per_step": mean_tokens,
@@ -129,14 +131,12 @@ def run(cfg: GatedMlpBenchConfig) -> dict:
         times: dict[str, list[float]] = {"fused": [], "separate": []}
         for r in range(2 * cfg.mlp_rounds + 2):
             way = "fused" if r % 2 == 0 else "separate"
-            for g in gate_ups:
-                g.fuse_gate = way == "fused"
+            use_way(way)
             t0 = time.perf_counter()
             every_layer()
             if r >= 2:                                                           # the first of each way: warm-up
                 times[way].append((time.perf_counter() - t0) * 1e3)
-        for g in gate_ups:
-            g.fuse_gate = True
+        use_way("fused")
         fused, separate = statistics.median(times["fused"]), statistics.median(times["separate"])
         ops[str(rows)] = {"rows": rows, "ms_per_round": times, "ms_median": {"fused": fused, "separate": separate},
                           "speedup": separate / fused}

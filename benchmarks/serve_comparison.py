@@ -173,8 +173,7 @@ def summarise(runs_dir: Path, depths: list[int], meta: dict) -> dict:
         for row in table:
             if row["depth"] == max(depths) and row["concurrency"] == 1:
                 if per_repeat:
-                    fractions = sorted(f["fraction"] for f in per_repeat)
-                    row["fraction_of_batch1_weight_read_bound"] = statistics.median(fractions)
+                    row["fraction_of_batch1_weight_read_bound"] = statistics.median(f["fraction"] for f in per_repeat)
                     row["batch1_bound_per_repeat"] = per_repeat
                 else:
                     row["fraction_of_batch1_weight_read_bound"] = row["adadepth"]["output_throughput_tok_s"]["median"] / bound

@@ -124,27 +124,26 @@ class BlockManager:
         groups = self.groups_for_depth(seq.depth)
         full = (seq.num_tokens - 1) // self.block_size
         h = self._chain_start(seq.depth)
-        hashes: list[bytes] = []
+        found: list[tuple[bytes, tuple[int, ...]]] = []
         for index in range(full):
             h = self._block_hash(h, seq, index)
             pages = self.cached.get(h)
             if pages is None:
                 break
-            hashes.append(h)
+            found.append((h, pages))
         self.num_queried_tokens += seq.num_tokens
-        if not hashes:
+        if not found:
             return 0
         seq.block_tables = [[] for _ in range(groups)]
-        for h in hashes:
-            pages = self.cached[h]
+        for h, pages in found:
             if h in self.evictable:
                 del self.evictable[h]
                 self._num_evictable_pages -= len(pages)
             for g, page in enumerate(pages):
                 self.ref_count[page] += 1
                 seq.block_tables[g].append(page)
-        seq.block_hashes = hashes
-        seq.num_cached_tokens = len(hashes) * self.block_size
+        seq.block_hashes = [h for h, _ in found]
+        seq.num_cached_tokens = len(found) * self.block_size
         self.num_hit_tokens += seq.num_cached_tokens
         return seq.num_cached_tokens
 
@@ -163,25 +162,9 @@ class BlockManager:
             if h in self.cached:
                 continue
             pages = tuple(seq.block_tables[g][index] for g in range(groups))
-            if any(page in self.page_hash for page in pages):
-                continue  # already registered under another hash (cannot be: full blocks never change)
             self.cached[h] = pages
             for page in pages:
                 self.page_hash[page] = h
-
-    def reset_prefix_cache(self) -> None:
-        """Forget every registered block (after the weights changed: their keys and values are
-        stale). Cached blocks nobody holds become free pages; held ones stay with their holders."""
-        for pages in self.evictable.values():
-            self.free_blocks.extend(pages)
-        self.evictable.clear()
-        self._num_evictable_pages = 0
-        self.cached.clear()
-        self.page_hash.clear()
-
-    @property
-    def hit_rate(self) -> float:
-        return self.num_hit_tokens / self.num_queried_tokens if self.num_queried_tokens else 0.0
 
     # ---- pages ------------------------------------------------------------------------------
     def _take_page(self) -> int:

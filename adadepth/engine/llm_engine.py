@@ -218,11 +218,6 @@ class LLMEngine:
             seq.finish_reason = "abort"
             self.scheduler.finish(seq)
 
-    def reset_prefix_cache(self) -> None:
-        """Forget the prefix cache's computed blocks: after the weights changed in place, their
-        keys and values are stale."""
-        self.block_manager.reset_prefix_cache()
-
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 

@@ -123,9 +123,8 @@ class Scheduler:
 
     def _take_cached_prefix(self, seq: Sequence) -> bool:
         """Whether seq starts with a computed prefix from the prefix cache (looked up once, when it
-        has no pages yet and its depth is known)."""
-        if self.config.prefill_chunk_tokens:
-            self.block_manager.take_cached_prefix(seq)
+        has no pages yet and its depth is known; the engine enables the cache with chunked prefill only)."""
+        self.block_manager.take_cached_prefix(seq)
         return seq.num_cached_tokens > 0
 
     def _head_has_cached_prefix(self) -> bool:

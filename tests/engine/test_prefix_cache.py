@@ -129,15 +129,3 @@ def test_a_cached_prefix_is_not_taken_at_another_depth(tiny_llama, cache_dir):
     run(llm, PROMPTS[:1], 6)
     assert bm.num_hit_tokens > 0
 
-
-def test_reset_forgets_every_block_and_frees_the_unheld_ones():
-    bm = manager(num_blocks=1 + 2 * 4)
-    prompt = list(range(400, 409))
-    a = computed(bm, prompt, rid="a")
-    b = computed(bm, list(range(500, 504)), rid="b")                 # 1 full block (2 pages), held
-    bm.free(a)
-    bm.reset_prefix_cache()
-    assert not bm.cached and not bm.evictable and bm.take_cached_prefix(seq(prompt)) == 0
-    assert bm.num_free_blocks == 8 - 2 and not bm.page_hash
-    bm.free(b)
-    assert bm.num_free_blocks == 8 and sorted(bm.free_blocks) == list(range(1, 9))
