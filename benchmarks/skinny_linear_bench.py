@@ -1,11 +1,11 @@
-"""`adadepth bench skinny`: decode steps with the small-batch bf16 matmul kernels against oneDNN alone.
+"""`adadepth bench skinny`: decode steps with the small-batch matmul kernels against oneDNN alone.
 
-The kernels: skinny (1-4 rows, plain weight) and paired (up to `PackedLinear.paired_max_rows` rows,
-a copy packed in k-pairs). One engine, decoding `batch` held-out prompts at full depth; the two
+The kernels: skinny (1-4 rows, plain weight; bf16 with AVX512-BF16, float32 with AVX2) and paired
+(bf16 only, up to `PackedLinear.paired_max_rows` rows, a copy packed in k-pairs). One engine, decoding `batch` held-out prompts at full depth; the two
 matmul paths take turns
 (`--rounds` rounds of `--steps` timed steps each, after warm-up steps), so both see the same
 machine, contexts and neighbours. Reports each round's median step time and the ratio of the
-medians over all rounds. Needs a CPU with AVX512-BF16 (the kernels' only target).
+medians over all rounds. bf16 needs a CPU with AVX512-BF16, float32 one with AVX2 and FMA.
 """
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass
 class SkinnyBenchConfig:
-    model: str = field(default="default", metadata={"help": "model to run (bf16)"})
+    model: str = field(default="default", metadata={"help": "model to run"})
+    dtype: str = field(default="bfloat16", metadata={
+        "help": "bfloat16 (skinny and paired kernels) or float32 (skinny kernel: batches 1..4)"})
     batches: str = field(default="1,2,4,8,16,32,48,64", metadata={
         "help": "comma-separated decode batch sizes (1..PackedLinear.paired_max_rows)"})
     rounds: int = field(default=4, metadata={"help": "rounds per path, the paths alternating"})
@@ -32,7 +34,10 @@ class SkinnyBenchConfig:
         self.batch_list = [int(b) for b in self.batches.split(",") if b.strip()]
         from adadepth.model.packed_linear import PackedLinear
 
-        most = PackedLinear.paired_max_rows
+        if self.dtype not in ("bfloat16", "float32"):
+            raise ValueError("dtype must be bfloat16 or float32")
+        # float32 has the skinny kernel only: past its rows oneDNN runs either way.
+        most = PackedLinear.paired_max_rows if self.dtype == "bfloat16" else PackedLinear.skinny_max_rows
         if not self.batch_list or any(not 1 <= b <= most for b in self.batch_list):
             raise ValueError(f"batches must be in 1..{most} (past {most} rows oneDNN runs either way)")
         if self.rounds < 1 or self.steps < 1:
@@ -45,17 +50,19 @@ def run(cfg: SkinnyBenchConfig) -> dict:
     from adadepth.benchmarks.step_profile import load_chats
     from adadepth.model.packed_linear import PackedLinear
 
-    llm = LLM(cfg.model, dtype="bfloat16", num_kv_tokens=32768)
+    llm = LLM(cfg.model, dtype=cfg.dtype, num_kv_tokens=32768)
     engine = llm.engine
     # Both paths through the Python layer loop: the C++ loop runs only with the kernels on, and would
     # add its own gain to theirs (`adadepth bench step --loop-ab-rounds` measures that one).
     engine.model.fused_decode = None
     linears = [m for m in engine.model.modules() if isinstance(m, PackedLinear)]
-    skinny = next((m.skinny for m in linears if m.skinny is not None), None)
+    dtype = engine.model.embed_tokens.weight.dtype
+    skinny = next((m.skinny for m in linears if m.takes_skinny(dtype)), None)
+    dtypes = next((m.skinny_dtypes for m in linears if m.skinny is not None), ())
     paired = next((m.paired for m in linears if m.paired is not None), None)
-    if skinny is None or paired is None:
-        raise SystemExit("the small-batch kernels are not in use here (no AVX512-BF16, no C++ compiler, "
-                         "or --no-cpu-kernels)")
+    if skinny is None or (paired is None and cfg.dtype == "bfloat16"):
+        raise SystemExit(f"the small-batch {cfg.dtype} kernels are not in use here (bf16 needs AVX512-BF16, "
+                         "float32 AVX2; or no C++ compiler, or --no-cpu-kernels)")
     prompts = Path(cfg.prompts)
     chats = load_chats(prompts if prompts.is_absolute() else REPO_ROOT / prompts, max(cfg.batch_list))
     ids = [llm.tokenizer.encode(llm.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False),
@@ -73,11 +80,11 @@ def run(cfg: SkinnyBenchConfig) -> dict:
         for r in range(2 * cfg.rounds):
             path = "kernels" if r % 2 == 0 else "onednn"
             for m in linears:
-                m.use_skinny(skinny if path == "kernels" else None)
+                m.use_skinny(skinny if path == "kernels" else None, dtypes)
                 m.use_paired(paired if path == "kernels" else None)
             rounds[path].append(median_ms(engine.step, cfg.steps, warmup=3))
         for m in linears:
-            m.use_skinny(skinny)
+            m.use_skinny(skinny, dtypes)
             m.use_paired(paired)
         while engine.has_unfinished_requests():
             for seq in list(engine.seqs):
@@ -117,11 +124,11 @@ def plot(report: dict, png) -> None:
                [report["cases"][b]["step_ms_median"][path] for b in batches], width, label=label)
     ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
     ax.set_ylabel("decode step, ms (median of rounds)")
-    finish_plot(fig, ax, f"{report['model']} bf16", report["machine"], png)
+    finish_plot(fig, ax, f"{report['model']} {report['dtype'].removeprefix('torch.')}", report["machine"], png)
 
 
 def add_parser(subparsers) -> None:
     from adadepth.cli_args import add_config_command
 
     add_config_command(subparsers, "skinny", SkinnyBenchConfig, run,
-                       help="decode steps: the small-batch bf16 matmul kernels against oneDNN alone")
+                       help="decode steps: the small-batch matmul kernels against oneDNN alone")

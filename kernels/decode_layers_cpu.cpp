@@ -6,10 +6,11 @@
 // this loop does (batch 1-64, benchmarks/results/decode_loop_ab.json). Here the same kernels run in
 // the same order, called through the C++ dispatcher.
 //
-// Semantics: exactly the per-layer path of `AdaptiveLlama.run_layers` for a decode-shaped bf16
-// step (one token per row, every row's attention through the paged kernel) without bypass ops,
+// Semantics: exactly the per-layer path of `AdaptiveLlama.run_layers` for a decode-shaped bf16 or
+// float32 step (one token per row, every row's attention through the paged kernel) without bypass ops,
 // each matmul going where PackedLinear sends it: the skinny kernel (rows <= skinny_max_rows, plain
-// weight), the paired one (rows <= paired_max_rows, k-pair copy) or oneDNN (its packed copy).
+// weight), the paired one (rows <= paired_max_rows, k-pair copy; bf16 only: float32 callers pass
+// paired_max_rows = skinny_max_rows) or oneDNN (its packed copy).
 // Layer i runs rows [0, active_rows[i]) through
 //     x = rms_norm(h, in_norm); qkv = x @ qkv^T (+b); rope_write_kv(qkv, ...);
 //     attn = paged_decode_attention(q, ...); h', x = add_rms_norm(h, attn @ o^T (+b), post_norm);
@@ -97,8 +98,9 @@ at::Tensor decode_layers(const at::Tensor& h_in, const at::Tensor& cos, const at
               "expected ", kPerLayer, " weights and ", kBiasesPerLayer, " biases per layer");
   TORCH_CHECK(static_cast<int64_t>(kv_index.size()) == L && static_cast<int64_t>(group.size()) == L,
               "kv_index and group need one entry per layer");
-  TORCH_CHECK(h_in.scalar_type() == at::kBFloat16 && h_in.dim() == 3 && h_in.size(1) == 1,
-              "decode_layers takes bf16 h (B, 1, D): one token per row");
+  TORCH_CHECK((h_in.scalar_type() == at::kBFloat16 || h_in.scalar_type() == at::kFloat) && h_in.dim() == 3 &&
+                  h_in.size(1) == 1,
+              "decode_layers takes bf16 or float32 h (B, 1, D): one token per row");
   TORCH_CHECK(kv_cache.dim() == 5 && slot_mapping.dim() == 2 && context_blocks.dim() == 3,
               "expected kv_cache (layers, 2, slots, Hkv, Dh), slot_mapping (groups, N), context_blocks (groups, B, nblk)");
   const int64_t B = h_in.size(0), D = h_in.size(2);

@@ -91,7 +91,7 @@ at::Tensor paired_linear(const at::Tensor& x, const at::Tensor& w_paired, const 
   TORCH_CHECK(w_paired.is_contiguous(), "w_paired must be contiguous");
   const at::Tensor xc = x.contiguous();
   at::Tensor bc;
-  const c10::BFloat16* bp = adadepth_cpu::bf16_bias(bias, N, bc);
+  const c10::BFloat16* bp = adadepth_cpu::bias_ptr<c10::BFloat16>(bias, N, bc);
   at::Tensor y = at::empty({M, N}, x.options());
 #if defined(__AVX512BF16__)
   // tiles[nb - 1][rows - 1]: nb column blocks (the last group of a row may have fewer than 3).

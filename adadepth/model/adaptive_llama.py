@@ -65,7 +65,8 @@ class AdaptiveLlama(nn.Module):
             layer.ops = ops or LayerOps()
         for module in self.modules():
             if isinstance(module, PackedLinear):
-                module.use_skinny(ops.skinny_linear if ops is not None else None)
+                module.use_skinny(ops.skinny_linear if ops is not None else None,
+                                  ops.skinny_dtypes if ops is not None else ())
                 module.use_paired(ops.paired_linear if ops is not None else None)
         self.fused_decode = FusedDecode.for_model(self, ops)
 

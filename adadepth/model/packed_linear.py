@@ -9,8 +9,8 @@ This is what Inductor's CPU "weight prepack" does; here it is applied to the pla
 Parameter objects, so `state_dict()` keys and values are unchanged. A packed copy is made
 lazily and rebuilt if the weight is modified in place (tracked through `weight._version`),
 so loading new weights can never leave a stale packed copy behind. Anything the packed path
-does not cover (autograd, dtypes other than fp32 and bf16, mixed dtypes, non-CPU tensors, builds
-without oneDNN) falls back to `F.linear`.
+does not cover (autograd, dtypes other than fp32 and bf16, bf16 on CPUs where oneDNN has no bf16
+path, mixed dtypes, non-CPU tensors, builds without oneDNN) falls back to `F.linear`.
 
 bf16: on CPUs with AVX512-BF16 or AMX, oneDNN's bf16 inner product on packed weights reads half the
 bytes of fp32 and accumulates in fp32 (a decode step is bound by reading the weights).
@@ -28,6 +28,13 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def onednn_bf16_available() -> bool:
+    """Whether oneDNN packs and multiplies bf16 weights on this CPU (it refuses without AVX512-BW/VL/DQ
+    or AVX-NE-CONVERT; bf16 products then go through F.linear)."""
+    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return supported is not None and bool(supported())
+
+
 class PackedLinear(nn.Module):
     """y = x @ W.T + b, like nn.Linear, computed by oneDNN on a pre-packed copy of W."""
 
@@ -38,25 +45,33 @@ class PackedLinear(nn.Module):
         self.bias = linear.bias
         self._packed: torch.Tensor | None = None
         self._packed_key: tuple | None = None
+        self._dtypes = (torch.float32, torch.bfloat16) if onednn_bf16_available() else (torch.float32,)
         # bf16 products of at most `skinny_max_rows` rows go to this kernel instead (use_skinny), and
         # those of at most `paired_max_rows` to the paired kernel, on a copy packed in k-pairs (use_paired).
         self.skinny = None
+        self.skinny_dtypes: tuple[torch.dtype, ...] = ()
         self.paired = None
         self._paired_w: torch.Tensor | None = None
         self._paired_key: tuple | None = None
         self._halves: tuple[torch.Tensor, torch.Tensor] | None = None
         self._halves_key: tuple | None = None
 
-    # Decode steps of the default model on a 2-core Zen 4 (AVX512-BF16), the two paths interleaved:
-    # faster with the skinny kernel at batch 1 to 4 (benchmarks/results/skinny_linear.json); it
-    # takes at most 4 rows.
+    # Decode steps of the default model, the two paths interleaved: faster with the skinny kernel at
+    # batch 1 to 4, in bf16 on a 2-core Zen 4 (benchmarks/results/skinny_linear.json) and in float32
+    # on a 2-core Zen 3 (skinny_linear_fp32.json); it takes at most 4 rows.
     skinny_max_rows = 4
 
-    def use_skinny(self, kernel) -> None:
-        """Route bf16 products of a few rows to `kernel(x (M, K), w (N, K), bias) -> (M, N)`
-        (None: oneDNN for all), where the shapes fit it (K a multiple of 32, N of 16)."""
+    def use_skinny(self, kernel, dtypes: tuple[torch.dtype, ...] = ()) -> None:
+        """Route products of a few rows in one of `dtypes` to `kernel(x (M, K), w (N, K), bias) ->
+        (M, N)` (None: oneDNN for all), where the shapes fit it (K a multiple of 32, N of 16)."""
+        if kernel is not None and not dtypes:
+            raise ValueError("use_skinny needs the dtypes the kernel takes")
         fits = self.in_features % 32 == 0 and self.out_features % 16 == 0
         self.skinny = kernel if fits else None
+        self.skinny_dtypes = tuple(dtypes) if self.skinny is not None else ()
+
+    def takes_skinny(self, dtype: torch.dtype) -> bool:
+        return self.skinny is not None and dtype in self.skinny_dtypes
 
     # Products of 5 to 256 rows (decode steps, with the prompt chunks they carry): 1.01-1.38x faster
     # with the paired kernel's 8 x 3 register tiles than with oneDNN on the default model's matmuls
@@ -91,7 +106,7 @@ class PackedLinear(nn.Module):
 
     def _can_pack(self, x: torch.Tensor) -> bool:
         w = self.weight
-        return (x.device.type == "cpu" and w.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+        return (x.device.type == "cpu" and w.device.type == "cpu" and x.dtype in self._dtypes
                 and w.dtype == x.dtype and (self.bias is None or self.bias.dtype == x.dtype)
                 and not (torch.is_grad_enabled() and w.requires_grad))
 
@@ -123,11 +138,9 @@ class PackedLinear(nn.Module):
         """Whether forward(x) is oneDNN's product on the packed copy (not F.linear, not a kernel)."""
         if not self._can_pack(x):
             return False
-        if x.dtype != torch.bfloat16:
-            return True
         rows = x.numel() // self.in_features
-        return not ((self.skinny is not None and rows <= self.skinny_max_rows)
-                    or (self.paired is not None and rows <= self.paired_max_rows))
+        return not ((self.takes_skinny(x.dtype) and rows <= self.skinny_max_rows)
+                    or (x.dtype == torch.bfloat16 and self.paired is not None and rows <= self.paired_max_rows))
 
     def silu_and_mul(self, x: torch.Tensor, reference) -> torch.Tensor:
         """silu(x @ Wg^T + bg) * (x @ Wu^T + bu), this weight's rows being [Wg; Wu] (a gated MLP's
@@ -149,14 +162,13 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._can_pack(x):
             return F.linear(x, self.weight, self.bias)
-        if x.dtype == torch.bfloat16:
-            rows = x.numel() // self.in_features
-            if self.skinny is not None and rows <= self.skinny_max_rows:
-                y = self.skinny(x.reshape(rows, self.in_features), self.weight, self.bias)   # (M, K) -> (M, N)
-                return y.view(*x.shape[:-1], self.out_features)
-            if self.paired is not None and rows <= self.paired_max_rows:
-                y = self.paired(x.reshape(rows, self.in_features), self.paired_weight(), self.bias)   # (M, N)
-                return y.view(*x.shape[:-1], self.out_features)
+        rows = x.numel() // self.in_features
+        if self.takes_skinny(x.dtype) and rows <= self.skinny_max_rows:
+            y = self.skinny(x.reshape(rows, self.in_features), self.weight, self.bias)   # (M, K) -> (M, N)
+            return y.view(*x.shape[:-1], self.out_features)
+        if x.dtype == torch.bfloat16 and self.paired is not None and rows <= self.paired_max_rows:
+            y = self.paired(x.reshape(rows, self.in_features), self.paired_weight(), self.bias)   # (M, N)
+            return y.view(*x.shape[:-1], self.out_features)
         # (..., in) -> (..., out); oneDNN takes any leading dims and strided rows.
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight(), self.bias, "none", [], "")
 

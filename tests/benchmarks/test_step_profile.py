@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from adadepth.benchmarks.step_profile import StepProfileConfig, run
 
@@ -36,12 +37,13 @@ def test_loop_ab_alternates_the_two_layer_loops(tiny_llama, cache_dir, tmp_path,
 
     ops = load_cpu_ops(str(tmp_path / "ext"))
     if ops is None or ops.decode_layers is None:
-        pytest.skip("no C++ compiler or no AVX512-BF16 on this CPU: no C++ layer loop")
+        pytest.skip("no C++ compiler, or neither AVX512-BF16 nor AVX2 on this CPU: no C++ layer loop")
+    dtype = "bfloat16" if torch.bfloat16 in ops.skinny_dtypes else "float32"  # what the loop takes here
     monkeypatch.setenv("ADADEPTH_CACHE_DIR", cache_dir)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"what is {i} + {i}?"}]}) + "\n"
                                for i in range(4)))
-    report = run(StepProfileConfig(model=tiny_llama, dtype="bfloat16", cases="batch1", steps=3, profiled_steps=1,
+    report = run(StepProfileConfig(model=tiny_llama, dtype=dtype, cases="batch1", steps=3, profiled_steps=1,
                                    loop_ab_rounds=3, prompts=str(prompts), out=str(tmp_path / "step.json")))
     ab = report["cases"]["batch1"]["loop_ab"]
     assert len(ab["cpp_step_ms"]) == len(ab["python_step_ms"]) == 3

@@ -12,15 +12,25 @@ from output_helpers import chosen_logprobs
 
 # No prefix cache: each loop runs the same prompts in one engine, and must compute them, not find
 # the other loop's keys and values.
-OPTS = dict(dtype="bfloat16", num_kv_tokens=4096, max_model_len=256, max_num_batched_tokens=512,
+OPTS = dict(num_kv_tokens=4096, max_model_len=256, max_num_batched_tokens=512,
             enable_prefix_caching=False)
 
 
 @pytest.fixture(scope="module")
-def needs_kernels(tmp_path_factory):
+def cpu_ops(tmp_path_factory):
     ops = load_cpu_ops(str(tmp_path_factory.mktemp("ext")))
     if ops is None or ops.decode_layers is None:
-        pytest.skip("no C++ compiler or no AVX512-BF16 on this CPU: decode steps keep the Python layer loop")
+        pytest.skip("no C++ compiler, or neither AVX512-BF16 nor AVX2 on this CPU: decode steps keep the Python loop")
+    return ops
+
+
+@pytest.fixture(params=["bfloat16", "float32"])
+def dtype(request, cpu_ops) -> str:
+    """The dtypes the C++ loop serves on this CPU: bf16 with AVX512-BF16 (skinny, paired and oneDNN
+    matmuls), float32 with AVX2 (skinny and oneDNN)."""
+    if getattr(torch, request.param) not in cpu_ops.skinny_dtypes:
+        pytest.skip(f"no {request.param} matmul kernel on this CPU (bf16 needs AVX512-BF16, float32 AVX2)")
+    return request.param
 
 
 def _prompts(n: int) -> list[str]:
@@ -49,17 +59,18 @@ def _run(llm: LLM, fused, prompts, params):
 @pytest.mark.parametrize("checkpoint, batch, kv_group_layers, paired_max_rows", [
     ("tiny_llama", 1, 3, None),   # skinny matmuls
     ("tiny_llama", 3, 1, None),   # skinny, one layer per page group
-    ("tiny_llama", 7, 2, None),   # paired matmuls
+    ("tiny_llama", 7, 2, None),   # paired matmuls (float32: oneDNN)
     ("tiny_qwen2", 6, 3, None),   # q/k/v biases
     ("tiny_llama", 52, 3, None),  # paired, several row tiles
     ("tiny_llama", 52, 3, 32),    # oneDNN matmuls (rows past paired_max_rows)
     ("tiny_qwen2", 50, 2, 32),    # oneDNN with biases
 ])
-def test_same_tokens_and_logprobs_bit_for_bit(needs_kernels, request, monkeypatch, cache_dir, checkpoint, batch,
+def test_same_tokens_and_logprobs_bit_for_bit(dtype, request, monkeypatch, cache_dir, checkpoint, batch,
                                               kv_group_layers, paired_max_rows):
     if paired_max_rows is not None:
         monkeypatch.setattr(PackedLinear, "paired_max_rows", paired_max_rows)
-    llm = LLM(request.getfixturevalue(checkpoint), cache_dir=cache_dir, kv_group_layers=kv_group_layers, **OPTS)
+    llm = LLM(request.getfixturevalue(checkpoint), cache_dir=cache_dir, kv_group_layers=kv_group_layers, dtype=dtype,
+              **OPTS)
     fused = llm.engine.model.fused_decode
     assert fused is not None
     num_layers = llm.engine.model.num_layers
@@ -76,18 +87,18 @@ def test_same_tokens_and_logprobs_bit_for_bit(needs_kernels, request, monkeypatc
         assert chosen_logprobs(a) == chosen_logprobs(b)
 
 
-def test_chunked_prompts_beside_decode_rows_and_the_steps_it_leaves(needs_kernels, tiny_llama, cache_dir):
+def test_chunked_prompts_beside_decode_rows_and_the_steps_it_leaves(dtype, tiny_llama, cache_dir):
     """A prompt arriving while others decode rides their steps in chunks and gets the Python loop's
     tokens: the C++ loop takes the steps whose chunks go through the paged kernel, and leaves to
     Python those with a chunk past its limit (SDPA's)."""
-    llm = LLM(tiny_llama, cache_dir=cache_dir, prefill_chunk_tokens=16, **OPTS)
+    llm = LLM(tiny_llama, cache_dir=cache_dir, prefill_chunk_tokens=16, dtype=dtype, **OPTS)
     fused = llm.engine.model.fused_decode
     engine = llm.engine
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=0)
 
     decisions = []  # (covered, chunk pairs past the paged kernel's limit)
     covers = fused.covers
-    limit = engine.model.layers[0].ops.chunk_pairs_limit(torch.bfloat16, fused.head_dim,
+    limit = engine.model.layers[0].ops.chunk_pairs_limit(getattr(torch, dtype), fused.head_dim,
                                                          fused.num_heads // fused.num_kv_heads)
 
     def spied_covers(h, batch):
@@ -129,10 +140,10 @@ def test_chunked_prompts_beside_decode_rows_and_the_steps_it_leaves(needs_kernel
     assert (False, True) in decisions and all(covered != past for covered, past in decisions)
 
 
-def test_follows_a_weight_changed_after_load(needs_kernels, tiny_llama, cache_dir):
+def test_follows_a_weight_changed_after_load(dtype, tiny_llama, cache_dir):
     """The k-pair and oneDNN weight copies are derived data: changing a weight in place must reach the
     C++ loop."""
-    llm = LLM(tiny_llama, cache_dir=cache_dir, **OPTS)
+    llm = LLM(tiny_llama, cache_dir=cache_dir, dtype=dtype, **OPTS)
     fused = llm.engine.model.fused_decode
     params = [SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=0)] * 6
     before, _, _ = _run(llm, fused, _prompts(6), params)

@@ -7,10 +7,13 @@ import torch
 from torch import nn
 
 from adadepth import LLM, SamplingParams
-from adadepth.model.packed_linear import PackedLinear, onednn_available, pack_linears
+from adadepth.model import packed_linear
+from adadepth.model.packed_linear import PackedLinear, onednn_available, onednn_bf16_available, pack_linears
 from output_helpers import chosen_logprobs
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN")
+needs_onednn_bf16 = pytest.mark.skipif(not onednn_bf16_available(),
+                                       reason="oneDNN has no bf16 path on this CPU (AVX512-BW/VL/DQ or AVX-NE-CONVERT)")
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -27,6 +30,7 @@ def test_matches_nn_linear(shape, bias):
     assert packed._packed is not None, "fp32 CPU inference must take the packed path"
 
 
+@needs_onednn_bf16
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows", [1, 16, 300])
 def test_bf16_matches_float32_math_on_the_same_values(rows, bias):
@@ -74,6 +78,20 @@ def test_repacks_after_in_place_weight_change():
     with torch.inference_mode():
         after = packed(x)
     torch.testing.assert_close(after, 2 * before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_where_onednn_has_no_bf16_path_takes_f_linear(monkeypatch, bias):
+    """Such CPUs (AVX2 without AVX-512) refuse to pack a bf16 weight: a bf16 model must still run."""
+    monkeypatch.setattr(packed_linear, "onednn_bf16_available", lambda: False)
+    linear = nn.Linear(64, 32, bias=bias).bfloat16()
+    packed = PackedLinear(linear)
+    x = torch.randn(5, 64).bfloat16()
+    with torch.inference_mode():
+        got, gated = packed(x), packed.silu_and_mul(x, lambda y: y[:, :16] * 2)
+    assert packed._packed is None and packed._halves is None
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, linear.weight, linear.bias), rtol=0, atol=0)
+    torch.testing.assert_close(gated, got[:, :16] * 2, rtol=0, atol=0)
 
 
 def test_autograd_and_other_dtypes_fall_back_to_f_linear():
@@ -133,7 +151,7 @@ def _gated_math(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_onednn_bf16)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_silu_and_mul_in_onednn_epilogues_matches_the_math(dtype, bias):
     """Past the kernels' rows (and always in fp32) the SiLU and the multiply run in oneDNN's
