@@ -1,7 +1,8 @@
 """`adadepth bench skinny`: decode steps with the small-batch matmul kernels against oneDNN alone.
 
-The kernels: skinny (1-4 rows, plain weight; bf16 with AVX512-BF16, float32 with AVX2) and paired
-(bf16 only, up to `PackedLinear.paired_max_rows` rows, a copy packed in k-pairs). One engine, decoding `batch` held-out prompts at full depth; the two
+The kernels: skinny (bf16, 1-4 rows, plain weight; AVX512-BF16) and paired (up to
+`PackedLinear.paired_max_rows` rows, a packed copy; bf16 past the skinny kernel's rows with
+AVX512-BF16, float32 from one row with AVX2). One engine, decoding `batch` held-out prompts at full depth; the two
 matmul paths take turns
 (`--rounds` rounds of `--steps` timed steps each, after warm-up steps), so both see the same
 machine, contexts and neighbours. Reports each round's median step time and the ratio of the
@@ -21,7 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 class SkinnyBenchConfig:
     model: str = field(default="default", metadata={"help": "model to run"})
     dtype: str = field(default="bfloat16", metadata={
-        "help": "bfloat16 (skinny and paired kernels) or float32 (skinny kernel: batches 1..4)"})
+        "help": "bfloat16 (skinny and paired kernels) or float32 (paired kernel)"})
     batches: str = field(default="1,2,4,8,16,32,48,64", metadata={
         "help": "comma-separated decode batch sizes (1..PackedLinear.paired_max_rows)"})
     rounds: int = field(default=4, metadata={"help": "rounds per path, the paths alternating"})
@@ -36,8 +37,7 @@ class SkinnyBenchConfig:
 
         if self.dtype not in ("bfloat16", "float32"):
             raise ValueError("dtype must be bfloat16 or float32")
-        # float32 has the skinny kernel only: past its rows oneDNN runs either way.
-        most = PackedLinear.paired_max_rows if self.dtype == "bfloat16" else PackedLinear.skinny_max_rows
+        most = PackedLinear.paired_max_rows
         if not self.batch_list or any(not 1 <= b <= most for b in self.batch_list):
             raise ValueError(f"batches must be in 1..{most} (past {most} rows oneDNN runs either way)")
         if self.rounds < 1 or self.steps < 1:
@@ -45,6 +45,8 @@ class SkinnyBenchConfig:
 
 
 def run(cfg: SkinnyBenchConfig) -> dict:
+    import torch
+
     from adadepth import LLM, SamplingParams
     from adadepth.benchmarks.machine import machine_info, median_ms, save_report
     from adadepth.benchmarks.step_profile import load_chats
@@ -57,10 +59,11 @@ def run(cfg: SkinnyBenchConfig) -> dict:
     engine.model.fused_decode = None
     linears = [m for m in engine.model.modules() if isinstance(m, PackedLinear)]
     dtype = engine.model.embed_tokens.weight.dtype
-    skinny = next((m.skinny for m in linears if m.takes_skinny(dtype)), None)
-    dtypes = next((m.skinny_dtypes for m in linears if m.skinny is not None), ())
-    paired = next((m.paired for m in linears if m.paired is not None), None)
-    if skinny is None or (paired is None and cfg.dtype == "bfloat16"):
+    bf16 = dtype == torch.bfloat16
+    skinny = next((m.skinny for m in linears if m.skinny is not None), None)
+    paired = next((m.paired for m in linears if m.takes_paired(dtype)), None)
+    dtypes = next((m.paired_dtypes for m in linears if m.paired is not None), ())
+    if paired is None or (skinny is None and bf16):
         raise SystemExit(f"the small-batch {cfg.dtype} kernels are not in use here (bf16 needs AVX512-BF16, "
                          "float32 AVX2; or no C++ compiler, or --no-cpu-kernels)")
     prompts = Path(cfg.prompts)
@@ -80,18 +83,18 @@ def run(cfg: SkinnyBenchConfig) -> dict:
         for r in range(2 * cfg.rounds):
             path = "kernels" if r % 2 == 0 else "onednn"
             for m in linears:
-                m.use_skinny(skinny if path == "kernels" else None, dtypes)
-                m.use_paired(paired if path == "kernels" else None)
+                m.use_skinny(skinny if path == "kernels" else None)
+                m.use_paired(paired if path == "kernels" else None, dtypes)
             rounds[path].append(median_ms(engine.step, cfg.steps, warmup=3))
         for m in linears:
-            m.use_skinny(skinny, dtypes)
-            m.use_paired(paired)
+            m.use_skinny(skinny)
+            m.use_paired(paired, dtypes)
         while engine.has_unfinished_requests():
             for seq in list(engine.seqs):
                 engine.abort_request(seq)
             engine.step()
         kernels, onednn = statistics.median(rounds["kernels"]), statistics.median(rounds["onednn"])
-        kernel = "skinny" if batch <= PackedLinear.skinny_max_rows else "paired"
+        kernel = "skinny" if bf16 and batch <= PackedLinear.skinny_max_rows else "paired"
         cases[str(batch)] = {"kernel": kernel, "step_ms_per_round": rounds,
                              "step_ms_median": {"kernels": kernels, "onednn": onednn}, "speedup": onednn / kernels,
                              "decode_tok_s": {"kernels": 1000 * batch / kernels, "onednn": 1000 * batch / onednn}}

@@ -106,14 +106,13 @@ def _chunk_pairs_limit(bf16_fast) -> Callable[[torch.dtype, int, int], int]:
 def _registered_ops() -> LayerOps | None:
     try:
         ops = torch.ops.adadepth
-        # bf16 kernels need AVX512-BF16, the float32 skinny one AVX2 and FMA (this build: -march=native).
-        skinny_dtypes = tuple(d for d in (torch.bfloat16, torch.float32) if ops.skinny_linear_supports(d))
-        bf16 = torch.bfloat16 in skinny_dtypes
+        # bf16 kernels need AVX512-BF16, the float32 paired one AVX2 and FMA (this build: -march=native).
+        paired_dtypes = tuple(d for d in (torch.bfloat16, torch.float32) if ops.paired_linear_supports(d))
         return LayerOps(rms_norm=ops.rms_norm, add_rms_norm=ops.add_rms_norm, rope_write_kv=ops.rope_write_kv,
                         silu_and_mul=ops.silu_and_mul, paged_attention=ops.paged_decode_attention,
-                        skinny_linear=ops.skinny_linear if skinny_dtypes else None, skinny_dtypes=skinny_dtypes,
-                        paired_linear=ops.paired_linear if bf16 else None,
+                        skinny_linear=ops.skinny_linear if ops.skinny_linear_supported() else None,
+                        paired_linear=ops.paired_linear if paired_dtypes else None, paired_dtypes=paired_dtypes,
                         chunk_pairs_limit=_chunk_pairs_limit(ops.paged_attention_bf16_fast),
-                        decode_layers=ops.decode_layers if skinny_dtypes else None)
+                        decode_layers=ops.decode_layers if paired_dtypes else None)
     except (AttributeError, RuntimeError):
         return None

@@ -9,8 +9,8 @@
 // Semantics: exactly the per-layer path of `AdaptiveLlama.run_layers` for a decode-shaped bf16 or
 // float32 step (one token per row, every row's attention through the paged kernel) without bypass ops,
 // each matmul going where PackedLinear sends it: the skinny kernel (rows <= skinny_max_rows, plain
-// weight), the paired one (rows <= paired_max_rows, k-pair copy; bf16 only: float32 callers pass
-// paired_max_rows = skinny_max_rows) or oneDNN (its packed copy).
+// weight; bf16 only: float32 callers pass skinny_max_rows = 0), the paired one (rows <=
+// paired_max_rows, its packed copy: k-pairs or 8-column blocks) or oneDNN (its packed copy).
 // Layer i runs rows [0, active_rows[i]) through
 //     x = rms_norm(h, in_norm); qkv = x @ qkv^T (+b); rope_write_kv(qkv, ...);
 //     attn = paged_decode_attention(q, ...); h', x = add_rms_norm(h, attn @ o^T (+b), post_norm);

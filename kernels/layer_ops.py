@@ -72,22 +72,24 @@ class LayerOps:
     # The reference decode attention gathers whole blocks (masked, but 0 * NaN is NaN), so the KV
     # cache starts zeroed (ModelRunner); the kernel reads only each row's context.
     paged_attention: Callable = paged_decode_attention_ref
-    # Matmuls of at most `PackedLinear.skinny_max_rows` rows (decode at batch 1-4) in the dtypes
-    # `skinny_dtypes` names, reading the plain weight at the memory's pace (skinny_linear_cpu.cpp;
-    # reference: F.linear). None: every matmul goes through oneDNN.
+    # bf16 matmuls of at most `PackedLinear.skinny_max_rows` rows (decode at batch 1-4), reading
+    # the plain weight at the memory's pace (skinny_linear_cpu.cpp; reference: F.linear). None:
+    # every matmul goes through oneDNN.
     skinny_linear: Callable | None = None
-    skinny_dtypes: tuple[torch.dtype, ...] = ()
     # bf16 matmuls of more rows, up to `PackedLinear.paired_max_rows` (decode steps of 5-256 rows), from a
     # copy of the weight packed in k-pairs (paired_linear_cpu.cpp; reference: paired_linear_ref).
     # None: oneDNN.
     paired_linear: Callable | None = None
+    # The dtypes `paired_linear` takes on this CPU: bf16 (AVX512-BF16; rows past the skinny kernel's)
+    # and float32 (AVX2 and FMA; every row count up to the limit).
+    paired_dtypes: tuple[torch.dtype, ...] = ()
     # (dtype, head_dim, query heads per kv head) -> the most (query, key) position pairs a prompt
     # chunk may have for its rows to go through `paged_attention` like decode rows (one call for the
     # whole step) instead of one SDPA per chunk. Where the paged kernel's cost per pair is SDPA's or
     # lower (benchmarks/results/chunk_attention.json). None: every chunk through SDPA (the reference
     # decode attention gathers each row's whole context, so it is no way to run a chunk).
     chunk_pairs_limit: Callable | None = None
-    # A decode-shaped step's whole layer loop in one call (bf16 or float32, where `skinny_linear`
+    # A decode-shaped step's whole layer loop in one call (bf16 or float32, where `paired_linear`
     # takes the dtype), running the kernels above in the reference loop's order
     # (decode_layers_cpu.cpp; used through adadepth.model.fused_decode). None: the loop runs in Python.
     decode_layers: Callable | None = None

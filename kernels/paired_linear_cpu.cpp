@@ -1,21 +1,26 @@
-// y = x @ W^T (+ b) for a decode step's rows (about 5 to 256), bf16, on CPUs with AVX512-BF16, from a
-// copy of W packed in k-pairs.
+// y = x @ W^T (+ b) for a decode step's rows (1 to about 256) from a copy of W packed for this
+// kernel: bf16 on CPUs with AVX512-BF16 (W in k-pairs, from 5 rows: fewer go to skinny_linear_cpu.cpp),
+// float32 on CPUs with AVX2 and FMA (W in 8-column blocks, every row count up to the limit).
 //
 // Why: between two decode steps a layer's weights leave the cache, and at these batch sizes
-// oneDNN's bf16 inner product spends much of its time waiting for them to come back (it ran the
-// same products faster on weights still in cache). This kernel streams each group of three
-// 16-column blocks of the packed weight front to back once, asks for it a few KB ahead of use, and
-// keeps 8 rows x 3 blocks of accumulators in registers while it does
-// (benchmarks/results/matmul_rows.json, benchmarks/results/skinny_linear.json).
+// oneDNN's inner product spends much of its time waiting for them to come back (it ran the same
+// products faster on weights still in cache). This kernel streams each group of column blocks of
+// the packed weight front to back once and keeps a tile of rows x blocks of accumulators in
+// registers while it does (bf16: 8 rows x 3 blocks of 16, asking for the weights a few KB ahead;
+// float32: 6 rows x 2 blocks of 8, 12 of the 16 ymm registers)
+// (benchmarks/results/matmul_rows.json, skinny_linear.json, matmul_rows_fp32.json).
 //
-// Layout: w_paired (N/16, K/2, 16, 2) bf16, w_paired[nb, kp, j, t] = W[16 nb + j, 2 kp + t]
+// bf16 layout: w_paired (N/16, K/2, 16, 2), w_paired[nb, kp, j, t] = W[16 nb + j, 2 kp + t]
 // (`pack_pairs` in paired_linear.py): one 64-byte vector holds 16 output columns x 2 inputs,
 // which is what `vdpbf16ps` multiplies against one broadcast pair of x values (exact products,
 // float32 sums).
+// float32 layout: w_paired (N/8, K, 8), w_paired[nb, k, j] = W[8 nb + j, k] (`pack_blocks`): one
+// 32-byte vector holds 8 output columns of one input, multiplied by x[m, k] broadcast (one FMA).
 //
-// Semantics (reference: paired_linear_ref, i.e. F.linear on the unpacked weight): x (M, K) bf16,
-// w_paired as above, b (N,) bf16 or none; y (M, N) bf16 = round(sum_k x[m, k] W[n, k] + b[n]),
-// summed in float32. Any M >= 1, K even, N a multiple of 16.
+// Semantics (reference: paired_linear_ref, i.e. F.linear on the unpacked weight): x (M, K), w_paired
+// as above, b (N,) or none, all of one dtype; y (M, N) = sum_k x[m, k] W[n, k] + b[n], summed in
+// float32 (bf16: rounded once at the end). Any M >= 1; bf16: K even, N a multiple of 16; float32:
+// N a multiple of 8.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -28,6 +33,11 @@
 #include <array>
 #include <cstring>
 #include <utility>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define ADADEPTH_PAIRED_F32 1
+#endif
 
 namespace {
 
@@ -81,11 +91,110 @@ constexpr std::array<TileFn, sizeof...(MB)> tiles_of(std::integer_sequence<int, 
 }
 #endif
 
+#if defined(ADADEPTH_PAIRED_F32)
+// A float32 tile: MB rows of x (row stride K) times NB 8-column blocks (each K vectors, the first at
+// wb); sums to acc (MB, NB, 8). kF32TileRows x kF32TileBlocks = 12 accumulators: with the weight
+// vectors and the broadcast, all in the 16 ymm registers (GCC kept 4 x 3 tiles' sums on the stack,
+// spilling every step, unless every loop is unrolled as here).
+constexpr int kF32TileRows = 6;
+constexpr int kF32TileBlocks = 2;
+
+template <int NB, int MB>
+inline void tile_f32(const float* x, int64_t K, const float* wb, float* acc_out) {
+  __m256 acc[NB][MB];
+#pragma GCC unroll 8
+  for (int n = 0; n < NB; ++n)
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) acc[n][m] = _mm256_setzero_ps();
+  const int64_t block = K * 8;  // a column block: K vectors of 8 floats
+  const float* wk = wb;
+  for (int64_t k = 0; k < K; ++k, wk += 8) {
+    __m256 wv[NB];
+#pragma GCC unroll 8
+    for (int n = 0; n < NB; ++n) wv[n] = _mm256_loadu_ps(wk + n * block);
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) {
+      const __m256 xb = _mm256_broadcast_ss(x + m * K + k);
+#pragma GCC unroll 8
+      for (int n = 0; n < NB; ++n) acc[n][m] = _mm256_fmadd_ps(xb, wv[n], acc[n][m]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MB; ++m)
+#pragma GCC unroll 8
+    for (int n = 0; n < NB; ++n) _mm256_storeu_ps(acc_out + (m * NB + n) * 8, acc[n][m]);
+}
+
+using TileF32 = void (*)(const float*, int64_t, const float*, float*);
+
+template <int NB, int... MB>
+constexpr std::array<TileF32, sizeof...(MB)> f32_tiles_of(std::integer_sequence<int, MB...>) {
+  return {&tile_f32<NB, MB + 1>...};
+}
+
+at::Tensor paired_linear_f32(const at::Tensor& x, const at::Tensor& w_blocks, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(w_blocks.dim() == 3 && w_blocks.size(2) == 8 && w_blocks.scalar_type() == at::kFloat,
+              "float32 x takes w_paired (N/8, K, 8) float32");
+  const int64_t M = x.size(0), K = x.size(1), N = w_blocks.size(0) * 8;
+  TORCH_CHECK(M >= 1 && w_blocks.size(1) == K, "x has ", K, " inputs, w_paired ", w_blocks.size(1));
+  TORCH_CHECK(w_blocks.is_contiguous(), "w_paired must be contiguous");
+  const at::Tensor xc = x.contiguous();
+  at::Tensor bc;
+  const float* bp = adadepth_cpu::bias_ptr<float>(bias, N, bc);
+  at::Tensor y = at::empty({M, N}, x.options());
+  static constexpr std::array<std::array<TileF32, kF32TileRows>, kF32TileBlocks> tiles = {
+      f32_tiles_of<1>(std::make_integer_sequence<int, kF32TileRows>{}),
+      f32_tiles_of<2>(std::make_integer_sequence<int, kF32TileRows>{})};
+  const float* xp = xc.data_ptr<float>();
+  const float* wp = w_blocks.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t num_blocks = N / 8, num_groups = (num_blocks + kF32TileBlocks - 1) / kF32TileBlocks;
+  const int64_t num_row_tiles = (M + kF32TileRows - 1) / kF32TileRows;
+  const int64_t tile_rows = (M + num_row_tiles - 1) / num_row_tiles;  // equal heights: 7 = 4 + 3
+  // A task is a group of 2 column blocks (2 * K * 32 bytes of weights), for all M rows.
+  at::parallel_for(0, num_groups, 1, [&](int64_t begin, int64_t end) {
+    alignas(32) float acc[kF32TileRows * kF32TileBlocks * 8];  // (rows, blocks, 8 columns)
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t nb0 = g * kF32TileBlocks, nb = std::min<int64_t>(kF32TileBlocks, num_blocks - nb0);
+      const float* wb = wp + nb0 * K * 8;
+      for (int64_t m0 = 0; m0 < M; m0 += tile_rows) {
+        const int64_t rows = std::min<int64_t>(tile_rows, M - m0);
+        tiles[nb - 1][rows - 1](xp + m0 * K, K, wb, acc);
+        for (int64_t m = 0; m < rows; ++m)
+          for (int64_t n = 0; n < nb; ++n) {
+            const __m256 b = bp == nullptr ? _mm256_setzero_ps() : _mm256_loadu_ps(bp + (nb0 + n) * 8);
+            _mm256_storeu_ps(yp + (m0 + m) * N + (nb0 + n) * 8, _mm256_add_ps(_mm256_load_ps(acc + (m * nb + n) * 8), b));
+          }
+      }
+    }
+  });
+  return y;
+}
+#endif
+
+bool supports(at::ScalarType dtype) {
+#if defined(__AVX512BF16__)
+  if (dtype == at::kBFloat16) return true;
+#endif
+#if defined(ADADEPTH_PAIRED_F32)
+  if (dtype == at::kFloat) return true;
+#endif
+  return false;
+}
+
+// Whether this machine's build (compiled with -march=native) has the kernel for `dtype`.
+bool paired_linear_supports(at::ScalarType dtype) { return supports(dtype); }
+
 at::Tensor paired_linear(const at::Tensor& x, const at::Tensor& w_paired, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && w_paired.dim() == 4 && w_paired.size(2) == 16 && w_paired.size(3) == 2,
-              "expected x (M, K) and w_paired (N/16, K/2, 16, 2)");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w_paired.scalar_type() == at::kBFloat16,
-              "paired_linear takes bfloat16");
+  TORCH_CHECK(x.dim() == 2, "expected x (M, K)");
+  TORCH_CHECK(x.scalar_type() == w_paired.scalar_type(), "x and w_paired must have one dtype");
+  TORCH_CHECK(supports(x.scalar_type()), "paired_linear has no ", x.scalar_type(),
+              " kernel in this build (bf16 needs AVX512-BF16, float32 AVX2 and FMA)");
+#if defined(ADADEPTH_PAIRED_F32)
+  if (x.scalar_type() == at::kFloat) return paired_linear_f32(x, w_paired, bias);
+#endif
+  TORCH_CHECK(w_paired.dim() == 4 && w_paired.size(2) == 16 && w_paired.size(3) == 2,
+              "bf16 x takes w_paired (N/16, K/2, 16, 2)");
   const int64_t M = x.size(0), K = x.size(1), N = w_paired.size(0) * 16;
   TORCH_CHECK(M >= 1 && w_paired.size(1) * 2 == K, "x has ", K, " inputs, w_paired ", w_paired.size(1) * 2);
   TORCH_CHECK(w_paired.is_contiguous(), "w_paired must be contiguous");
@@ -136,6 +245,7 @@ at::Tensor paired_linear(const at::Tensor& x, const at::Tensor& w_paired, const 
 
 TORCH_LIBRARY_FRAGMENT(adadepth, m) {
   m.def("paired_linear(Tensor x, Tensor w_paired, Tensor? bias) -> Tensor");
+  m.def("paired_linear_supports(ScalarType dtype) -> bool", &paired_linear_supports);
 }
 
 TORCH_LIBRARY_IMPL(adadepth, CPU, m) { m.impl("paired_linear", &paired_linear); }

@@ -57,7 +57,7 @@ class AdaptiveLlama(nn.Module):
 
     def use_ops(self, ops: LayerOps | None) -> None:
         """Every layer calls `ops` (same semantics as the references), or the references when None;
-        packed matmuls take its small-batch kernels (skinny: 1-4 rows, paired: up to 48), if it has them."""
+        packed matmuls take its small-batch kernels (bf16 skinny: 1-4 rows; paired: up to 256), if it has them."""
         from adadepth.model.fused_decode import FusedDecode
         from adadepth.model.packed_linear import PackedLinear
 
@@ -65,9 +65,9 @@ class AdaptiveLlama(nn.Module):
             layer.ops = ops or LayerOps()
         for module in self.modules():
             if isinstance(module, PackedLinear):
-                module.use_skinny(ops.skinny_linear if ops is not None else None,
-                                  ops.skinny_dtypes if ops is not None else ())
-                module.use_paired(ops.paired_linear if ops is not None else None)
+                module.use_skinny(ops.skinny_linear if ops is not None else None)
+                module.use_paired(ops.paired_linear if ops is not None else None,
+                                  ops.paired_dtypes if ops is not None else ())
         self.fused_decode = FusedDecode.for_model(self, ops)
 
     def pack_linears(self) -> int:

@@ -4,10 +4,10 @@ The Python around a layer's kernels (module calls, slicing, dozens of PyTorch ca
 steps 1.14-1.27x longer at batch 1-64 (benchmarks/results/decode_loop_ab.json). The C++ loop calls the same kernels in the same
 order, so its results are those of `AdaptiveLlama.run_layers`' per-layer path, which stays the
 reference and the path for every step this one does not cover: steps of several tokens per row,
-dtypes without a skinny kernel on this CPU, prompt chunks past the paged kernel's limit, bypass
+dtypes without a paired kernel on this CPU, prompt chunks past the paged kernel's limit, bypass
 ops, capture, caches not paged by layer groups (the engine always pages them so). bf16 steps take
-the skinny, paired and oneDNN matmuls; float32 ones (CPUs without AVX512-BF16) the skinny kernel
-up to its rows and oneDNN past them.
+the skinny, paired and oneDNN matmuls; float32 ones (AVX2 CPUs) the paired kernel from one row and
+oneDNN past its limit.
 """
 from __future__ import annotations
 
@@ -31,20 +31,20 @@ class FusedDecode:
         self.skinny_max_rows = min(lin.skinny_max_rows for lin in self._flat)
         self.paired_max_rows = min(lin.paired_max_rows for lin in self._flat)
         self.dtype = model.embed_tokens.weight.dtype
-        # float32 has no paired kernel: past the skinny kernel's rows every product is oneDNN's.
+        # float32 has no skinny kernel: the paired one takes every row count up to its limit.
         if self.dtype != torch.bfloat16:
-            self.paired_max_rows = self.skinny_max_rows
+            self.skinny_max_rows = 0
         self._weights: list[torch.Tensor] | None = None
         self._biases: list[torch.Tensor | None] = []
         self._key: tuple | None = None
 
     @classmethod
     def for_model(cls, model, ops) -> "FusedDecode | None":
-        """None unless the C++ loop can serve the model: a model in a dtype the skinny kernel takes here
+        """None unless the C++ loop can serve the model: a model in a dtype the paired kernel takes here
         (bf16 with AVX512-BF16, float32 with AVX2), fused kernels loaded, every matmul packed, one eps.
         (What may change after load, the matmuls' kernels and bypass ops, `covers` checks at every step.)"""
         dtype = model.embed_tokens.weight.dtype
-        if ops is None or getattr(ops, "decode_layers", None) is None or dtype not in ops.skinny_dtypes:
+        if ops is None or getattr(ops, "decode_layers", None) is None or dtype not in ops.paired_dtypes:
             return None
         layers = model.layers
         packed = all(isinstance(lin, PackedLinear)
@@ -62,7 +62,7 @@ class FusedDecode:
         if torch.is_grad_enabled():
             return False  # the C++ loop has no backward; PackedLinear takes F.linear then too
         bf16 = self.dtype == torch.bfloat16
-        if not all(lin.takes_skinny(self.dtype) and (lin.paired is not None or not bf16) for lin in self._flat):
+        if not all(lin.takes_paired(self.dtype) and (lin.skinny is not None or not bf16) for lin in self._flat):
             return False  # a matmul was sent back to oneDNN (after load, or loaded without the kernels)
         if not all(gate_up.fuse_gate for _, _, gate_up, _ in self.linears):
             return False  # the C++ loop always runs SiLU-and-multiply in oneDNN's epilogues past the paired kernel
@@ -88,9 +88,7 @@ class FusedDecode:
                 for lin in (qkv, o, gate_up, down):
                     # gate/up: the oneDNN copies of its halves, as PackedLinear.silu_and_mul takes them.
                     packed = list(lin.packed_halves()) if lin is gate_up else [lin.packed_weight()]
-                    # float32: the k-pair slot holds the plain weight (paired_max_rows leaves it unread).
-                    paired = lin.paired_weight() if self.dtype == torch.bfloat16 else lin.weight
-                    weights += [lin.weight, paired, *packed]
+                    weights += [lin.weight, lin.paired_weight(), *packed]
                 biases += [qkv.bias, o.bias, gate_up.bias, down.bias]
             self._weights, self._biases, self._key = weights, biases, key
         return self._weights, self._biases

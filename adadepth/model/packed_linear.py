@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adadepth.kernels.paired_linear import pack_pairs
+from adadepth.kernels.paired_linear import pack_for_kernel
 
 
 def onednn_available() -> bool:
@@ -49,47 +49,48 @@ class PackedLinear(nn.Module):
         # bf16 products of at most `skinny_max_rows` rows go to this kernel instead (use_skinny), and
         # those of at most `paired_max_rows` to the paired kernel, on a copy packed in k-pairs (use_paired).
         self.skinny = None
-        self.skinny_dtypes: tuple[torch.dtype, ...] = ()
         self.paired = None
+        self.paired_dtypes: tuple[torch.dtype, ...] = ()
         self._paired_w: torch.Tensor | None = None
         self._paired_key: tuple | None = None
         self._halves: tuple[torch.Tensor, torch.Tensor] | None = None
         self._halves_key: tuple | None = None
 
-    # Decode steps of the default model, the two paths interleaved: faster with the skinny kernel at
-    # batch 1 to 4, in bf16 on a 2-core Zen 4 (benchmarks/results/skinny_linear.json) and in float32
-    # on a 2-core Zen 3 (skinny_linear_fp32.json); it takes at most 4 rows.
+    # Decode steps of the default model on a 2-core Zen 4 (AVX512-BF16), the two paths interleaved:
+    # faster with the skinny kernel at batch 1 to 4 (benchmarks/results/skinny_linear.json); it
+    # takes at most 4 rows.
     skinny_max_rows = 4
 
-    def use_skinny(self, kernel, dtypes: tuple[torch.dtype, ...] = ()) -> None:
-        """Route products of a few rows in one of `dtypes` to `kernel(x (M, K), w (N, K), bias) ->
-        (M, N)` (None: oneDNN for all), where the shapes fit it (K a multiple of 32, N of 16)."""
-        if kernel is not None and not dtypes:
-            raise ValueError("use_skinny needs the dtypes the kernel takes")
+    def use_skinny(self, kernel) -> None:
+        """Route bf16 products of a few rows to `kernel(x (M, K), w (N, K), bias) -> (M, N)`
+        (None: oneDNN for all), where the shapes fit it (K a multiple of 32, N of 16)."""
         fits = self.in_features % 32 == 0 and self.out_features % 16 == 0
         self.skinny = kernel if fits else None
-        self.skinny_dtypes = tuple(dtypes) if self.skinny is not None else ()
 
-    def takes_skinny(self, dtype: torch.dtype) -> bool:
-        return self.skinny is not None and dtype in self.skinny_dtypes
-
-    # Products of 5 to 256 rows (decode steps, with the prompt chunks they carry): 1.01-1.38x faster
-    # with the paired kernel's 8 x 3 register tiles than with oneDNN on the default model's matmuls
-    # (2-core Zen 4, benchmarks/results/matmul_rows.json); from ~384 rows on (prefills) neither is
-    # ahead beyond the noise.
+    # Products of up to 256 rows (decode steps, with the prompt chunks they carry): with the paired
+    # kernel's register tiles 1.01-1.38x faster than oneDNN in bf16 from 8 rows (2-core Zen 4,
+    # benchmarks/results/matmul_rows.json) and 1.1-1.9x in float32 from 1 row (2-core Zen 3, AVX2,
+    # matmul_rows_fp32.json); from ~384 rows on (prefills) bf16 is ahead of neither beyond the noise.
     paired_max_rows = 256
 
-    def use_paired(self, kernel) -> None:
-        """Route bf16 products of skinny_max_rows+1 .. paired_max_rows rows to `kernel(x (M, K),
-        w_paired (N/16, K/2, 16, 2), bias) -> (M, N)` (None: oneDNN), where the shapes fit it (K even,
-        N a multiple of 16). The k-pair copy of a bf16 weight is made here, at load, so that the first
-        decode step of such a batch does not pay for it; it is rebuilt if the weight changes."""
+    def use_paired(self, kernel, dtypes: tuple[torch.dtype, ...] = ()) -> None:
+        """Route products of up to paired_max_rows rows in one of `dtypes` (bf16: only those past
+        the skinny kernel's rows) to `kernel(x (M, K), w_paired, bias) -> (M, N)` on the copy
+        `pack_for_kernel` makes (None: oneDNN), where the shapes fit it (K even, N a multiple of 16).
+        That copy is made here, at load, so that the first decode step does not pay for it; it is
+        rebuilt if the weight changes."""
+        if kernel is not None and not dtypes:
+            raise ValueError("use_paired needs the dtypes the kernel takes")
         fits = self.in_features % 2 == 0 and self.out_features % 16 == 0
         self.paired = kernel if fits else None
+        self.paired_dtypes = tuple(dtypes) if self.paired is not None else ()
         if self.paired is None:
             self._paired_w = self._paired_key = None
-        elif self.weight.dtype == torch.bfloat16 and self.weight.device.type == "cpu":
+        elif self.weight.dtype in self.paired_dtypes and self.weight.device.type == "cpu":
             self.paired_weight()
+
+    def takes_paired(self, dtype: torch.dtype) -> bool:
+        return self.paired is not None and dtype in self.paired_dtypes
 
     def _weight_key(self) -> tuple:
         """What identifies the weight's current values: a copy made from it is stale once this changes.
@@ -100,7 +101,7 @@ class PackedLinear(nn.Module):
     def paired_weight(self) -> torch.Tensor:
         key = self._weight_key()
         if self._paired_w is None or self._paired_key != key:
-            self._paired_w = pack_pairs(self.weight.detach())                 # (N/16, K/2, 16, 2)
+            self._paired_w = pack_for_kernel(self.weight.detach())  # bf16 (N/16, K/2, 16, 2), fp32 (N/8, K, 8)
             self._paired_key = key
         return self._paired_w
 
@@ -139,8 +140,8 @@ class PackedLinear(nn.Module):
         if not self._can_pack(x):
             return False
         rows = x.numel() // self.in_features
-        return not ((self.takes_skinny(x.dtype) and rows <= self.skinny_max_rows)
-                    or (x.dtype == torch.bfloat16 and self.paired is not None and rows <= self.paired_max_rows))
+        return not ((x.dtype == torch.bfloat16 and self.skinny is not None and rows <= self.skinny_max_rows)
+                    or (self.takes_paired(x.dtype) and rows <= self.paired_max_rows))
 
     def silu_and_mul(self, x: torch.Tensor, reference) -> torch.Tensor:
         """silu(x @ Wg^T + bg) * (x @ Wu^T + bu), this weight's rows being [Wg; Wu] (a gated MLP's
@@ -163,10 +164,10 @@ class PackedLinear(nn.Module):
         if not self._can_pack(x):
             return F.linear(x, self.weight, self.bias)
         rows = x.numel() // self.in_features
-        if self.takes_skinny(x.dtype) and rows <= self.skinny_max_rows:
+        if x.dtype == torch.bfloat16 and self.skinny is not None and rows <= self.skinny_max_rows:
             y = self.skinny(x.reshape(rows, self.in_features), self.weight, self.bias)   # (M, K) -> (M, N)
             return y.view(*x.shape[:-1], self.out_features)
-        if x.dtype == torch.bfloat16 and self.paired is not None and rows <= self.paired_max_rows:
+        if self.takes_paired(x.dtype) and rows <= self.paired_max_rows:
             y = self.paired(x.reshape(rows, self.in_features), self.paired_weight(), self.bias)   # (M, N)
             return y.view(*x.shape[:-1], self.out_features)
         # (..., in) -> (..., out); oneDNN takes any leading dims and strided rows.

@@ -38,7 +38,7 @@ def test_loop_ab_alternates_the_two_layer_loops(tiny_llama, cache_dir, tmp_path,
     ops = load_cpu_ops(str(tmp_path / "ext"))
     if ops is None or ops.decode_layers is None:
         pytest.skip("no C++ compiler, or neither AVX512-BF16 nor AVX2 on this CPU: no C++ layer loop")
-    dtype = "bfloat16" if torch.bfloat16 in ops.skinny_dtypes else "float32"  # what the loop takes here
+    dtype = "bfloat16" if torch.bfloat16 in ops.paired_dtypes else "float32"  # what the loop takes here
     monkeypatch.setenv("ADADEPTH_CACHE_DIR", cache_dir)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"what is {i} + {i}?"}]}) + "\n"

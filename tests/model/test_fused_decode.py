@@ -27,9 +27,9 @@ def cpu_ops(tmp_path_factory):
 @pytest.fixture(params=["bfloat16", "float32"])
 def dtype(request, cpu_ops) -> str:
     """The dtypes the C++ loop serves on this CPU: bf16 with AVX512-BF16 (skinny, paired and oneDNN
-    matmuls), float32 with AVX2 (skinny and oneDNN)."""
-    if getattr(torch, request.param) not in cpu_ops.skinny_dtypes:
-        pytest.skip(f"no {request.param} matmul kernel on this CPU (bf16 needs AVX512-BF16, float32 AVX2)")
+    matmuls), float32 with AVX2 (paired and oneDNN)."""
+    if getattr(torch, request.param) not in cpu_ops.paired_dtypes:
+        pytest.skip(f"no {request.param} matmul kernel on this CPU (bf16 needs AVX512-BF16, float32 AVX2 and FMA)")
     return request.param
 
 
@@ -57,9 +57,9 @@ def _run(llm: LLM, fused, prompts, params):
 
 
 @pytest.mark.parametrize("checkpoint, batch, kv_group_layers, paired_max_rows", [
-    ("tiny_llama", 1, 3, None),   # skinny matmuls
+    ("tiny_llama", 1, 3, None),   # skinny matmuls (float32: paired)
     ("tiny_llama", 3, 1, None),   # skinny, one layer per page group
-    ("tiny_llama", 7, 2, None),   # paired matmuls (float32: oneDNN)
+    ("tiny_llama", 7, 2, None),   # paired matmuls
     ("tiny_qwen2", 6, 3, None),   # q/k/v biases
     ("tiny_llama", 52, 3, None),  # paired, several row tiles
     ("tiny_llama", 52, 3, 32),    # oneDNN matmuls (rows past paired_max_rows)
