@@ -1,11 +1,12 @@
-"""`adadepth bench matmul-rows`: the paired bf16 matmul kernel against oneDNN, per number of rows.
+"""`adadepth bench matmul-rows`: the paired matmul kernel against oneDNN, per number of rows.
 
 Where `PackedLinear.paired_max_rows` comes from. The products are the default model's: every layer's
-qkv, o, gate/up and down matmul (30 layers, ~212 MB of bf16 weights, so each matmul meets its weight
-cold, as in a decode step), with M rows of activations. oneDNN runs as PackedLinear runs it (its
-packed weight, `mkldnn::_linear_pointwise`), the paired kernel on the k-pair copy. The two alternate
-within each repeat; each repeat's time is the median of a few sweeps; reported: the median over
-repeats and GFLOPS (2 * M * sum of N*K per sweep). Needs a CPU with AVX512-BF16 (the kernel's target).
+qkv, o, gate/up and down matmul (30 layers, ~212 MB of bf16 weights or ~425 MB of float32, so each
+matmul meets its weight cold, as in a decode step), with M rows of activations. oneDNN runs as
+PackedLinear runs it (its packed weight, `mkldnn::_linear_pointwise`), the paired kernel on its own
+copy (bf16: k-pairs, float32: 8-column blocks). The two alternate within each repeat; each repeat's
+time is the median of a few sweeps; reported: the median over repeats and GFLOPS (2 * M * sum of N*K
+per sweep). bf16 needs a CPU with AVX512-BF16, float32 one with AVX2 and FMA.
 """
 from __future__ import annotations
 
@@ -24,9 +25,12 @@ class MatmulRowsBenchConfig:
     num_layers: int = field(default=30, metadata={"help": "layers of weights swept per timing"})
     repeats: int = field(default=5, metadata={"help": "alternating repeats per path and row count"})
     sweeps: int = field(default=4, metadata={"help": "timed sweeps per repeat (median)"})
+    dtype: str = field(default="bfloat16", metadata={"help": "bfloat16 or float32"})
     out: str = field(default="benchmarks/results/matmul_rows.json", metadata={"help": "JSON output"})
 
     def __post_init__(self) -> None:
+        if self.dtype not in ("bfloat16", "float32"):
+            raise ValueError("dtype must be bfloat16 or float32")
         self.row_list = [int(x) for x in self.rows.split(",") if x.strip()]
         if not self.row_list or min(self.row_list) < 1:
             raise ValueError("rows must be positive")
@@ -42,21 +46,23 @@ def run(cfg: MatmulRowsBenchConfig) -> dict:
     from adadepth.benchmarks.machine import machine_info, median_ms, save_report
     from adadepth.config import ModelConfig
     from adadepth.kernels.cpu_ops import load_cpu_ops
-    from adadepth.kernels.paired_linear import pack_pairs
+    from adadepth.kernels.paired_linear import pack_for_kernel
     from adadepth.model.packed_linear import PackedLinear
 
+    dtype = getattr(torch, cfg.dtype)
     ops = load_cpu_ops(os.path.join(ModelConfig().cache_dir, "extensions"))
-    if ops is None or ops.paired_linear is None:
-        raise SystemExit("the paired kernel is not available here (no AVX512-BF16 or no C++ compiler)")
+    if ops is None or dtype not in ops.paired_dtypes:
+        raise SystemExit(f"the paired {cfg.dtype} kernel is not available here (bf16 needs AVX512-BF16, float32 "
+                         "AVX2; or no C++ compiler)")
     g = torch.Generator().manual_seed(0)
     shapes = [s for _ in range(cfg.num_layers) for s in DEFAULT_SHAPES]
-    plain = [(torch.randn(n, k, generator=g) / k ** 0.5).bfloat16() for n, k in shapes]       # (N, K) each
-    paired = [pack_pairs(w) for w in plain]                                                 # (N/16, K/2, 16, 2)
+    plain = [(torch.randn(n, k, generator=g) / k ** 0.5).to(dtype) for n, k in shapes]       # (N, K) each
+    paired = [pack_for_kernel(w) for w in plain]                          # bf16 (N/16, K/2, 16, 2), fp32 (N/8, K, 8)
     onednn = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in plain]
     flops_per_row = 2 * sum(n * k for n, k in shapes)
     rows_out = []
     for m in cfg.row_list:
-        xs = {k: torch.randn(m, k, generator=g).bfloat16() for k in {k for _, k in DEFAULT_SHAPES}}   # (M, K)
+        xs = {k: torch.randn(m, k, generator=g).to(dtype) for k in {k for _, k in DEFAULT_SHAPES}}   # (M, K)
         err = max((ops.paired_linear(xs[w.shape[1]], p, None).float()
                    - torch.ops.mkldnn._linear_pointwise(xs[w.shape[1]], d, None, "none", [], "").float()).abs().max().item()
                   for w, p, d in zip(plain[:4], paired[:4], onednn[:4]))
@@ -81,7 +87,7 @@ def run(cfg: MatmulRowsBenchConfig) -> dict:
               "command": "adadepth bench matmul-rows " + " ".join(
                   f"--{k.replace('_', '-')} {v}" for k, v in dataclasses.asdict(cfg).items()),
               "machine": machine, "shapes_per_layer": [list(s) for s in DEFAULT_SHAPES],
-              "weight_mb": sum(n * k for n, k in shapes) * 2 / 1e6,
+              "dtype": cfg.dtype, "weight_mb": sum(n * k for n, k in shapes) * plain[0].element_size() / 1e6,
               "paired_max_rows_in_use": PackedLinear.paired_max_rows, "cases": rows_out}
     path = save_report(report, cfg.out, plot)
     print(f"wrote {path}")
@@ -98,17 +104,18 @@ def plot(report: dict, png) -> None:
 
     rows = [c["rows"] for c in report["cases"]]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for name, label in (("paired", "paired kernel (8 x 3 tiles)"), ("onednn", "oneDNN, packed weight")):
+    tiles = "8 x 3 tiles" if report.get("dtype", "bfloat16") == "bfloat16" else "6 x 2 tiles"
+    for name, label in (("paired", f"paired kernel ({tiles})"), ("onednn", "oneDNN, packed weight")):
         ax.plot(rows, [c["gflops"][name] for c in report["cases"]], marker="o", label=label)
     ax.axvline(report["paired_max_rows_in_use"], color="gray", lw=0.8, ls="--")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("rows (M)")
     ax.set_ylabel("GFLOPS (median of repeats)")
-    finish_plot(fig, ax, "default model's matmuls, bf16", report["machine"], png)
+    finish_plot(fig, ax, f"default model's matmuls, {report.get('dtype', 'bfloat16')}", report["machine"], png)
 
 
 def add_parser(subparsers) -> None:
     from adadepth.cli_args import add_config_command
 
     add_config_command(subparsers, "matmul-rows", MatmulRowsBenchConfig, run,
-                       help="matmuls: the paired bf16 kernel against oneDNN, per number of rows")
+                       help="matmuls: the paired kernel against oneDNN, per number of rows")
