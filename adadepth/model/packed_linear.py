@@ -47,7 +47,8 @@ class PackedLinear(nn.Module):
         self._packed_key: tuple | None = None
         self._dtypes = (torch.float32, torch.bfloat16) if onednn_bf16_available() else (torch.float32,)
         # bf16 products of at most `skinny_max_rows` rows go to this kernel instead (use_skinny), and
-        # those of at most `paired_max_rows` to the paired kernel, on a copy packed in k-pairs (use_paired).
+        # those of at most `paired_max_rows` (bf16 or float32) to the paired kernel, on a copy packed
+        # for it (use_paired).
         self.skinny = None
         self.paired = None
         self.paired_dtypes: tuple[torch.dtype, ...] = ()
