@@ -210,7 +210,8 @@ def plot(report: dict, path: Path) -> None:
         ax.set_ylabel("output tokens/s")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{report['machine']['cpu']} ({report['machine']['cpu_count']} cores): median of repeats, "
+    isa = ", ".join(report["machine"].get("isa", [])) or "ISA unknown"
+    fig.suptitle(f"{report['machine']['cpu']} ({report['machine']['cpu_count']} cores; {isa}): median of repeats, "
                  "bars min..max", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
