@@ -102,6 +102,14 @@ def merge_repeats(raw_dir: Path) -> dict[str, dict]:
     return merged
 
 
+def best_run(reports: dict[str, dict], depth: int, concurrency: int) -> tuple[str, dict] | None:
+    """vLLM's fastest run (by median throughput) at `concurrency` among its servers of `depth`
+    layers, one per dtype: (label, level), or None if none ran that level."""
+    found = [(name, lv) for name, r in reports.items() if name.startswith("vllm_") and name.endswith(f"_d{depth}")
+             for lv in r["results"] if lv["concurrency"] == concurrency]
+    return max(found, key=lambda item: _median(item[1])) if found else None
+
+
 def vllm_client_results(runs_dir: Path) -> dict:
     """`vllm bench serve`'s own figures, one per server it was pointed at."""
     keys = ("completed", "output_throughput", "median_ttft_ms", "p99_ttft_ms", "median_itl_ms", "p99_itl_ms",
@@ -147,18 +155,11 @@ def summarise(runs_dir: Path, depths: list[int], meta: dict) -> dict:
     table = []
     for depth in depths:
         ada = reports.get(f"adadepth_d{depth}")
-        vllm = {name: r for name, r in reports.items() if name.startswith("vllm_") and name.endswith(f"_d{depth}")}
-        vllm_full = {name: r for name, r in reports.items() if name.startswith("vllm_") and name.endswith(f"_d{max(depths)}")}
-        if ada is None or not vllm:
+        if ada is None or not any(name.startswith("vllm_") and name.endswith(f"_d{depth}") for name in reports):
             continue
         for level in ada["results"]:
             c = level["concurrency"]
-
-            def best(candidates: dict) -> tuple[str, dict] | None:
-                found = [(name, lv) for name, r in candidates.items() for lv in r["results"] if lv["concurrency"] == c]
-                return max(found, key=lambda item: _median(item[1])) if found else None
-
-            peer, peer_full = best(vllm), best(vllm_full)
+            peer, peer_full = best_run(reports, depth, c), best_run(reports, max(depths), c)
             row = {"depth": depth, "concurrency": c, "adadepth": _summary(level), "adadepth_run": f"adadepth_d{depth}"}
             if peer is not None:
                 row["vllm_best"] = {"run": peer[0], **_summary(peer[1])}

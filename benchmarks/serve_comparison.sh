@@ -104,13 +104,13 @@ VBENCH='import sys
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 from vllm.benchmarks.serve import add_cli_args, main
 parser = FlexibleArgumentParser(); add_cli_args(parser); main(parser.parse_args(sys.argv[1:]))'
+# Against vLLM's faster full-depth server at concurrency 16 (bf16 if it ran no such level).
 VBEST=$($PY -c "
-import json, statistics, sys
 from pathlib import Path
-c16 = lambda f: next(l['output_throughput_tok_s'] for l in json.loads(f.read_text())['results'] if l['concurrency'] == 16)
-runs = {dt: [c16(f) for f in Path('$RUNS/raw').glob(f'vllm_{dt}_d${FULL}_r*.json')] for dt in '$VLLM_DTYPES'.split()}
-print(max((statistics.median(v), dt) for dt, v in runs.items() if v)[1])" 2>/dev/null || echo bfloat16)
-for target in "vllm_${VBEST}_d$FULL:${PORT[vllm_${VBEST}_d$FULL]}" "adadepth_d$FULL:$ADA_PORT"; do
+from adadepth.benchmarks.serve_comparison import best_run, merge_repeats
+best = best_run(merge_repeats(Path('$RUNS/raw')), $FULL, 16)
+print(best[0] if best else 'vllm_bfloat16_d$FULL')")
+for target in "$VBEST:${PORT[$VBEST]}" "adadepth_d$FULL:$ADA_PORT"; do
   (cd /tmp && "$VLLM_VENV/bin/python" -c "$VBENCH" --backend openai-chat --endpoint /v1/chat/completions \
     --base-url "http://127.0.0.1:${target#*:}" --model default --tokenizer "$EXPORTS/depth$FULL" \
     --dataset-name custom --dataset-path "$RUNS/vllm_bench_prompts.jsonl" --custom-output-len "$MAX_TOKENS" \

@@ -76,9 +76,9 @@ class LayerOps:
     # the plain weight at the memory's pace (skinny_linear_cpu.cpp; reference: F.linear). None:
     # every matmul goes through oneDNN.
     skinny_linear: Callable | None = None
-    # bf16 matmuls of more rows, up to `PackedLinear.paired_max_rows` (decode steps of 5-256 rows), from a
-    # copy of the weight packed in k-pairs (paired_linear_cpu.cpp; reference: paired_linear_ref).
-    # None: oneDNN.
+    # Matmuls of up to `PackedLinear.paired_max_rows` rows (decode steps; bf16 from 5 rows, float32
+    # from 1) from a copy of the weight packed for it: k-pairs (bf16) or 8-column blocks (float32)
+    # (paired_linear_cpu.cpp; reference: paired_linear_ref). None: oneDNN.
     paired_linear: Callable | None = None
     # The dtypes `paired_linear` takes on this CPU: bf16 (AVX512-BF16; rows past the skinny kernel's)
     # and float32 (AVX2 and FMA; every row count up to the limit).
