@@ -34,6 +34,11 @@ class ModelConfig:
     dtype: str = field(default="auto", metadata={"help": (
         "compute dtype: auto (bfloat16 on GPUs and on CPUs with AVX512-BF16 or AMX, float32 on other CPUs), "
         "float32, bfloat16, float16")})
+    weight_dtype: str = field(default="auto", metadata={"help": (
+        "float32 models only: float16 rounds every matmul weight to float16 once at load (products and sums "
+        "stay float32) so that CPU decode steps read half the bytes (the C++ kernel's float16 copies, on CPUs "
+        "with AVX2, FMA and F16C); float32 keeps the weights as loaded; auto: float16 where that kernel "
+        "runs, else the compute dtype")})
     device: str = field(default="cpu", metadata={"help": "cpu or cuda[:N]"})
     served_model_name: str | None = field(default=None, metadata={"help": "model name reported by the API"})
     num_threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 keeps torch's default"})
@@ -48,6 +53,11 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16", "float64"):
             raise ValueError(f"dtype must be auto, float32, bfloat16, float16 or float64, got {self.dtype!r}")
+        if self.weight_dtype not in ("auto", "float32", "float16"):
+            raise ValueError(f"weight_dtype must be auto, float32 or float16, got {self.weight_dtype!r}")
+        if self.weight_dtype != "auto" and self.dtype not in ("auto", "float32"):
+            raise ValueError(f"weight_dtype {self.weight_dtype} applies to float32 models; with dtype "
+                             f"{self.dtype} leave it auto")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.num_threads < 0:
@@ -58,6 +68,18 @@ class ModelConfig:
         from adadepth.hardware import auto_dtype
 
         return auto_dtype(self.device) if self.dtype == "auto" else self.dtype
+
+    def resolved_weight_dtype(self, dtype: str, half_weight_kernel: bool) -> str:
+        """The dtype whose values the matmul weights hold, for a model running in `dtype` (resolved),
+        `half_weight_kernel` telling whether a decode kernel reads float16 copies of float32 weights."""
+        if dtype != "float32":
+            if self.weight_dtype != "auto":
+                raise ValueError(f"weight_dtype {self.weight_dtype} applies to float32 models; dtype auto "
+                                 f"chose {dtype} on this machine")
+            return dtype
+        if self.weight_dtype == "auto":
+            return "float16" if half_weight_kernel else "float32"
+        return self.weight_dtype
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""`adadepth bench dtype`: how often the engine in a reduced dtype (bf16) picks the same greedy
-tokens as in float32, at full depth, on the shipped held-out prompts.
+"""`adadepth bench dtype`: how often the engine in a reduced dtype (bf16), or in float32 on weights
+rounded to float16 (`--dtype float32 --weight-dtype float16`), picks the same greedy tokens as in
+float32 on the weights as loaded, at full depth, on the shipped held-out prompts.
 
 For each prompt, the float32 engine writes its greedy continuation; then the prompt plus that
 continuation is teacher-forced through both engines' models (each as the engine runs it: packed
@@ -21,6 +22,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 class DtypeAgreementConfig:
     model: str = field(default="default", metadata={"help": "model to measure"})
     dtype: str = field(default="bfloat16", metadata={"help": "the reduced dtype compared with float32"})
+    weight_dtype: str = field(default="auto", metadata={
+        "help": "the reduced engine's weight_dtype (float16: a float32 engine on weights rounded to float16); "
+                "the reference keeps float32 weights"})
     prompts: str = field(default="benchmarks/data/heldout_prompts.jsonl", metadata={
         "help": "prompts jsonl (messages lines); a relative path is taken from the repository root"})
     max_prompts: int = field(default=0, metadata={"help": "first N prompts, mixed over sources (0: all)"})
@@ -32,6 +36,9 @@ class DtypeAgreementConfig:
         # float32 against itself must agree everywhere: a self-check of the alignment.
         if self.dtype not in ("bfloat16", "float16", "float32"):
             raise ValueError(f"dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
+        if self.weight_dtype not in ("auto", "float32", "float16") or (self.weight_dtype != "auto"
+                                                                       and self.dtype != "float32"):
+            raise ValueError("weight_dtype must be auto, or float32/float16 with dtype float32")
         if self.max_prompts < 0 or self.max_tokens < 1 or self.batch_size < 1:
             raise ValueError("max_prompts must be >= 0, max_tokens and batch_size >= 1")
 
@@ -59,8 +66,9 @@ def run(cfg: DtypeAgreementConfig) -> dict:
     prompts_path = Path(cfg.prompts) if Path(cfg.prompts).is_absolute() else REPO_ROOT / cfg.prompts
     records = read_prompts_jsonl(str(prompts_path))
     records = first_prompts(records, cfg.max_prompts or len(records))
-    ref = LLM(cfg.model, dtype="float32")
-    low = LLM(cfg.model, dtype=cfg.dtype)
+    ref = LLM(cfg.model, dtype="float32", weight_dtype="float32")
+    low = LLM(cfg.model, dtype=cfg.dtype, weight_dtype=cfg.weight_dtype)
+    low_label = f"{cfg.dtype}, weights {low.engine.weight_dtype}".replace("torch.", "")
     tok = ref.tokenizer
     ids = [tok.encode(tok.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=False),
                       add_special_tokens=False) for r in records]
@@ -87,6 +95,7 @@ def run(cfg: DtypeAgreementConfig) -> dict:
     report = {
         "benchmark": "dtype_agreement", "date": machine["date"], "commit": machine["commit"],
         "config": dataclasses.asdict(cfg), "machine": machine, "num_prompts": len(records),
+        "compared": f"{low_label} against float32, weights float32",
         "teacher_forced_positions": total,
         "teacher_forced_agreement": same / total if total else None,
         "teacher_forced_agreement_by_source": {s: h / n for s, (h, n) in per_source.items() if n},
@@ -94,7 +103,7 @@ def run(cfg: DtypeAgreementConfig) -> dict:
         "seconds": time.perf_counter() - t0,
     }
     out = save_report(report, cfg.out)
-    print(f"{cfg.dtype} vs float32 at full depth, {len(records)} prompts: teacher-forced agreement "
+    print(f"{low_label} vs float32 at full depth, {len(records)} prompts: teacher-forced agreement "
           f"{report['teacher_forced_agreement']:.4f} over {total} positions; identical continuations "
           f"{report['identical_free_running_continuations']:.3f}\nwrote {out}")
     return report

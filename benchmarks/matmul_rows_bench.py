@@ -4,7 +4,9 @@ Where `PackedLinear.paired_max_rows` comes from. The products are the default mo
 qkv, o, gate/up and down matmul (30 layers, ~212 MB of bf16 weights or ~425 MB of float32, so each
 matmul meets its weight cold, as in a decode step), with M rows of activations. oneDNN runs as
 PackedLinear runs it (its packed weight, `mkldnn::_linear_pointwise`), the paired kernel on its own
-copy (bf16: k-pairs, float32: 8-column blocks). The two alternate within each repeat; each repeat's
+copy (bf16: k-pairs, float32: 8-column blocks); float32 on CPUs with F16C also from a float16 copy
+(path `paired_f16w`: the weights rounded to float16 values, as `--weight-dtype float16` serves them; all
+paths multiply those values). The paths alternate within each repeat; each repeat's
 time is the median of a few sweeps; reported: the median over repeats and GFLOPS (2 * M * sum of N*K
 per sweep). bf16 needs a CPU with AVX512-BF16, float32 one with AVX2 and FMA.
 """
@@ -56,8 +58,12 @@ def run(cfg: MatmulRowsBenchConfig) -> dict:
                          "AVX2; or no C++ compiler)")
     g = torch.Generator().manual_seed(0)
     shapes = [s for _ in range(cfg.num_layers) for s in DEFAULT_SHAPES]
-    plain = [(torch.randn(n, k, generator=g) / k ** 0.5).to(dtype) for n, k in shapes]       # (N, K) each
+    half_weights = dtype == torch.float32 and ops.paired_half_weights
+    # (N, K) each; float16 values where a float16 copy is timed too, so that every path multiplies the same weights
+    plain = [(torch.randn(n, k, generator=g) / k ** 0.5).to(torch.float16 if half_weights else dtype).to(dtype)
+             for n, k in shapes]
     paired = [pack_for_kernel(w) for w in plain]                          # bf16 (N/16, K/2, 16, 2), fp32 (N/8, K, 8)
+    half = [pack_for_kernel(w, torch.float16) for w in plain] if half_weights else []    # (N/8, K, 8) float16
     onednn = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in plain]
     flops_per_row = 2 * sum(n * k for n, k in shapes)
     rows_out = []
@@ -71,23 +77,36 @@ def run(cfg: MatmulRowsBenchConfig) -> dict:
             "onednn": lambda: [torch.ops.mkldnn._linear_pointwise(xs[k], d, None, "none", [], "")
                                for (_, k), d in zip(shapes, onednn)],
         }
+        if half_weights:
+            runs["paired_f16w"] = lambda: [ops.paired_linear(xs[k], p, None) for (_, k), p in zip(shapes, half)]
+            # The same values summed in the same order: 0 unless the float16 copy is read wrong.
+            f16w_err = max((ops.paired_linear(xs[k], h, None) - ops.paired_linear(xs[k], p, None)).abs().max().item()
+                           for (_, k), h, p in zip(shapes[:4], half[:4], paired[:4]))
         times = {name: [] for name in runs}
         for r in range(cfg.repeats):
             for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
                 times[name].append(median_ms(runs[name], cfg.sweeps))
         med = {name: statistics.median(v) for name, v in times.items()}
         gflops = {name: m * flops_per_row / (ms * 1e6) for name, ms in med.items()}
-        rows_out.append({"rows": m, "ms_per_repeat": times, "ms_median": med, "gflops": gflops,
-                         "onednn_over_paired": med["onednn"] / med["paired"], "max_abs_diff": err})
-        print(f"M={m:5d}: paired {med['paired']:8.2f} ms ({gflops['paired']:.0f} GFLOPS), oneDNN "
-              f"{med['onednn']:8.2f} ms ({gflops['onednn']:.0f}), oneDNN/paired x{med['onednn'] / med['paired']:.2f}",
-              flush=True)
+        case = {"rows": m, "ms_per_repeat": times, "ms_median": med, "gflops": gflops,
+                "onednn_over_paired": med["onednn"] / med["paired"], "max_abs_diff": err}
+        line = (f"M={m:5d}: paired {med['paired']:8.2f} ms ({gflops['paired']:.0f} GFLOPS), oneDNN "
+                f"{med['onednn']:8.2f} ms ({gflops['onednn']:.0f}), oneDNN/paired x{med['onednn'] / med['paired']:.2f}")
+        if half_weights:
+            case["f16w_max_abs_diff_to_paired"] = f16w_err
+            case["paired_over_paired_f16w"] = med["paired"] / med["paired_f16w"]
+            case["onednn_over_paired_f16w"] = med["onednn"] / med["paired_f16w"]
+            line += (f"; float16 copy {med['paired_f16w']:8.2f} ms, paired/float16 copy "
+                     f"x{case['paired_over_paired_f16w']:.2f}, oneDNN/float16 copy x{case['onednn_over_paired_f16w']:.2f}")
+        rows_out.append(case)
+        print(line, flush=True)
     machine = machine_info()
     report = {"benchmark": "matmul_rows", "date": machine["date"], "commit": machine["commit"],
               "command": "adadepth bench matmul-rows " + " ".join(
                   f"--{k.replace('_', '-')} {v}" for k, v in dataclasses.asdict(cfg).items()),
               "machine": machine, "shapes_per_layer": [list(s) for s in DEFAULT_SHAPES],
               "dtype": cfg.dtype, "weight_mb": sum(n * k for n, k in shapes) * plain[0].element_size() / 1e6,
+              "float16_copy_timed": half_weights,
               "paired_max_rows_in_use": PackedLinear.paired_max_rows, "cases": rows_out}
     path = save_report(report, cfg.out, plot)
     print(f"wrote {path}")
@@ -105,7 +124,9 @@ def plot(report: dict, png) -> None:
     rows = [c["rows"] for c in report["cases"]]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     tiles = "8 x 3 tiles" if report.get("dtype", "bfloat16") == "bfloat16" else "6 x 2 tiles"
-    for name, label in (("paired", f"paired kernel ({tiles})"), ("onednn", "oneDNN, packed weight")):
+    names = (("paired", f"paired kernel ({tiles})"), ("paired_f16w", "paired kernel, float16 copy"),
+             ("onednn", "oneDNN, packed weight"))
+    for name, label in ((n, lab) for n, lab in names if n in report["cases"][0]["gflops"]):
         ax.plot(rows, [c["gflops"][name] for c in report["cases"]], marker="o", label=label)
     ax.axvline(report["paired_max_rows_in_use"], color="gray", lw=0.8, ls="--")
     ax.set_xscale("log", base=2)

@@ -8,7 +8,8 @@
 # slows every system alike. vLLM runs as its CPU docs say: tcmalloc and Intel OpenMP preloaded, OpenMP
 # threads bound to the cores, in bf16 and in fp32 at every depth (which is faster depends on the CPU
 # and the concurrency: without AVX512-BF16, bf16 can win at batch 1 and lose badly at 16); each
-# figure is held against vLLM's faster dtype. adadepth runs in its best dtype (--dtype auto). Both
+# figure is held against vLLM's faster dtype. adadepth runs its defaults (--dtype auto: bf16 or
+# float32; a float32 model's weights rounded to float16 where its decode kernel reads them so). Both
 # keep their default logging and prefix caching.
 # vLLM's own client (`vllm bench serve`) is run once at concurrency 16 against both full-depth servers
 # as a cross-check of ours. Writes $OUT (default benchmarks/results/serve_comparison.json) and .png.
@@ -137,6 +138,7 @@ $(for label in "${!CMD[@]}"; do echo "    \"$label\": \"${CMD[$label]}\","; done
     "adadepth": "${ADA_CMD[*]}"
   },
   "adadepth_dtype": "$(grep -o 'dtype auto: [a-z.0-9]*' "$RUNS/adadepth.log" | head -1)",
+  "adadepth_weights": "$(grep -o 'weights rounded to [a-z.0-9]* ([a-z0-9]*)' "$RUNS/adadepth.log" | head -1)",
   "vllm_prefix_cache_hit_rate_last_logged": {
 $(for label in "${!PORT[@]}"; do echo "    \"$label\": \"$(grep -o 'Prefix cache hit rate: [0-9.]*%' "$RUNS/$label.log" | tail -1 | cut -d: -f2 | xargs)\","; done)
     "note": "vLLM's own log line (cumulative since start); adadepth caches prefixes too (its default)"
@@ -144,7 +146,11 @@ $(for label in "${!PORT[@]}"; do echo "    \"$label\": \"$(grep -o 'Prefix cache
   "client": "$ADADEPTH bench serve --concurrency $CONC --max-tokens $MAX_TOKENS (adadepth: --depth d)"
 }
 JSON
-# The batch-1 bound counts the weight bytes of adadepth's dtype (its log names what auto picked).
-BYTES=2; grep -q 'dtype auto: torch.float32' "$RUNS/adadepth.log" && BYTES=4
+# The batch-1 bound counts the weight bytes adadepth reads (its log names the dtype auto picked, and
+# whether a float32 model's decode kernels read float16 weights).
+BYTES=2
+if grep -q 'dtype auto: torch.float32' "$RUNS/adadepth.log" && ! grep -q 'weights rounded to torch.float16' "$RUNS/adadepth.log"; then
+  BYTES=4
+fi
 $PY -m adadepth.benchmarks.serve_comparison --runs "$RUNS" --depths "$(echo $DEPTHS | tr ' ' ',')" \
   --meta "$RUNS/meta.json" --model-dir "$EXPORTS/depth$FULL" --bytes-per-param "$BYTES" --out "$OUT"

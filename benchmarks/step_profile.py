@@ -119,6 +119,8 @@ def profile_case(llm, chats: list[list[dict]], fractions: list[float], steps: in
 class StepProfileConfig:
     model: str = field(default="default", metadata={"help": "model to profile"})
     dtype: str | None = field(default=None, metadata={"help": "engine dtype (none: the engine's default)"})
+    weight_dtype: str | None = field(default=None, metadata={
+        "help": "engine weight_dtype (none: the engine's default; float32 models only)"})
     cases: str = field(default=",".join(CASES), metadata={"help": f"comma-separated, of {', '.join(CASES)}"})
     steps: int = field(default=24, metadata={"help": "timed decode steps per case"})
     profiled_steps: int = field(default=6, metadata={"help": "decode steps recorded by torch.profiler per case"})
@@ -148,6 +150,8 @@ def run(cfg: StepProfileConfig) -> dict:
     options = {"num_kv_tokens": 65536, "enable_prefix_caching": False}
     if cfg.dtype:
         options["dtype"] = cfg.dtype
+    if cfg.weight_dtype:
+        options["weight_dtype"] = cfg.weight_dtype
     llm = LLM(cfg.model, **options)
     prompts = Path(cfg.prompts)
     chats = load_chats(prompts if prompts.is_absolute() else REPO_ROOT / prompts, max(CASES[c][0] for c in cases))

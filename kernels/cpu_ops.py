@@ -112,6 +112,7 @@ def _registered_ops() -> LayerOps | None:
                         silu_and_mul=ops.silu_and_mul, paged_attention=ops.paged_decode_attention,
                         skinny_linear=ops.skinny_linear if ops.skinny_linear_supported() else None,
                         paired_linear=ops.paired_linear if paired_dtypes else None, paired_dtypes=paired_dtypes,
+                        paired_half_weights=torch.float32 in paired_dtypes and ops.paired_linear_half_weights(),
                         chunk_pairs_limit=_chunk_pairs_limit(ops.paged_attention_bf16_fast),
                         decode_layers=ops.decode_layers if paired_dtypes else None)
     except (AttributeError, RuntimeError):

@@ -83,6 +83,9 @@ class LayerOps:
     # The dtypes `paired_linear` takes on this CPU: bf16 (AVX512-BF16; rows past the skinny kernel's)
     # and float32 (AVX2 and FMA; every row count up to the limit).
     paired_dtypes: tuple[torch.dtype, ...] = ()
+    # Whether float32 products also take a float16 copy of the weight (AVX2, FMA and F16C): half the
+    # bytes a decode step reads, each weight widened exactly to float32 in registers.
+    paired_half_weights: bool = False
     # (dtype, head_dim, query heads per kv head) -> the most (query, key) position pairs a prompt
     # chunk may have for its rows to go through `paged_attention` like decode rows (one call for the
     # whole step) instead of one SDPA per chunk. Where the paged kernel's cost per pair is SDPA's or

@@ -3,8 +3,8 @@
 bf16: the kernel multiplies one 64-byte vector of the weight (16 output columns x 2 inputs) by a
 broadcast pair of x values per instruction, so it wants W in k-pairs, (N/16, K/2, 16, 2).
 float32: one 32-byte vector (8 output columns of one input) by a broadcast x value, so W in
-8-column blocks, (N/8, K, 8). Either way each column block is a contiguous stream it reads front
-to back once per step.
+8-column blocks, (N/8, K, 8), stored in float32 or (CPUs with F16C) float16, widened in registers.
+Either way each column block is a contiguous stream it reads front to back once per step.
 """
 from __future__ import annotations
 
@@ -41,12 +41,17 @@ def unpack_blocks(w_blocks: torch.Tensor) -> torch.Tensor:
     return w_blocks.permute(0, 2, 1).reshape(nb * 8, k)                            # (N, K)
 
 
-def pack_for_kernel(w: torch.Tensor) -> torch.Tensor:
-    """The kernel's copy of w: k-pairs for bf16, 8-column blocks for float32."""
-    return pack_pairs(w) if w.dtype == torch.bfloat16 else pack_blocks(w)
+def pack_for_kernel(w: torch.Tensor, weight_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The kernel's copy of w: k-pairs for bf16, 8-column blocks for float32; `weight_dtype`
+    float16 stores a float32 weight's blocks in float16 (2 bytes a weight; exact when the weight's
+    values are float16 values, as `round_weights` makes them)."""
+    if w.dtype == torch.bfloat16:
+        return pack_pairs(w)
+    return pack_blocks(w if weight_dtype is None else w.to(weight_dtype))
 
 
 def paired_linear_ref(x: torch.Tensor, w_paired: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (M, K) @ W.T + bias with W unpacked from either layout (by its rank): (M, N)."""
+    """x (M, K) @ W.T + bias with W unpacked from either layout (by its rank): (M, N). A float16
+    copy serving float32 x is widened (exactly) to float32 first."""
     w = unpack_pairs(w_paired) if w_paired.dim() == 4 else unpack_blocks(w_paired)
-    return F.linear(x, w, bias)
+    return F.linear(x, w.to(x.dtype), bias)

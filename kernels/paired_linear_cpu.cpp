@@ -16,15 +16,19 @@
 // float32 sums).
 // float32 layout: w_paired (N/8, K, 8), w_paired[nb, k, j] = W[8 nb + j, k] (`pack_blocks`): one
 // 32-byte vector holds 8 output columns of one input, multiplied by x[m, k] broadcast (one FMA).
+// On CPUs with F16C the same layout may hold float16 values (a weight rounded to float16 at load,
+// ModelConfig.weight_dtype): 16 bytes per 8 columns, widened exactly to float32 by one `vcvtph2ps`;
+// products and sums stay float32. A decode step then reads half the bytes.
 //
 // Semantics (reference: paired_linear_ref, i.e. F.linear on the unpacked weight): x (M, K), w_paired
-// as above, b (N,) or none, all of one dtype; y (M, N) = sum_k x[m, k] W[n, k] + b[n], summed in
+// as above, b (N,) or none, all of one dtype (but float16 w_paired for float32 x); y (M, N) = sum_k x[m, k] W[n, k] + b[n], summed in
 // float32 (bf16: rounded once at the end). Any M >= 1; bf16: K even, N a multiple of 16; float32:
 // N a multiple of 8.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include "cpu_linear.h"
@@ -37,6 +41,9 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define ADADEPTH_PAIRED_F32 1
+#if defined(__F16C__)
+#define ADADEPTH_PAIRED_F16W 1
+#endif
 #endif
 
 namespace {
@@ -99,19 +106,25 @@ constexpr std::array<TileFn, sizeof...(MB)> tiles_of(std::integer_sequence<int, 
 constexpr int kF32TileRows = 6;
 constexpr int kF32TileBlocks = 2;
 
-template <int NB, int MB>
-inline void tile_f32(const float* x, int64_t K, const float* wb, float* acc_out) {
+// 8 weights as float32: a plain load, or (float16 copies, F16C) a 16-byte load widened exactly.
+inline __m256 load8(const float* w) { return _mm256_loadu_ps(w); }
+#if defined(ADADEPTH_PAIRED_F16W)
+inline __m256 load8(const c10::Half* w) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))); }
+#endif
+
+template <typename W, int NB, int MB>
+inline void tile_f32(const float* x, int64_t K, const W* wb, float* acc_out) {
   __m256 acc[NB][MB];
 #pragma GCC unroll 8
   for (int n = 0; n < NB; ++n)
 #pragma GCC unroll 8
     for (int m = 0; m < MB; ++m) acc[n][m] = _mm256_setzero_ps();
   const int64_t block = K * 8;  // a column block: K vectors of 8 floats
-  const float* wk = wb;
+  const W* wk = wb;
   for (int64_t k = 0; k < K; ++k, wk += 8) {
     __m256 wv[NB];
 #pragma GCC unroll 8
-    for (int n = 0; n < NB; ++n) wv[n] = _mm256_loadu_ps(wk + n * block);
+    for (int n = 0; n < NB; ++n) wv[n] = load8(wk + n * block);
 #pragma GCC unroll 8
     for (int m = 0; m < MB; ++m) {
       const __m256 xb = _mm256_broadcast_ss(x + m * K + k);
@@ -125,16 +138,18 @@ inline void tile_f32(const float* x, int64_t K, const float* wb, float* acc_out)
     for (int n = 0; n < NB; ++n) _mm256_storeu_ps(acc_out + (m * NB + n) * 8, acc[n][m]);
 }
 
-using TileF32 = void (*)(const float*, int64_t, const float*, float*);
+template <typename W>
+using TileF32 = void (*)(const float*, int64_t, const W*, float*);
 
-template <int NB, int... MB>
-constexpr std::array<TileF32, sizeof...(MB)> f32_tiles_of(std::integer_sequence<int, MB...>) {
-  return {&tile_f32<NB, MB + 1>...};
+template <typename W, int NB, int... MB>
+constexpr std::array<TileF32<W>, sizeof...(MB)> f32_tiles_of(std::integer_sequence<int, MB...>) {
+  return {&tile_f32<W, NB, MB + 1>...};
 }
 
+// W: float (float32 copy) or c10::Half (float16 copy of a weight whose values float16 holds).
+template <typename W>
 at::Tensor paired_linear_f32(const at::Tensor& x, const at::Tensor& w_blocks, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(w_blocks.dim() == 3 && w_blocks.size(2) == 8 && w_blocks.scalar_type() == at::kFloat,
-              "float32 x takes w_paired (N/8, K, 8) float32");
+  TORCH_CHECK(w_blocks.dim() == 3 && w_blocks.size(2) == 8, "float32 x takes w_paired (N/8, K, 8)");
   const int64_t M = x.size(0), K = x.size(1), N = w_blocks.size(0) * 8;
   TORCH_CHECK(M >= 1 && w_blocks.size(1) == K, "x has ", K, " inputs, w_paired ", w_blocks.size(1));
   TORCH_CHECK(w_blocks.is_contiguous(), "w_paired must be contiguous");
@@ -142,11 +157,11 @@ at::Tensor paired_linear_f32(const at::Tensor& x, const at::Tensor& w_blocks, co
   at::Tensor bc;
   const float* bp = adadepth_cpu::bias_ptr<float>(bias, N, bc);
   at::Tensor y = at::empty({M, N}, x.options());
-  static constexpr std::array<std::array<TileF32, kF32TileRows>, kF32TileBlocks> tiles = {
-      f32_tiles_of<1>(std::make_integer_sequence<int, kF32TileRows>{}),
-      f32_tiles_of<2>(std::make_integer_sequence<int, kF32TileRows>{})};
+  static constexpr std::array<std::array<TileF32<W>, kF32TileRows>, kF32TileBlocks> tiles = {
+      f32_tiles_of<W, 1>(std::make_integer_sequence<int, kF32TileRows>{}),
+      f32_tiles_of<W, 2>(std::make_integer_sequence<int, kF32TileRows>{})};
   const float* xp = xc.data_ptr<float>();
-  const float* wp = w_blocks.data_ptr<float>();
+  const W* wp = w_blocks.data_ptr<W>();
   float* yp = y.data_ptr<float>();
   const int64_t num_blocks = N / 8, num_groups = (num_blocks + kF32TileBlocks - 1) / kF32TileBlocks;
   const int64_t num_row_tiles = (M + kF32TileRows - 1) / kF32TileRows;
@@ -156,7 +171,7 @@ at::Tensor paired_linear_f32(const at::Tensor& x, const at::Tensor& w_blocks, co
     alignas(32) float acc[kF32TileRows * kF32TileBlocks * 8];  // (rows, blocks, 8 columns)
     for (int64_t g = begin; g < end; ++g) {
       const int64_t nb0 = g * kF32TileBlocks, nb = std::min<int64_t>(kF32TileBlocks, num_blocks - nb0);
-      const float* wb = wp + nb0 * K * 8;
+      const W* wb = wp + nb0 * K * 8;
       for (int64_t m0 = 0; m0 < M; m0 += tile_rows) {
         const int64_t rows = std::min<int64_t>(tile_rows, M - m0);
         tiles[nb - 1][rows - 1](xp + m0 * K, K, wb, acc);
@@ -182,16 +197,31 @@ bool supports(at::ScalarType dtype) {
   return false;
 }
 
+// Whether float32 products also take a float16 copy of the weight (widened exactly in registers).
+bool paired_linear_half_weights() {
+#if defined(ADADEPTH_PAIRED_F16W)
+  return true;
+#else
+  return false;
+#endif
+}
+
 // Whether this machine's build (compiled with -march=native) has the kernel for `dtype`.
 bool paired_linear_supports(at::ScalarType dtype) { return supports(dtype); }
 
 at::Tensor paired_linear(const at::Tensor& x, const at::Tensor& w_paired, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2, "expected x (M, K)");
-  TORCH_CHECK(x.scalar_type() == w_paired.scalar_type(), "x and w_paired must have one dtype");
   TORCH_CHECK(supports(x.scalar_type()), "paired_linear has no ", x.scalar_type(),
               " kernel in this build (bf16 needs AVX512-BF16, float32 AVX2 and FMA)");
+  TORCH_CHECK(x.scalar_type() == w_paired.scalar_type() || (x.scalar_type() == at::kFloat && w_paired.scalar_type() == at::kHalf &&
+                                                            paired_linear_half_weights()),
+              "x ", x.scalar_type(), " cannot take w_paired ", w_paired.scalar_type(),
+              " (float32 x takes float32, or float16 where the CPU has F16C)");
 #if defined(ADADEPTH_PAIRED_F32)
-  if (x.scalar_type() == at::kFloat) return paired_linear_f32(x, w_paired, bias);
+  if (x.scalar_type() == at::kFloat && w_paired.scalar_type() == at::kFloat) return paired_linear_f32<float>(x, w_paired, bias);
+#endif
+#if defined(ADADEPTH_PAIRED_F16W)
+  if (x.scalar_type() == at::kFloat && w_paired.scalar_type() == at::kHalf) return paired_linear_f32<c10::Half>(x, w_paired, bias);
 #endif
   TORCH_CHECK(w_paired.dim() == 4 && w_paired.size(2) == 16 && w_paired.size(3) == 2,
               "bf16 x takes w_paired (N/16, K/2, 16, 2)");
@@ -246,6 +276,7 @@ at::Tensor paired_linear(const at::Tensor& x, const at::Tensor& w_paired, const 
 TORCH_LIBRARY_FRAGMENT(adadepth, m) {
   m.def("paired_linear(Tensor x, Tensor w_paired, Tensor? bias) -> Tensor");
   m.def("paired_linear_supports(ScalarType dtype) -> bool", &paired_linear_supports);
+  m.def("paired_linear_half_weights() -> bool", &paired_linear_half_weights);
 }
 
 TORCH_LIBRARY_IMPL(adadepth, CPU, m) { m.impl("paired_linear", &paired_linear); }

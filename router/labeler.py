@@ -75,14 +75,17 @@ def load_prompt_messages(config: RouterLabelConfig) -> list[list[dict]]:
 
 
 def weights_fingerprint(model) -> str:
-    """A short hash of the loaded weights (every parameter, sampled with a stride).
+    """A short hash of the loaded weights (every parameter, sampled with a stride, at float16's
+    resolution).
 
     Labels belong to one set of weights, not to a model *name*: "default" after a retrained
     adapter is another model, and resuming or training on its old labels would be silently wrong.
+    Hashed as float16 values so that a float32 model has one fingerprint whether an engine rounds
+    its weights to float16 (`weight_dtype`, as the labeller's engine may) or not (the trainer's model).
     """
     digest = hashlib.sha1()
     for name, p in sorted(model.named_parameters(), key=lambda item: item[0]):
-        sample = p.detach().reshape(-1)[::4099].float().cpu().contiguous()  # prime stride: every row and column
+        sample = p.detach().reshape(-1)[::4099].half().cpu().contiguous()  # prime stride: every row and column
         digest.update(name.encode("utf-8"))
         digest.update(sample.numpy().tobytes())
     return digest.hexdigest()[:16]

@@ -214,7 +214,7 @@ def test_vllm_serves_the_export_like_the_engine(ordered_model, cache_dir, tmp_pa
                     "transformers above, and the depth tiers run it in the vllm/vllm-openai image")
     out = str(tmp_path / "depth-4")
     export_depth(ExportConfig(model=ordered_model, depth=4, cache_dir=cache_dir), out)
-    engine = LLM(ordered_model, cache_dir=cache_dir, **{**LLM_OPTIONS, "dtype": "float32"})
+    engine = LLM(ordered_model, cache_dir=cache_dir, **{**LLM_OPTIONS, "dtype": "float32", "weight_dtype": "float32"})
     ids = engine.tokenizer.encode(PROMPT)
     expected = engine.generate([ids], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, depth=4))[0]
     served = vllm.LLM(out, dtype="float32", enforce_eager=True, max_model_len=128)

@@ -71,7 +71,8 @@ class LLMEngine:
         if resolved.artifact_dir:
             state = apply_artifact(state, resolved.artifact_dir)
         plan = load_plan(resolved.plan_dir, hf_config.num_hidden_layers)
-        self.dtype = DTYPES[mc.resolved_dtype()]
+        dtype_name = mc.resolved_dtype()
+        self.dtype = DTYPES[dtype_name]
         self.device = torch.device(mc.device)
         if mc.dtype == "auto":
             logger.info("dtype auto: %s on this %s", self.dtype, mc.device)
@@ -81,12 +82,22 @@ class LLMEngine:
         self.model.inv_freq = self.model.inv_freq.float()  # rope angles stay fp32 whatever the dtype
         self.model.use_batched_skip_kernels = self.device.type == "cuda"
         cpu_fast_dtype = self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16)
-        if mc.cpu_weight_prepack and cpu_fast_dtype:
-            self.model.pack_linears()
+        ops = None
         if mc.cpu_kernels and cpu_fast_dtype:
             from adadepth.kernels.cpu_ops import load_cpu_ops
 
-            self.model.use_ops(load_cpu_ops(os.path.join(mc.cache_dir, "extensions")))
+            ops = load_cpu_ops(os.path.join(mc.cache_dir, "extensions"))
+        # The paired kernel reads float16 copies only through the packed matmuls.
+        half_weight_kernel = ops is not None and ops.paired_half_weights and mc.cpu_weight_prepack
+        self.weight_dtype = DTYPES[mc.resolved_weight_dtype(dtype_name, half_weight_kernel)]
+        if self.weight_dtype != self.dtype:
+            self.model.round_weights(self.weight_dtype)
+            logger.info("weights rounded to %s (%s)%s", self.weight_dtype, mc.weight_dtype,
+                        "" if half_weight_kernel else "; no kernel here reads them at 2 bytes: float32 speed")
+        if mc.cpu_weight_prepack and cpu_fast_dtype:
+            self.model.pack_linears()
+        if mc.cpu_kernels and cpu_fast_dtype:
+            self.model.use_ops(ops, self.weight_dtype if self.weight_dtype != self.dtype and half_weight_kernel else None)
         if not DepthPlan.exists(resolved.plan_dir):
             self._store_heuristic_plan(resolved.plan_dir)
 

@@ -55,9 +55,13 @@ class AdaptiveLlama(nn.Module):
         self.bypass_ops: list[nn.Module | None] = [
             self.bypass[str(i)] if str(i) in self.bypass else None for i in range(self.num_layers)]
 
-    def use_ops(self, ops: LayerOps | None) -> None:
+    def use_ops(self, ops: LayerOps | None, paired_weight_dtype: torch.dtype | None = None) -> None:
         """Every layer calls `ops` (same semantics as the references), or the references when None;
-        packed matmuls take its small-batch kernels (bf16 skinny: 1-4 rows; paired: up to 256), if it has them."""
+        packed matmuls take its small-batch kernels (bf16 skinny: 1-4 rows; paired: up to 256), if it has them.
+        `paired_weight_dtype` float16: the paired kernel reads float32 weights from float16 copies
+        (`ops.paired_half_weights` must be true; call `round_weights(torch.float16)` first)."""
+        if paired_weight_dtype is not None and not (ops is not None and ops.paired_half_weights):
+            raise ValueError("these kernels take no float16 copies of float32 weights")
         from adadepth.model.fused_decode import FusedDecode
         from adadepth.model.packed_linear import PackedLinear
 
@@ -67,8 +71,21 @@ class AdaptiveLlama(nn.Module):
             if isinstance(module, PackedLinear):
                 module.use_skinny(ops.skinny_linear if ops is not None else None)
                 module.use_paired(ops.paired_linear if ops is not None else None,
-                                  ops.paired_dtypes if ops is not None else ())
+                                  ops.paired_dtypes if ops is not None else (), paired_weight_dtype)
         self.fused_decode = FusedDecode.for_model(self, ops)
+
+    def round_weights(self, dtype: torch.dtype) -> int:
+        """Round every matmul weight (each nn.Linear's or PackedLinear's, a tied embedding with its
+        lm_head) in place to the nearest value `dtype` holds; returns how many weights. The model
+        stays in its dtype: every path (prefill, decode, any kernel) then multiplies by the same
+        values, which a float16 copy holds exactly. Norm weights and biases keep full precision."""
+        from adadepth.model.packed_linear import PackedLinear
+
+        weights = {id(m.weight): m.weight for m in self.modules() if isinstance(m, (nn.Linear, PackedLinear))}
+        with torch.no_grad():
+            for w in weights.values():
+                w.copy_(w.to(dtype))
+        return len(weights)
 
     def pack_linears(self) -> int:
         """Run every matmul through oneDNN on pre-packed weights (CPU fp32/bf16; see packed_linear)."""

@@ -52,6 +52,7 @@ class PackedLinear(nn.Module):
         self.skinny = None
         self.paired = None
         self.paired_dtypes: tuple[torch.dtype, ...] = ()
+        self.paired_weight_dtype: torch.dtype | None = None   # float16: a float32 weight's copy in float16
         self._paired_w: torch.Tensor | None = None
         self._paired_key: tuple | None = None
         self._halves: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -74,14 +75,20 @@ class PackedLinear(nn.Module):
     # matmul_rows_fp32.json); from ~384 rows on (prefills) bf16 is ahead of neither beyond the noise.
     paired_max_rows = 256
 
-    def use_paired(self, kernel, dtypes: tuple[torch.dtype, ...] = ()) -> None:
+    def use_paired(self, kernel, dtypes: tuple[torch.dtype, ...] = (),
+                   weight_dtype: torch.dtype | None = None) -> None:
         """Route products of up to paired_max_rows rows in one of `dtypes` (bf16: only those past
         the skinny kernel's rows) to `kernel(x (M, K), w_paired, bias) -> (M, N)` on the copy
         `pack_for_kernel` makes (None: oneDNN), where the shapes fit it (K even, N a multiple of 16).
-        That copy is made here, at load, so that the first decode step does not pay for it; it is
-        rebuilt if the weight changes."""
+        `weight_dtype` float16 keeps a float32 weight's copy in float16 (the kernel must take it;
+        the products equal the other paths' only if the weight holds float16 values: the engine
+        rounds it first, `AdaptiveLlama.round_weights`). That copy is made here, at load, so that
+        the first decode step does not pay for it; it is rebuilt if the weight changes."""
         if kernel is not None and not dtypes:
             raise ValueError("use_paired needs the dtypes the kernel takes")
+        if weight_dtype not in (None, torch.float16):
+            raise ValueError(f"the paired kernel's copy of a float32 weight is float32 or float16, not {weight_dtype}")
+        self.paired_weight_dtype = weight_dtype
         fits = self.in_features % 2 == 0 and self.out_features % 16 == 0
         self.paired = kernel if fits else None
         self.paired_dtypes = tuple(dtypes) if self.paired is not None else ()
@@ -102,7 +109,9 @@ class PackedLinear(nn.Module):
     def paired_weight(self) -> torch.Tensor:
         key = self._weight_key()
         if self._paired_w is None or self._paired_key != key:
-            self._paired_w = pack_for_kernel(self.weight.detach())  # bf16 (N/16, K/2, 16, 2), fp32 (N/8, K, 8)
+            w = self.weight.detach()
+            # bf16 (N/16, K/2, 16, 2); float32 (N/8, K, 8) in float32 or paired_weight_dtype
+            self._paired_w = pack_for_kernel(w, self.paired_weight_dtype if w.dtype == torch.float32 else None)
             self._paired_key = key
         return self._paired_w
 

@@ -19,8 +19,9 @@ def prompts(tmp_path):
 
 def test_float32_against_itself_agrees_everywhere(tiny_llama, cache_dir, prompts, tmp_path, monkeypatch):
     monkeypatch.setenv("ADADEPTH_CACHE_DIR", cache_dir)
-    report = run(DtypeAgreementConfig(model=tiny_llama, dtype="float32", prompts=prompts, max_tokens=6,
-                                      out=str(tmp_path / "a.json")))
+    report = run(DtypeAgreementConfig(model=tiny_llama, dtype="float32", weight_dtype="float32", prompts=prompts,
+                                      max_tokens=6, out=str(tmp_path / "a.json")))
+    assert report["compared"] == "float32, weights float32 against float32, weights float32"
     assert report["num_prompts"] == 5 and report["teacher_forced_positions"] > 5
     assert report["teacher_forced_agreement"] == 1.0 and report["identical_free_running_continuations"] == 1.0
 
@@ -33,8 +34,14 @@ def test_bf16_is_scored_on_the_same_positions(tiny_llama, cache_dir, prompts, tm
                                    out=str(tmp_path / "b.json")))
     assert low["teacher_forced_positions"] == ref["teacher_forced_positions"]
     assert json.loads((tmp_path / "b.json").read_text())["config"]["dtype"] == "bfloat16"
+    half = run(DtypeAgreementConfig(model=tiny_llama, dtype="float32", weight_dtype="float16", prompts=prompts,
+                                    max_tokens=6, out=str(tmp_path / "c.json")))
+    assert half["teacher_forced_positions"] == ref["teacher_forced_positions"]
+    assert half["compared"].startswith("float32, weights float16 against")
 
 
 def test_dtype_is_validated():
     with pytest.raises(ValueError, match="bfloat16, float16 or float32"):
         DtypeAgreementConfig(dtype="int8")
+    with pytest.raises(ValueError, match="with dtype float32"):
+        DtypeAgreementConfig(dtype="bfloat16", weight_dtype="float16")

@@ -29,6 +29,11 @@ def test_matmul_rows_bench_times_both_paths(tmp_path, monkeypatch, cache_dir):
     # 2 or 4 bytes per weight, N*K weights
     assert report["weight_mb"] == pytest.approx(flops / 1e6 * (1 if dtype == "bfloat16" else 2))
     assert report["dtype"] == dtype
+    assert report["float16_copy_timed"] == (dtype == "float32" and ops.paired_half_weights)
+    if report["float16_copy_timed"]:
+        for c in report["cases"]:
+            assert c["f16w_max_abs_diff_to_paired"] == 0.0
+            assert c["paired_over_paired_f16w"] == pytest.approx(c["ms_median"]["paired"] / c["ms_median"]["paired_f16w"])
     assert report["command"].startswith("adadepth bench matmul-rows")
 
 

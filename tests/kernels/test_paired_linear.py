@@ -90,8 +90,10 @@ def test_paired_linear_equals_its_reference(kernel, dtype, rows, k, n, bias):
 
 def test_paired_linear_refuses_what_it_does_not_take(kernel, dtype):
     w = pack_for_kernel(torch.randn(16, 64).to(dtype))
-    with pytest.raises(RuntimeError, match="one dtype"):
+    with pytest.raises(RuntimeError, match="no Double kernel"):
         kernel(torch.randn(3, 64, dtype=torch.float64), w, None)
+    with pytest.raises(RuntimeError, match="cannot take"):
+        kernel(torch.randn(3, 64).to(dtype), w.double(), None)
     with pytest.raises(RuntimeError, match="no Double kernel"):
         kernel(torch.randn(3, 64, dtype=torch.float64), w.double(), None)
     with pytest.raises(RuntimeError, match="inputs"):
@@ -101,6 +103,44 @@ def test_paired_linear_refuses_what_it_does_not_take(kernel, dtype):
     other = pack_pairs(torch.randn(16, 64)) if dtype == torch.float32 else pack_blocks(torch.randn(16, 64)).bfloat16()
     with pytest.raises(RuntimeError, match="takes w_paired"):
         kernel(torch.randn(3, 64).to(dtype), other.to(dtype), None)
+
+
+@pytest.fixture
+def half_weights(cpu_ops) -> bool:
+    if not cpu_ops.paired_half_weights:
+        pytest.skip("no float16-weight kernel on this CPU (needs AVX2, FMA and F16C)")
+    return True
+
+
+@pytest.mark.parametrize("rows", [1, 4, 6, 7, 16, 33, 130])
+@pytest.mark.parametrize("k,n,bias", [(576, 960, True), (1536, 576, False), (34, 48, True)])
+def test_float16_weights_serve_float32_rows_exactly_widened(kernel, half_weights, rows, k, n, bias):
+    """float32 x against a float16 copy: the float32 product of the float16 values (widened exactly),
+    equal to the float32 copy's product on weights rounded to float16 (same sums, same order)."""
+    g = torch.Generator().manual_seed(rows * 1000 + k + n)
+    x = torch.randn(rows, k, generator=g)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).half().float()     # float16 values, held in float32
+    b = torch.randn(n, generator=g) if bias else None
+    half = pack_for_kernel(w, torch.float16)
+    assert half.dtype == torch.float16 and half.shape == (n // 8, k, 8)
+    got = kernel(x, half, b)
+    assert got.dtype == torch.float32
+    _close(got, x, w, b)
+    assert torch.equal(got, kernel(x, pack_for_kernel(w), b))
+    torch.testing.assert_close(got, paired_linear_ref(x, half, b), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_linear_reads_a_float16_copy(kernel, half_weights):
+    layer = PackedLinear(nn.Linear(64, 32))
+    with torch.no_grad():
+        layer.weight.copy_(layer.weight.half())
+    layer.use_paired(kernel, (torch.float32,), torch.float16)
+    assert layer.paired_weight().dtype == torch.float16 and layer.paired_weight().shape == (4, 64, 8)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="float32 or float16"):
+        layer.use_paired(kernel, (torch.float32,), torch.bfloat16)
 
 
 def test_packed_linear_routes_by_rows_and_repacks_a_changed_weight(kernel, dtype):

@@ -37,8 +37,9 @@ def test_op_profile_table_of_the_profiled_step(trained):
 
 
 def full_logits(model_path, cache, ids):
-    llm = LLM(model_path, cache_dir=cache, dtype="float32", num_kv_tokens=512, max_model_len=128,
-              max_num_batched_tokens=256)
+    # weight_dtype float32: the merged weights as they are, for peft's float32 merge to be the oracle.
+    llm = LLM(model_path, cache_dir=cache, dtype="float32", weight_dtype="float32", num_kv_tokens=512,
+              max_model_len=128, max_num_batched_tokens=256)
     fwd = SequenceForward(llm.engine.model)
     return fwd.logits(fwd.final_states(SequenceBatch.build([ids], "cpu"), llm.num_layers))[0]
 
