@@ -7,7 +7,7 @@
 // products faster on weights still in cache). This kernel streams each group of column blocks of
 // the packed weight front to back once and keeps a tile of rows x blocks of accumulators in
 // registers while it does (bf16: 8 rows x 3 blocks of 16, asking for the weights a few KB ahead;
-// float32: 6 rows x 2 blocks of 8, 12 of the 16 ymm registers)
+// float32: 6 rows x 2 blocks of 8, 12 of the 16 ymm registers, also asking for the weights ahead)
 // (benchmarks/results/matmul_rows.json, skinny_linear.json, matmul_rows_fp32.json).
 //
 // bf16 layout: w_paired (N/16, K/2, 16, 2), w_paired[nb, kp, j, t] = W[16 nb + j, 2 kp + t]
@@ -112,8 +112,13 @@ inline __m256 load8(const float* w) { return _mm256_loadu_ps(w); }
 inline __m256 load8(const c10::Half* w) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))); }
 #endif
 
+// Weights asked for this many elements ahead of use in each stream (64 k-steps: 1 KB of float16,
+// 2 KB of float32) by the first row tile of a column group, which meets them cold: at 1-8 rows the
+// hardware prefetcher alone left the two cores short of the machine's read bandwidth. Prefetches
+// past the end of the buffer are harmless (a prefetch never faults).
+constexpr int64_t kF32PrefetchAhead = 512;
 template <typename W, int NB, int MB>
-inline void tile_f32(const float* x, int64_t K, const W* wb, float* acc_out) {
+inline void tile_f32(const float* x, int64_t K, const W* wb, bool prefetch, float* acc_out) {
   __m256 acc[NB][MB];
 #pragma GCC unroll 8
   for (int n = 0; n < NB; ++n)
@@ -124,7 +129,10 @@ inline void tile_f32(const float* x, int64_t K, const W* wb, float* acc_out) {
   for (int64_t k = 0; k < K; ++k, wk += 8) {
     __m256 wv[NB];
 #pragma GCC unroll 8
-    for (int n = 0; n < NB; ++n) wv[n] = load8(wk + n * block);
+    for (int n = 0; n < NB; ++n) {
+      if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(wk + n * block + kF32PrefetchAhead), _MM_HINT_T0);
+      wv[n] = load8(wk + n * block);
+    }
 #pragma GCC unroll 8
     for (int m = 0; m < MB; ++m) {
       const __m256 xb = _mm256_broadcast_ss(x + m * K + k);
@@ -139,7 +147,7 @@ inline void tile_f32(const float* x, int64_t K, const W* wb, float* acc_out) {
 }
 
 template <typename W>
-using TileF32 = void (*)(const float*, int64_t, const W*, float*);
+using TileF32 = void (*)(const float*, int64_t, const W*, bool, float*);
 
 template <typename W, int NB, int... MB>
 constexpr std::array<TileF32<W>, sizeof...(MB)> f32_tiles_of(std::integer_sequence<int, MB...>) {
@@ -174,7 +182,7 @@ at::Tensor paired_linear_f32(const at::Tensor& x, const at::Tensor& w_blocks, co
       const W* wb = wp + nb0 * K * 8;
       for (int64_t m0 = 0; m0 < M; m0 += tile_rows) {
         const int64_t rows = std::min<int64_t>(tile_rows, M - m0);
-        tiles[nb - 1][rows - 1](xp + m0 * K, K, wb, acc);
+        tiles[nb - 1][rows - 1](xp + m0 * K, K, wb, m0 == 0, acc);
         for (int64_t m = 0; m < rows; ++m)
           for (int64_t n = 0; n < nb; ++n) {
             const __m256 b = bp == nullptr ? _mm256_setzero_ps() : _mm256_loadu_ps(bp + (nb0 + n) * 8);

@@ -178,6 +178,23 @@ def test_labels_of_other_weights_are_refused(model_dir, cache_dir, tmp_path):
               "--output", str(labels)])
 
 
+def test_weights_fingerprint_sees_through_float16_rounding(model_dir, cache_dir):
+    """One fingerprint for a float32 model whether an engine rounded its weights to float16 or not,
+    another for other weights."""
+    import torch
+
+    from adadepth.router.labeler import weights_fingerprint
+    from adadepth.training.sequence_forward import load_engine_model
+
+    net, _, _ = load_engine_model(model_dir, cache_dir)
+    before = weights_fingerprint(net)
+    assert net.round_weights(torch.float16) > 0
+    assert weights_fingerprint(net) == before
+    with torch.no_grad():
+        net.lm_head.weight.mul_(1.5)
+    assert weights_fingerprint(net) != before
+
+
 def test_training_on_heldout_prompts_is_refused(model_dir, cache_dir, tmp_path):
     from adadepth.router.label_store import LabelRecord
     from adadepth.router.router_trainer import check_not_heldout
