@@ -6,6 +6,7 @@ The field names follow vLLM's `SamplingParams` so that users feel at home; `dept
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 
 # The kinds of constraint one request may carry (exactly one), as vLLM's StructuredOutputsParams.
@@ -84,8 +85,11 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):  # NaN fails both
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        # A torch.Generator takes a 64-bit seed; a larger one would fail inside the engine instead.
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
+            raise ValueError(f"seed must be a 64-bit signed integer, got {self.seed}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k == 0:

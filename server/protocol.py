@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from adadepth.sampling_params import SamplingParams, StructuredOutputsParams
 from adadepth.server.errors import bad_request
@@ -178,15 +178,26 @@ class CompletionRequest(SamplingFields):
             raise bad_request("echo with logprobs is not supported: prompt logprobs are not computed", param="echo")
 
 
-class TextPart(StrictModel):
-    type: Literal["text"]
-    text: str
+class ContentPart(StrictModel):
+    """One part of a message's content list. Only text parts are read: an image or audio part is a
+    400 that names its type (a text-only model would otherwise answer without having seen it)."""
+    type: str
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _text_only(self) -> "ContentPart":
+        if self.type != "text":
+            raise ValueError(f"content parts of type '{self.type}' are not supported: this model reads text parts only")
+        if self.text is None:
+            raise ValueError("a text content part needs a 'text' string")
+        return self
 
 
 class ChatMessage(StrictModel):
     # Roles the chat template understands; anything else (e.g. "tool" without tools) is a 400.
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    # The list first: pydantic reports the first member's errors, and a list's are the telling ones.
+    content: list[ContentPart] | str | None = None
     name: str | None = None
 
     def text(self) -> str:

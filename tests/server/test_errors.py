@@ -34,6 +34,11 @@ COMPLETION_ERRORS = [
     ("longer than the context", {**OK_PROMPT, "max_tokens": 256}),
     ("temperature string", {**OK_PROMPT, "temperature": "hot"}),
     ("temperature negative", {**OK_PROMPT, "temperature": -1}),
+    # Python's json reads NaN and Infinity; they are not temperatures.
+    ("temperature NaN", '{"prompt": "hello", "max_tokens": 2, "temperature": NaN}'),
+    ("temperature Infinity", '{"prompt": "hello", "max_tokens": 2, "temperature": Infinity}'),
+    ("seed above 64 bits", {**OK_PROMPT, "seed": 2**64}),
+    ("seed below 64 bits", {**OK_PROMPT, "seed": -(2**63) - 1}),
     ("top_p zero", {**OK_PROMPT, "top_p": 0}),
     ("top_k invalid", {**OK_PROMPT, "top_k": -5}),
     ("n zero", {**OK_PROMPT, "n": 0}),
@@ -78,6 +83,7 @@ CHAT_ERRORS = [
     ("missing role", {"messages": [{"content": "hi"}]}),
     ("content wrong type", {"messages": [{"role": "user", "content": 5}]}),
     ("image content", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}),
+    ("text part without text", {"messages": [{"role": "user", "content": [{"type": "text"}]}]}),
     ("max_completion_tokens zero", {**OK_CHAT, "max_completion_tokens": 0}),
     ("longer than the context", {**OK_CHAT, "max_tokens": 250}),
     ("top_logprobs without logprobs", {**OK_CHAT, "top_logprobs": 2}),
@@ -132,6 +138,13 @@ def test_error_params_name_the_field(server):
         role = assert_openai_error(_post(http, "/v1/chat/completions",
                                          {"messages": [{"role": "robot", "content": "x"}]}), 400)
         assert role["param"] == "messages.0.role"
+        nan = assert_openai_error(_post(http, "/v1/completions",
+                                        '{"prompt": "hello", "max_tokens": 2, "temperature": NaN}'), 400)
+        assert nan["param"] == "temperature"
+        assert assert_openai_error(_post(http, "/v1/completions", {**OK_PROMPT, "seed": 2**64}), 400)["param"] == "seed"
+        image = assert_openai_error(_post(http, "/v1/chat/completions", {"messages": [{"role": "user", "content": [
+            {"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "x"}}]}]}), 400)
+        assert "image_url" in image["message"] and image["param"] == "messages.0.content.1"
         model = assert_openai_error(_post(http, "/v1/completions", {**OK_PROMPT, "model": "x"}), 400)
         assert model["param"] == "model" and model["code"] == "model_not_found"
 
