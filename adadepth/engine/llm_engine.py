@@ -164,7 +164,7 @@ class LLMEngine:
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> DepthDecision | None:
         """Raise ValueError for a request that cannot run; return its depth if already decided."""
         if not prompt_token_ids:
-            raise ValueError("the prompt is empty: send at least one token")
+            raise ValueError("prompt is empty: send at least one token")
         total = len(prompt_token_ids) + params.max_tokens
         if total > self.max_model_len:
             raise ValueError(

@@ -142,6 +142,7 @@ def test_error_params_name_the_field(server):
                                         '{"prompt": "hello", "max_tokens": 2, "temperature": NaN}'), 400)
         assert nan["param"] == "temperature"
         assert assert_openai_error(_post(http, "/v1/completions", {**OK_PROMPT, "seed": 2**64}), 400)["param"] == "seed"
+        assert assert_openai_error(_post(http, "/v1/completions", {**OK_PROMPT, "prompt": ""}), 400)["param"] == "prompt"
         image = assert_openai_error(_post(http, "/v1/chat/completions", {"messages": [{"role": "user", "content": [
             {"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "x"}}]}]}), 400)
         assert "image_url" in image["message"] and image["param"] == "messages.0.content.1"
