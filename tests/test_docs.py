@@ -3,7 +3,7 @@
 - No tracked text names how the work on it was organised: results carry
   dates, commits and commands instead. Prompt data is exempt (its prompts are other people's text).
 - Every `benchmarks/results/...` file that README.md or docs/ name exists, and every relative
-  link in them resolves.
+  link in them resolves, down to the section it names.
 """
 from __future__ import annotations
 
@@ -71,6 +71,34 @@ def test_cited_results_and_links_exist(doc):
         if not (doc.parent / target).resolve().exists():
             missing.append(target)
     assert not missing, f"{doc.name} names files that do not exist: {missing}"
+
+
+def heading_anchors(text: str) -> set[str]:
+    """GitHub's anchors of a Markdown page's headings: lower case, punctuation dropped, spaces to '-'."""
+    anchors = set()
+    for heading in re.findall(r"^#{1,6}\s+(.+?)\s*$", text, re.MULTILINE):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        anchors.add(slug)
+    return anchors
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_section_links_exist(doc):
+    """A link to `page.md#section` (or `#section` on the same page) names a heading that exists:
+    a section removed or renamed must not leave links pointing nowhere."""
+    missing = []
+    for target, anchor in re.findall(r"\]\(([^)#\s]*)#([^)\s]+)\)", doc.read_text()):
+        if "://" in target:
+            continue
+        page = doc if not target else (doc.parent / target).resolve()
+        if page.suffix == ".md" and page.exists() and anchor not in heading_anchors(page.read_text()):
+            missing.append(f"{target}#{anchor}")
+    assert not missing, f"{doc.name} links to sections that do not exist: {missing}"
+
+
+def test_heading_anchors_follow_github():
+    assert heading_anchors("## Where a decode step's time goes\n# GPU (H200)\n## bf16 against float32") == {
+        "where-a-decode-steps-time-goes", "gpu-h200", "bf16-against-float32"}
 
 
 def test_readme_stays_a_front_page():
