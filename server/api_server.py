@@ -119,12 +119,26 @@ def build_app(engine: LLMEngine, config: ServerConfig, model_aliases: tuple[str,
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    model_card = {"id": engine.model_name, "object": "model", "created": created, "owned_by": "adadepth",
+                  "root": engine.model_name, "parent": None, "max_model_len": engine.max_model_len,
+                  "num_layers": engine.num_layers}
+
     @app.get("/v1/models", dependencies=protected, responses=ERROR_RESPONSES)
     async def models() -> dict:
-        return {"object": "list", "data": [{
-            "id": engine.model_name, "object": "model", "created": created, "owned_by": "adadepth",
-            "root": engine.model_name, "parent": None, "max_model_len": engine.max_model_len,
-            "num_layers": engine.num_layers}]}
+        return {"object": "list", "data": [model_card]}
+
+    # OpenAI's model retrieval (the openai client's `models.retrieve`): the served name or an alias
+    # (as a request's `model`); any other name is a 404.
+    @app.get("/v1/models/{model_id}", dependencies=protected, responses=ERROR_RESPONSES)
+    async def model(model_id: str) -> dict:
+        if model_id not in (engine.model_name, *model_aliases):
+            raise APIError(HTTPStatus.NOT_FOUND, f"the model '{model_id}' does not exist; this server serves "
+                           f"'{engine.model_name}'", "invalid_request_error", "model", "model_not_found")
+        return model_card
+
+    @app.get("/version")
+    async def server_version() -> dict:
+        return {"version": adadepth_version()}
 
     generation = {200: {"description": "the completion, or its server-sent events when stream is true",
                         "content": {"application/json": {"schema": {"type": "object"}},

@@ -400,12 +400,21 @@ def build_gateway_app(gateway: Gateway) -> FastAPI:
     async def prometheus_metrics() -> Response:
         return Response(gateway.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    def model_card() -> dict:
+        return {"id": model.name, "object": "model", "created": created, "owned_by": "adadepth", "root": model.name,
+                "parent": None, "max_model_len": model.max_model_len, "num_layers": model.num_layers,
+                "depth_tiers": gateway.backends.depths}
+
     @app.get("/v1/models", dependencies=protected)
     async def models() -> dict:
-        return {"object": "list", "data": [{
-            "id": model.name, "object": "model", "created": created, "owned_by": "adadepth", "root": model.name,
-            "parent": None, "max_model_len": model.max_model_len, "num_layers": model.num_layers,
-            "depth_tiers": gateway.backends.depths}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id}", dependencies=protected)
+    async def retrieve_model(model_id: str) -> dict:
+        if model_id not in gateway.model_names:
+            raise APIError(HTTPStatus.NOT_FOUND, f"the model '{model_id}' does not exist; this server serves "
+                           f"'{model.name}'", "invalid_request_error", "model", "model_not_found")
+        return model_card()
 
     @app.post("/v1/completions", dependencies=protected)
     async def create_completion(raw_request: Request) -> Response:

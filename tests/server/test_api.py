@@ -1,11 +1,13 @@
 """The endpoints through the official `openai` client: shapes, sampling knobs, depth control."""
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import re
 import time
 
 import httpx
+import openai
 import pytest
 
 from adadepth import LLM, SamplingParams
@@ -26,6 +28,13 @@ def test_models_health_and_model_aliases(server):
     assert [m.id for m in models.data] == [server.model]
     assert models.data[0].model_extra["max_model_len"] == 256
     assert httpx.get(server.base_url + "/health").status_code == 200
+    assert client.models.retrieve(server.model).model_extra["num_layers"] == models.data[0].model_extra["num_layers"]
+    assert client.models.retrieve(MODEL_ALIAS).id == server.model
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("gpt-4")
+    assert missing.value.body["code"] == "model_not_found"
+    version = httpx.get(server.base_url + "/version").json()["version"]
+    assert version == importlib.metadata.version("adadepth")
     # The served name and the alias given at start both address the model.
     for name in (server.model, MODEL_ALIAS):
         assert greedy(client, name, max_tokens=2).model == server.model

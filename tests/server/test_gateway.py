@@ -516,6 +516,9 @@ def test_api_key_models_and_health(gateway_model, stubs):
             model = http.get("/v1/models").json()["data"][0]
             assert (model["id"], model["num_layers"], model["depth_tiers"], model["max_model_len"]) == \
                 ("tiny-gw", 6, [4], 256)
+            assert http.get("/v1/models/tiny-gw").json() == model
+            missing = http.get("/v1/models/gpt-4")
+            assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
             assert http.post("/v1/completions", json={"prompt": "x"}).status_code == 200
         assert "Authorization" not in last_request(stubs[4])["headers"]
 
