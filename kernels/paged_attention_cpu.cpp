@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -273,11 +274,15 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
   return out;
 }
 
-// One K or V row (Dh values) in float32: into `fixed` when the head dim is a compile-time constant
-// (the loop then unrolls), else into `widened`.
+// One K or V row (Dh values) in float32: the row itself when it is float32 (a copy there was a
+// memcpy call per position and kv head: cold contexts of 64 rows x 400 positions took 1.09-1.33x
+// longer with it, benchmarks/results/decode_attention_fp32_inplace.json), else widened into `fixed`
+// when the head dim is a compile-time constant (the loop then unrolls), or into `widened`.
 template <typename scalar_t, int DH>
 inline const float* widen_row(const scalar_t* row, int64_t Dh, float* fixed, std::vector<float>& widened) {
-  if constexpr (DH > 0) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return row;
+  } else if constexpr (DH > 0) {
     for (int64_t d = 0; d < DH; ++d) fixed[d] = static_cast<float>(row[d]);
     return fixed;
   } else {
