@@ -77,10 +77,22 @@ class FusedDecode:
             return all(count * position + count * (count + 1) // 2 <= limit for _, count, position in batch.chunks)
         return True
 
+    def _weights_key(self) -> list:
+        """What identifies the matmul weights' current values, as PackedLinear._weight_key (storage and
+        version counter; an in-place resize bumps the version, so the shape adds nothing). It runs every
+        decode step, so it reads the Parameters straight from `_parameters` (a Module attribute lookup and a
+        method call per matmul cost several times as much)."""
+        key = []
+        for lin in self._flat:
+            w = lin._parameters["weight"]
+            key.append(w.data_ptr())
+            key.append(None if w.is_inference() else w._version)
+        return key
+
     def _current_weights(self) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
         """Per layer: norms and each matmul's plain, k-pair and oneDNN weight(s) (kernels/decode_layers_cpu.cpp's
         order), rebuilt when any weight changed (the copies are derived from it)."""
-        key = tuple(lin._weight_key() for lin in self._flat)
+        key = self._weights_key()
         if self._weights is None or key != self._key:
             weights, biases = [], []
             for layer, (qkv, o, gate_up, down) in zip(self.model.layers, self.linears):
