@@ -2,7 +2,7 @@
 
 Handlers raise `APIError`; `install_error_handlers` turns it, pydantic's validation errors,
 routing errors and unexpected exceptions into that body, so clients never see FastAPI's 422
-shape or an HTML 500 page.
+shape or an HTML 500 page; a client gone before its body arrived gets a bodiless 499.
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +96,14 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ValidationError)
     async def _pydantic_error(request: Request, exc: ValidationError) -> JSONResponse:
         return from_validation_error(exc).response()
+
+    # The client closed the connection before its whole body arrived: there is no one to answer, and
+    # nothing went wrong here (not a 500 with a traceback). 499, as for a client gone while waiting.
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        logger.info("%s %s: the client disconnected before sending the whole request body",
+                    request.method, request.url.path)
+        return Response(status_code=499)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

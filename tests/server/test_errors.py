@@ -2,8 +2,11 @@
 JSON 500 and the server keeps serving; a dead engine is 503."""
 from __future__ import annotations
 
+import logging
 import re
+import socket
 import threading
+import time
 
 import httpx
 import openai
@@ -185,6 +188,24 @@ def test_internal_error_is_json_500_and_the_server_keeps_serving(server, monkeyp
         monkeypatch.undo()
         assert _post(http, "/v1/completions", OK_PROMPT).status_code == 200
     assert server.async_engine.num_unfinished == 0
+
+
+def test_a_body_cut_short_is_not_an_internal_error(server, caplog):
+    """A client that closes the connection halfway through its body is gone, not a server bug: no
+    traceback, no 500, and the server keeps serving."""
+    caplog.set_level(logging.INFO, logger="adadepth.server.errors")
+    host, port = server.base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"prompt\": \"hel")
+        time.sleep(0.3)  # the server is reading the body when the client goes
+    deadline = time.monotonic() + 10
+    while not any("before sending the whole request body" in r.getMessage() for r in caplog.records):
+        assert time.monotonic() < deadline, "the server did not notice the client leaving"
+        time.sleep(0.05)
+    assert not [r for r in caplog.records if "internal error" in r.getMessage()]
+    with server.http() as http:
+        assert _post(http, "/v1/completions", OK_PROMPT).status_code == 200
 
 
 def test_api_key(strict_server):
