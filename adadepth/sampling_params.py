@@ -92,7 +92,9 @@ class SamplingParams:
             raise ValueError(f"seed must be a 64-bit signed integer, got {self.seed}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k == 0:
+        # 0, like -1, disables top-k; so does any k of 2**31 or more (no vocabulary is that large), which
+        # would not even fit the sampler's int64 tensor past 2**63.
+        if self.top_k == 0 or self.top_k >= 2**31:
             self.top_k = -1
         if self.top_k < -1:
             raise ValueError(f"top_k must be -1 (disabled) or >= 1, got {self.top_k}")

@@ -50,7 +50,7 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 # Field names that may open a ValueError message from SamplingParams or the engine
 # ("max_tokens must be ..."): reported as the error's `param`.
 _PARAM_NAMES = {"max_tokens", "temperature", "top_p", "top_k", "min_tokens", "logprobs", "n", "depth",
-                "quality", "seed", "stop", "prompt", "presence_penalty", "frequency_penalty", "repetition_penalty",
+                "quality", "seed", "stop", "stop_token_ids", "prompt", "presence_penalty", "frequency_penalty", "repetition_penalty",
                 "min_p", "logit_bias", "choice", "structured_outputs"}
 # Pydantic names union members in an error's location ("depth" -> "int"); they are not fields.
 _UNION_TAG = re.compile(r"^(int|float|str|bool|dict|list\[.*\]|[A-Z]\w*)$")

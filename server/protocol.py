@@ -7,7 +7,7 @@ cannot honour is refused with a 400 rather than silently ignored.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -52,6 +52,18 @@ class StructuredOutputsRequest(StrictModel):
     disable_additional_properties: bool | None = None
 
 
+# vLLM sampling fields this server does not implement, with the values at which they change nothing:
+# read only to refuse any other value (ignored like an unknown field, they would leave a client
+# believing they applied).
+UNSUPPORTED_VLLM_FIELDS: dict[str, tuple] = {
+    "use_beam_search": (None, False), "length_penalty": (None, 1.0, 1), "allowed_token_ids": (None,),
+    "bad_words": (None, []), "include_stop_str_in_output": (None, False), "prompt_logprobs": (None,),
+    "truncate_prompt_tokens": (None,), "logits_processors": (None, []),
+    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
+    "guided_decoding_backend": (None,), "guided_whitespace_pattern": (None,),
+}
+
+
 class SamplingFields(StrictModel):
     """Fields shared by completions and chat completions."""
     model: str | None = None
@@ -80,9 +92,29 @@ class SamplingFields(StrictModel):
     # Structured outputs: vLLM's field, or OpenAI's response_format (both endpoints, as vLLM).
     structured_outputs: StructuredOutputsRequest | None = None
     response_format: ResponseFormat | None = None
+    # UNSUPPORTED_VLLM_FIELDS, any JSON value.
+    use_beam_search: Any = None
+    length_penalty: Any = None
+    allowed_token_ids: Any = None
+    bad_words: Any = None
+    include_stop_str_in_output: Any = None
+    prompt_logprobs: Any = None
+    truncate_prompt_tokens: Any = None
+    logits_processors: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    guided_decoding_backend: Any = None
+    guided_whitespace_pattern: Any = None
 
     def check_supported(self) -> None:
         """Refuse knobs the engine does not implement, unless they are at their no-op value."""
+        for name, no_op in UNSUPPORTED_VLLM_FIELDS.items():
+            value = getattr(self, name)
+            if not any(value == v and type(value) is type(v) for v in no_op):
+                hint = "; use structured_outputs or response_format" if name.startswith("guided_") else ""
+                raise bad_request(f"{name} is not supported by this server{hint}", param=name)
         so = self.structured_outputs
         if so is not None:
             for name in ("whitespace_pattern", "structural_tag"):

@@ -176,6 +176,11 @@ class LLMEngine:
         bad_bias = [t for t in params.logit_bias if t >= vocab]
         if bad_bias:
             raise ValueError(f"logit_bias token ids must be in [0, {vocab}), got {bad_bias[:5]}")
+        # They index the logits (min_tokens bans them): out of range, one would fail the engine's step,
+        # and a negative one would ban another token.
+        bad_stops = [t for t in params.stop_token_ids if not 0 <= t < vocab]
+        if bad_stops:
+            raise ValueError(f"stop_token_ids must be in [0, {vocab}), got {bad_stops[:5]}")
         if params.structured_outputs is not None:
             self.structured_outputs().compile(params.structured_outputs)  # cached: admission reuses it
         depth = params.resolve_depth(self.num_layers)

@@ -100,6 +100,19 @@ def test_rows_without_settings_are_untouched_and_rows_do_not_leak():
         assert torch.equal(alone[0], processed[i])
 
 
+def test_top_k_beyond_the_vocabulary_keeps_every_token():
+    """A k larger than the vocabulary (even past 64 bits) is no cut at all, as top_k = -1: it must
+    not fail the step that samples it."""
+    assert SamplingParams(max_tokens=1, top_k=10**20).top_k == -1
+    logits, _ = random_batch(5)
+    rows = [make_seq(0, [1], [], temperature=1.0, top_k=VOCAB + 1), make_seq(1, [1], [], temperature=1.0, top_k=-1),
+            make_seq(2, [1], [], temperature=1.0, top_k=2**31 - 1)]
+    final = Sampler.sampling_logits(logits[:3].clone(), rows)
+    assert torch.isfinite(final).all()
+    cut = Sampler.sampling_logits(logits[:1].clone(), [make_seq(0, [1], [], temperature=1.0, top_k=3)])
+    assert int(torch.isfinite(cut).sum()) == 3
+
+
 def test_greedy_token_follows_processed_logits():
     logits = torch.zeros(2, VOCAB, dtype=torch.float64)
     logits[:, 9] = 4.0

@@ -51,6 +51,9 @@ COMPLETION_ERRORS = [
     ("min_tokens above max_tokens", {**OK_PROMPT, "min_tokens": 5}),
     ("stop wrong type", {**OK_PROMPT, "stop": 5}),
     ("stop empty string", {**OK_PROMPT, "stop": [""]}),
+    ("stop_token_ids outside the vocabulary", {**OK_PROMPT, "stop_token_ids": [10**6], "min_tokens": 1}),
+    ("stop_token_ids negative", {**OK_PROMPT, "stop_token_ids": [-1]}),
+    ("stop_token_ids beyond 64 bits", {**OK_PROMPT, "stop_token_ids": [10**20], "min_tokens": 1}),
     ("stream wrong type", {**OK_PROMPT, "stream": "yes"}),
     ("stream_options without stream", {**OK_PROMPT, "stream_options": {"include_usage": True}}),
     ("unknown model", {**OK_PROMPT, "model": "gpt-4"}),
@@ -76,6 +79,14 @@ COMPLETION_ERRORS = [
     ("structural tag", {**OK_PROMPT, "structured_outputs": {"structural_tag": "{}"}}),
     ("whitespace pattern", {**OK_PROMPT, "structured_outputs": {"json_object": True, "whitespace_pattern": " "}}),
     ("echo with logprobs", {**OK_PROMPT, "echo": True, "logprobs": 1}),
+    # vLLM knobs this server does not implement: refused, not silently ignored.
+    ("allowed_token_ids", {**OK_PROMPT, "allowed_token_ids": [1, 2]}),
+    ("bad_words", {**OK_PROMPT, "bad_words": ["x"]}),
+    ("guided_json", {**OK_PROMPT, "guided_json": {"type": "object"}}),
+    ("beam search", {**OK_PROMPT, "use_beam_search": True}),
+    ("include_stop_str_in_output", {**OK_PROMPT, "include_stop_str_in_output": True}),
+    ("prompt_logprobs", {**OK_PROMPT, "prompt_logprobs": 1}),
+    ("truncate_prompt_tokens", {**OK_PROMPT, "truncate_prompt_tokens": 5}),
 ]
 
 CHAT_ERRORS = [
@@ -146,6 +157,8 @@ def test_error_params_name_the_field(server):
         assert nan["param"] == "temperature"
         assert assert_openai_error(_post(http, "/v1/completions", {**OK_PROMPT, "seed": 2**64}), 400)["param"] == "seed"
         assert assert_openai_error(_post(http, "/v1/completions", {**OK_PROMPT, "prompt": ""}), 400)["param"] == "prompt"
+        stops = assert_openai_error(_post(http, "/v1/completions", {**OK_PROMPT, "stop_token_ids": [-1]}), 400)
+        assert stops["param"] == "stop_token_ids"
         image = assert_openai_error(_post(http, "/v1/chat/completions", {"messages": [{"role": "user", "content": [
             {"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "x"}}]}]}), 400)
         assert "image_url" in image["message"] and image["param"] == "messages.0.content.1"
@@ -188,6 +201,27 @@ def test_internal_error_is_json_500_and_the_server_keeps_serving(server, monkeyp
         monkeypatch.undo()
         assert _post(http, "/v1/completions", OK_PROMPT).status_code == 200
     assert server.async_engine.num_unfinished == 0
+
+
+def test_unsupported_vllm_fields_at_their_no_op_values_are_accepted(server):
+    no_ops = {"use_beam_search": False, "length_penalty": 1.0, "bad_words": [], "include_stop_str_in_output": False,
+              "allowed_token_ids": None, "guided_json": None}
+    with server.http() as http:
+        assert _post(http, "/v1/completions", {**OK_PROMPT, **no_ops}).status_code == 200
+        guided = assert_openai_error(_post(http, "/v1/chat/completions", {**OK_CHAT, "guided_regex": "a+"}), 400)
+        assert guided["param"] == "guided_regex" and "structured_outputs" in guided["message"]
+
+
+def test_values_past_64_bits_do_not_reach_the_engine(server):
+    """Integers JSON allows but int64 does not: refused or normalised before the engine, which would
+    fail its step on them (and take every running request with it)."""
+    with server.http() as http:
+        assert _post(http, "/v1/completions", {**OK_PROMPT, "top_k": 10**20, "temperature": 1.0}).status_code == 200
+        assert _post(http, "/v1/completions", {**OK_PROMPT, "stop_token_ids": [10**20]}).status_code == 400
+        assert _post(http, "/v1/completions", {**OK_PROMPT, "logit_bias": {str(10**20): 1}}).status_code == 400
+        assert _post(http, "/v1/completions", {"prompt": [10**20], "max_tokens": 2}).status_code == 400
+        assert _post(http, "/v1/completions", OK_PROMPT).status_code == 200
+    assert server.async_engine.is_healthy
 
 
 def test_a_body_cut_short_is_not_an_internal_error(server, caplog):
