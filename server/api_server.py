@@ -65,8 +65,9 @@ def build_app(engine: LLMEngine, config: ServerConfig, model_aliases: tuple[str,
     async_engine = AsyncEngine(engine, config.max_waiting, metrics)
     lifecycle = ServerLifecycle(config.shutdown_timeout)
     executor = ThreadPoolExecutor(1, thread_name_prefix="adadepth-preprocess")
-    completions = CompletionServing(async_engine, config, model_aliases, executor)
-    chat = ChatServing(async_engine, config, model_aliases, executor)
+    grammar_executor = ThreadPoolExecutor(1, thread_name_prefix="adadepth-grammar")
+    completions = CompletionServing(async_engine, config, model_aliases, executor, grammar_executor)
+    chat = ChatServing(async_engine, config, model_aliases, executor, grammar_executor)
     tokenization = TokenizeServing(async_engine, config, model_aliases, executor)
     created = int(time.time())
 
@@ -79,6 +80,7 @@ def build_app(engine: LLMEngine, config: ServerConfig, model_aliases: tuple[str,
         finally:
             await asyncio.to_thread(async_engine.shutdown)
             executor.shutdown(wait=False, cancel_futures=True)
+            grammar_executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="adadepth", lifespan=lifespan)
     app.state.async_engine = async_engine

@@ -34,6 +34,11 @@ class ServerConfig:
     max_messages: int = field(default=1024, metadata={"help": "most messages in one chat request"})
     max_logprobs: int = field(default=20, metadata={"help": "largest logprobs / top_logprobs (OpenAI's bound)"})
     max_logit_bias: int = field(default=1024, metadata={"help": "most logit_bias entries in one request"})
+    max_structured_output_chars: int = field(default=65536, metadata={
+        "help": "longest structured-output constraint (JSON schema, regex, grammar or all choices), in characters: "
+                "compiling one takes CPU time from every running request"})
+    max_structured_output_choices: int = field(default=1024, metadata={
+        "help": "most choices in a structured_outputs.choice constraint (their compile time grows faster than their number)"})
     # ---- templates ----
     trust_request_chat_template: bool = field(default=False, metadata={
         "help": "accept a Jinja chat_template sent in a request (off: such requests get 400)"})
@@ -69,7 +74,8 @@ class ServerConfig:
         if self.max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0 (0: no bound), got {self.max_waiting}")
         for name in ("max_request_bytes", "max_n", "max_prompts_per_request", "max_stop_strings",
-                     "max_stop_string_chars", "max_messages", "max_logit_bias"):
+                     "max_stop_string_chars", "max_messages", "max_logit_bias", "max_structured_output_chars",
+                     "max_structured_output_choices"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.max_logprobs <= 20:

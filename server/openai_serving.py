@@ -72,7 +72,7 @@ async def _wait_for_disconnect(raw_request: Request) -> None:
 
 class OpenAIServing:
     def __init__(self, engine: AsyncEngine, config: ServerConfig, model_aliases: tuple[str, ...] = (),
-                 executor: ThreadPoolExecutor | None = None):
+                 executor: ThreadPoolExecutor | None = None, grammar_executor: ThreadPoolExecutor | None = None):
         self.engine = engine
         self.config = config
         self.limits = RequestLimits(config)
@@ -83,6 +83,9 @@ class OpenAIServing:
         # to stall every stream and /health if they ran on the event loop. One worker thread does
         # them, in arrival order (a fast tokenizer must not be used from two threads at once).
         self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="adadepth-preprocess")
+        # Compiling a structured-output grammar (in `validate`) can take a second or more: on a thread of
+        # its own, so that it does not hold up the parsing and tokenizing of every request behind it.
+        self.grammar_executor = grammar_executor or ThreadPoolExecutor(1, thread_name_prefix="adadepth-grammar")
 
     async def off_loop(self, fn: Callable[..., T], *args, **kwargs) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
@@ -111,8 +114,9 @@ class OpenAIServing:
         try:
             if params.structured_outputs is None:
                 self.engine.validate(prompt_token_ids, params)
-            else:  # compiling a grammar can take a while: on the preprocessing thread, not the loop
-                await self.off_loop(self.engine.validate, prompt_token_ids, params)
+            else:  # compiling a grammar can take a while: on its own thread, not the loop
+                await asyncio.get_running_loop().run_in_executor(
+                    self.grammar_executor, functools.partial(self.engine.validate, prompt_token_ids, params))
         except ValueError as exc:
             raise from_value_error(exc) from None
 

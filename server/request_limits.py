@@ -6,6 +6,7 @@ is the engine's own check (`LLMEngine.validate`).
 """
 from __future__ import annotations
 
+import json
 from http import HTTPStatus
 
 from fastapi import Request
@@ -57,6 +58,28 @@ class RequestLimits:
         if req.logit_bias is not None and len(req.logit_bias) > c.max_logit_bias:
             raise bad_request(f"{len(req.logit_bias)} logit_bias entries; this server allows at most "
                               f"{c.max_logit_bias} (--max-logit-bias)", param="logit_bias")
+        self.check_structured_outputs(req)
+
+    def check_structured_outputs(self, req) -> None:
+        """A constraint's size: a grammar is compiled against the whole vocabulary on the server's CPU,
+        in time that grows with it (faster than linearly for choices)."""
+        c = self.config
+        so, rf = req.structured_outputs, req.response_format
+        if so is not None:
+            if so.choice is not None and len(so.choice) > c.max_structured_output_choices:
+                raise bad_request(f"{len(so.choice)} choices; this server allows at most "
+                                  f"{c.max_structured_output_choices} (--max-structured-output-choices)",
+                                  param="structured_outputs.choice")
+            texts, param = [so.regex, so.grammar, *(so.choice or [])], "structured_outputs"
+            texts.append(so.json_ if isinstance(so.json_, str) or so.json_ is None else json.dumps(so.json_))
+        elif rf is not None and rf.json_schema is not None and rf.json_schema.schema_ is not None:
+            texts, param = [json.dumps(rf.json_schema.schema_)], "response_format"
+        else:
+            return
+        size = sum(len(t) for t in texts if t is not None)
+        if size > c.max_structured_output_chars:
+            raise bad_request(f"the structured-output constraint has {size} characters; this server allows at most "
+                              f"{c.max_structured_output_chars} (--max-structured-output-chars)", param=param)
 
     def check_logprobs(self, value: int | None, param: str) -> None:
         if value is not None and value > self.config.max_logprobs:

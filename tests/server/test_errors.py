@@ -224,6 +224,54 @@ def test_values_past_64_bits_do_not_reach_the_engine(server):
     assert server.async_engine.is_healthy
 
 
+def test_structured_output_constraints_are_bounded(server):
+    """Compiling a constraint takes the server's CPU (faster than linearly in its choices): its size
+    is refused before any compiling."""
+    with server.http() as http:
+        choices = assert_openai_error(_post(http, "/v1/completions", {
+            **OK_PROMPT, "structured_outputs": {"choice": [str(i) for i in range(1025)]}}), 400)
+        assert choices["param"] == "structured_outputs.choice" and "--max-structured-output-choices" in choices["message"]
+        regex = assert_openai_error(_post(http, "/v1/completions", {
+            **OK_PROMPT, "structured_outputs": {"regex": "a" * 70_000}}), 400)
+        assert regex["param"] == "structured_outputs"
+        schema = {"type": "object", "properties": {f"field_{i}": {"type": "string"} for i in range(3000)}}
+        fmt = assert_openai_error(_post(http, "/v1/chat/completions", {
+            **OK_CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}), 400)
+        assert fmt["param"] == "response_format" and "--max-structured-output-chars" in fmt["message"]
+
+
+def test_a_slow_grammar_compile_does_not_hold_up_other_requests(server, monkeypatch):
+    """A constraint compiles on a thread of its own: a plain request arriving during a long compile
+    is parsed, tokenized and answered meanwhile."""
+    manager = server.async_engine.engine.structured_outputs()
+    plain_done, compiling = threading.Event(), threading.Event()
+    real_compile = type(manager).compile
+
+    def slow_compile(self, params):
+        compiling.set()
+        plain_done.wait(30)  # until the plain request is answered (or, if it is held up, 30 s)
+        return real_compile(self, params)
+
+    monkeypatch.setattr(type(manager), "compile", slow_compile)
+    results = {}
+
+    def constrained():
+        with server.http() as http:
+            results["constrained"] = _post(http, "/v1/completions", {
+                **OK_PROMPT, "structured_outputs": {"choice": ["yes", "no"]}}).status_code
+
+    worker = threading.Thread(target=constrained)
+    worker.start()
+    assert compiling.wait(30)
+    started = time.monotonic()
+    with server.http() as http:
+        assert _post(http, "/v1/chat/completions", OK_CHAT).status_code == 200
+    waited = time.monotonic() - started
+    plain_done.set()
+    worker.join(60)
+    assert waited < 25 and results["constrained"] == 200
+
+
 def test_a_body_cut_short_is_not_an_internal_error(server, caplog):
     """A client that closes the connection halfway through its body is gone, not a server bug: no
     traceback, no 500, and the server keeps serving."""
