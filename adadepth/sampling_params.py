@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 
 # The kinds of constraint one request may carry (exactly one), as vLLM's StructuredOutputsParams.
 CONSTRAINT_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+# Temperatures below this sample greedily, as in vLLM: dividing float32 logits by a smaller one
+# overflows them (1e-45 is 0 in float32), and the draw would come from infinities and NaNs.
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -135,7 +138,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
     def resolve_depth(self, num_layers: int) -> int | None:
         """The layer count this request asks for, or None when it leaves it to the router."""

@@ -260,6 +260,8 @@ class ChatCompletionRequest(SamplingFields):
             raise bad_request("tools are not supported by this server", param="tools")
         if self.tool_choice not in (None, "none"):
             raise bad_request("tool_choice is not supported by this server", param="tool_choice")
+        if self.top_logprobs is not None and self.top_logprobs < 0:
+            raise bad_request(f"top_logprobs must be >= 0, got {self.top_logprobs}", param="top_logprobs")
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
         if self.continue_final_message and self.add_generation_prompt:

@@ -113,6 +113,14 @@ def test_top_k_beyond_the_vocabulary_keeps_every_token():
     assert int(torch.isfinite(cut).sum()) == 3
 
 
+def test_a_vanishing_temperature_is_greedy():
+    """1e-300 is 0 in float32: dividing by it would sample from infinities; below 1e-5 rows are greedy."""
+    logits, _ = random_batch(7)
+    for temperature in (1e-300, 5e-324, 1e-6):
+        rows = [make_seq(i, [1], [], temperature=temperature, seed=i) for i in range(len(logits))]
+        assert Sampler(set())(logits.clone(), rows).token_ids == logits.argmax(dim=-1).tolist()
+
+
 def test_greedy_token_follows_processed_logits():
     logits = torch.zeros(2, VOCAB, dtype=torch.float64)
     logits[:, 9] = 4.0

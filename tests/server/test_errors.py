@@ -157,6 +157,9 @@ def test_error_params_name_the_field(server):
         assert nan["param"] == "temperature"
         assert assert_openai_error(_post(http, "/v1/completions", {**OK_PROMPT, "seed": 2**64}), 400)["param"] == "seed"
         assert assert_openai_error(_post(http, "/v1/completions", {**OK_PROMPT, "prompt": ""}), 400)["param"] == "prompt"
+        top = assert_openai_error(_post(http, "/v1/chat/completions", {**OK_CHAT, "logprobs": True, "top_logprobs": -1}),
+                                  400)
+        assert top["param"] == "top_logprobs"
         stops = assert_openai_error(_post(http, "/v1/completions", {**OK_PROMPT, "stop_token_ids": [-1]}), 400)
         assert stops["param"] == "stop_token_ids"
         image = assert_openai_error(_post(http, "/v1/chat/completions", {"messages": [{"role": "user", "content": [
