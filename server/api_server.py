@@ -24,7 +24,7 @@ from adadepth.server.async_engine import AsyncEngine, ServerShuttingDownError
 from adadepth.server.chat_serving import ChatServing
 from adadepth.server.completion_serving import CompletionServing
 from adadepth.server.config import ServerConfig
-from adadepth.server.errors import APIError, install_error_handlers
+from adadepth.server.errors import APIError, install_error_handlers, model_not_found
 from adadepth.server.lifecycle import InFlightMiddleware, ServerLifecycle, serve_until_drained
 from adadepth.server.metrics import ServerMetrics
 from adadepth.server.openai_serving import shutting_down
@@ -133,9 +133,8 @@ def build_app(engine: LLMEngine, config: ServerConfig, model_aliases: tuple[str,
     # (as a request's `model`); any other name is a 404.
     @app.get("/v1/models/{model_id}", dependencies=protected, responses=ERROR_RESPONSES)
     async def model(model_id: str) -> dict:
-        if model_id not in (engine.model_name, *model_aliases):
-            raise APIError(HTTPStatus.NOT_FOUND, f"the model '{model_id}' does not exist; this server serves "
-                           f"'{engine.model_name}'", "invalid_request_error", "model", "model_not_found")
+        if model_id not in completions.model_names:
+            raise model_not_found(model_id, engine.model_name, HTTPStatus.NOT_FOUND)
         return model_card
 
     @app.get("/version")

@@ -47,6 +47,12 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(HTTPStatus.BAD_REQUEST, message, "invalid_request_error", param, code)
 
 
+def model_not_found(name: str, served: str, status: HTTPStatus = HTTPStatus.BAD_REQUEST) -> APIError:
+    """A request naming a model this server does not serve (400), or a model looked up by name (404)."""
+    return APIError(status, f"the model '{name}' does not exist; this server serves '{served}'",
+                    "invalid_request_error", "model", "model_not_found")
+
+
 # Field names that may open a ValueError message from SamplingParams or the engine
 # ("max_tokens must be ..."): reported as the error's `param`.
 _PARAM_NAMES = {"max_tokens", "temperature", "top_p", "top_k", "min_tokens", "logprobs", "n", "depth",

@@ -52,7 +52,8 @@ from adadepth.server.api_server import _api_key_check
 from adadepth.server.backend_map import Backend, BackendMap
 from adadepth.server.config import ServerConfig
 from adadepth.server.depth_policy import DepthCurvePolicy, DepthPolicy, FullDepthPolicy
-from adadepth.server.errors import APIError, bad_request, from_validation_error, from_value_error, install_error_handlers
+from adadepth.server.errors import (APIError, bad_request, from_validation_error, from_value_error, install_error_handlers,
+                                    model_not_found)
 from adadepth.server.gateway_metrics import GatewayMetrics, ProxyTrace
 from adadepth.server.gateway_relay import Relay, unreachable, upstream_error
 from adadepth.server.tier_selector import QUEUE_INTERVAL_S, TierSelector
@@ -285,8 +286,7 @@ class Gateway:
         except ValidationError as exc:
             raise from_validation_error(exc) from None
         if fields.model is not None and fields.model not in self.model_names:
-            raise bad_request(f"the model '{fields.model}' does not exist; this server serves '{self.model.name}'",
-                              param="model", code="model_not_found")
+            raise model_not_found(fields.model, self.model.name)
         decision = self.decide(body, fields, endpoint)
         backend, decision = self.tiers.pick(decision)
         upstream = {k: v for k, v in body.items() if k not in ADADEPTH_FIELDS}
@@ -412,8 +412,7 @@ def build_gateway_app(gateway: Gateway) -> FastAPI:
     @app.get("/v1/models/{model_id}", dependencies=protected)
     async def retrieve_model(model_id: str) -> dict:
         if model_id not in gateway.model_names:
-            raise APIError(HTTPStatus.NOT_FOUND, f"the model '{model_id}' does not exist; this server serves "
-                           f"'{model.name}'", "invalid_request_error", "model", "model_not_found")
+            raise model_not_found(model_id, model.name, HTTPStatus.NOT_FOUND)
         return model_card()
 
     @app.post("/v1/completions", dependencies=protected)

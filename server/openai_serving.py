@@ -18,7 +18,7 @@ from adadepth.sampling_params import SamplingParams
 from adadepth.server.async_engine import (AsyncEngine, EngineDeadError, EngineRequest, QueueFullError,
                                           RequestTimeoutError, ServerShuttingDownError)
 from adadepth.server.config import ServerConfig
-from adadepth.server.errors import APIError, bad_request, from_validation_error, from_value_error
+from adadepth.server.errors import APIError, bad_request, from_validation_error, from_value_error, model_not_found
 from adadepth.server.output_stream import OutputStream
 from adadepth.server.protocol import ChatMessage
 from adadepth.server.request_limits import RequestLimits
@@ -100,8 +100,7 @@ class OpenAIServing:
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name not in self.model_names:
-            raise bad_request(f"the model '{name}' does not exist; this server serves '{self.model_name}'",
-                              param="model", code="model_not_found")
+            raise model_not_found(name, self.model_name)
 
     @staticmethod
     def build_params(build: Callable[[], SamplingParams]) -> SamplingParams:

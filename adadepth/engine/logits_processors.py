@@ -92,7 +92,7 @@ def apply_top_k_top_p(scaled: torch.Tensor, seqs: list[Sequence]) -> torch.Tenso
         return scaled
     vocab = scaled.shape[-1]
     sorted_logits, sorted_idx = scaled.sort(dim=-1, descending=True)              # (B, V)
-    k = torch.tensor([min(kk, vocab) if kk > 0 else vocab for kk in top_k], device=scaled.device)
+    k = torch.tensor([kk if kk > 0 else vocab for kk in top_k], device=scaled.device)
     ranks = torch.arange(vocab, device=scaled.device)[None, :]                    # (1, V)
     drop = ranks >= k[:, None]
     probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
